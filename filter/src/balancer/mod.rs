@@ -1,0 +1,53 @@
+//! The balancing algorithms, each in its own module, as plain functions and state over endpoint indices.
+//!
+//! They never see the proxy: the worker engine (`crate::worker`) gives them the candidates (healthy, weight above 0, not
+//! ejected), the loads, the time and the randomness, and turns their choice into the ordered upstream list.
+
+pub mod ewma;
+pub mod p2c;
+pub mod random;
+pub mod ring;
+pub mod swrr;
+
+/// The most upstreams listed per request: the primary and two retries.
+pub const MAX_UPSTREAMS: usize = 3;
+
+/// Completes `order` (which holds the primary, and maybe more) with the candidates that follow the primary in table
+/// order, wrapping, up to [`MAX_UPSTREAMS`]. As the primary rotates, so do the retries, so a failed endpoint's retries
+/// spread over the others.
+pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize]) {
+    let Some(&primary) = order.first() else { return };
+    let start = candidates.iter().position(|&c| c == primary).map_or(0, |p| p + 1);
+    let n = candidates.len();
+    for k in 0..n {
+        if order.len() >= MAX_UPSTREAMS {
+            break;
+        }
+        if let Some(&c) = candidates.get((start + k) % n)
+            && !order.contains(&c)
+        {
+            order.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_follow_the_primary_and_are_distinct() {
+        let mut o = vec![2];
+        fill_retries(&mut o, &[0, 1, 2, 3]);
+        assert_eq!(o, vec![2, 3, 0]);
+        let mut o = vec![1];
+        fill_retries(&mut o, &[1]);
+        assert_eq!(o, vec![1]);
+        let mut o = vec![5];
+        fill_retries(&mut o, &[0, 1]);
+        assert_eq!(o, vec![5, 0, 1]);
+        let mut o = vec![];
+        fill_retries(&mut o, &[0, 1]);
+        assert!(o.is_empty());
+    }
+}

@@ -1,0 +1,99 @@
+//! Smooth weighted round robin (nginx's algorithm, 2011).
+//!
+//! Every pick adds each candidate's weight to its running value, takes the highest, and subtracts the total weight
+//! from the winner. Over any window of `sum(weights)` picks each candidate is chosen exactly `weight` times, and the
+//! picks are interleaved (weights 5:1:1 give `a a b a c a a`, never `a a a a a b c`), so no endpoint gets a burst.
+//! Candidates that drop out (ejected, draining) are simply not offered; their running value is kept, so they re-enter
+//! smoothly. State is per worker: each worker's sequence is exact, so their sum is too.
+
+/// Running values, indexed like the table's endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Swrr {
+    current: Vec<i64>,
+}
+
+impl Swrr {
+    pub fn new(len: usize) -> Self {
+        Swrr { current: vec![0; len] }
+    }
+
+    /// Carries running values over to a new table, matching endpoints by position in `mapping` (old index per new
+    /// index, `None` for new endpoints).
+    pub fn remap(&self, mapping: &[Option<usize>]) -> Self {
+        Swrr {
+            current: mapping.iter().map(|old| old.and_then(|o| self.current.get(o).copied()).unwrap_or(0)).collect(),
+        }
+    }
+
+    /// Picks among `(index, weight)` candidates (weights above 0). `None` if there are none.
+    pub fn pick(&mut self, candidates: impl Iterator<Item = (usize, u32)> + Clone) -> Option<usize> {
+        let mut total: i64 = 0;
+        let mut best: Option<(usize, i64)> = None;
+        for (i, w) in candidates {
+            let Some(cur) = self.current.get_mut(i) else { continue };
+            *cur = cur.saturating_add(i64::from(w));
+            total += i64::from(w);
+            if best.is_none_or(|(_, b)| *cur > b) {
+                best = Some((i, *cur));
+            }
+        }
+        let (i, _) = best?;
+        if let Some(cur) = self.current.get_mut(i) {
+            *cur -= total;
+        }
+        Some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn interleaves_without_bursts() {
+        let mut s = Swrr::new(3);
+        let w = [(0usize, 5u32), (1, 1), (2, 1)];
+        let seq: Vec<usize> = (0..7).filter_map(|_| s.pick(w.iter().copied())).collect();
+        assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn no_candidates_no_pick() {
+        let mut s = Swrr::new(2);
+        assert_eq!(s.pick(std::iter::empty()), None);
+    }
+
+    proptest! {
+        /// Over one full cycle (sum of weights) each endpoint is picked exactly `weight` times.
+        #[test]
+        fn exact_proportions(weights in prop::collection::vec(1u32..50, 1..8), cycles in 1usize..4) {
+            let mut s = Swrr::new(weights.len());
+            let cands: Vec<(usize, u32)> = weights.iter().copied().enumerate().collect();
+            let total: u32 = weights.iter().sum();
+            let mut counts = vec![0u32; weights.len()];
+            for _ in 0..(total as usize * cycles) {
+                let i = s.pick(cands.iter().copied()).unwrap();
+                counts[i] += 1;
+            }
+            for (c, w) in counts.iter().zip(&weights) {
+                prop_assert_eq!(*c, w * cycles as u32);
+            }
+        }
+
+        /// The longest run of one endpoint is bounded by its share: no bursts.
+        #[test]
+        fn runs_are_bounded(weights in prop::collection::vec(1u32..20, 2..6)) {
+            let mut s = Swrr::new(weights.len());
+            let cands: Vec<(usize, u32)> = weights.iter().copied().enumerate().collect();
+            let total: u32 = weights.iter().sum();
+            let seq: Vec<usize> = (0..total * 2).map(|_| s.pick(cands.iter().copied()).unwrap()).collect();
+            for (i, w) in weights.iter().enumerate() {
+                let others = total - w;
+                let bound = (*w as f64 / others as f64).ceil() as usize + 1;
+                let longest = seq.chunk_by(|a, b| a == b).filter(|r| r[0] == i).map(|r| r.len()).max().unwrap_or(0);
+                prop_assert!(longest <= bound, "endpoint {} run {} > {}", i, longest, bound);
+            }
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Equilibrio's proxy-wasm filter: balancing, sticky sessions and rate limiting.
+//!
+//! The crate is a plain-Rust core, tested natively, plus a thin proxy-wasm adapter ([`wasm`], compiled only for
+//! `wasm32`) that moves data between the host and the core. Start at [`worker`] (what happens to a request) and
+//! [`poller`] (how the endpoint table arrives); each algorithm has its own module under [`balancer`].
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`config`] | the plugin JSON, strict validation, runtime policy merge |
+//! | [`table`] | the endpoint table wire format from the supervisor |
+//! | [`snapshot`] | a worker's derived view of one table |
+//! | [`worker`] | per-request decisions: rate limit, sticky pin, selection, passive health, aggregates |
+//! | [`poller`] | table fetch, publication to all workers, reports |
+//! | [`balancer`] | smooth WRR, power of two choices, peak EWMA, consistent hashing with bounded load, random |
+//! | [`sticky`], [`cookie`] | signed session cookies |
+//! | [`ratelimit`] | shared token buckets in bounded memory |
+//! | [`client`] | client address and X-Forwarded-For trust |
+//! | [`outlier`] | passive health ejections |
+//! | [`report`] | per-endpoint aggregates and the report to the supervisor |
+//! | [`shared`] | the shared-data store abstraction and CAS updates |
+
+pub mod balancer;
+pub mod client;
+pub mod config;
+pub mod cookie;
+pub mod outlier;
+pub mod poller;
+pub mod ratelimit;
+pub mod report;
+pub mod shared;
+pub mod snapshot;
+pub mod sticky;
+pub mod table;
+pub mod worker;
+
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
+
+/// The request header that carries the ordered upstream list to the proxy. Never trusted from clients.
+pub const UPSTREAM_HEADER: &str = "x-equilibrio-upstream";

@@ -1,0 +1,255 @@
+//! Rate limiting: a token bucket per client key, exact across all workers, in bounded memory.
+//!
+//! Each key has a bucket of capacity `burst_size` that refills at `requests_per_minute / 60` tokens per second; a
+//! request takes one token or is refused (429). Buckets live in shared data so every worker draws from the same one,
+//! updated with compare-and-swap. Memory is bounded by a fixed number of slots: a key hashes to a home slot and may use
+//! any of the next [`PROBES`]; a slot is reused when it is empty, when its bucket is full again (a full bucket is the
+//! same as no bucket, so reusing it loses nothing), or, as a last resort, the least recently used one is evicted (its
+//! client then starts with a fresh bucket, as with NGINX's LRU eviction). A flood of distinct keys therefore cannot grow
+//! memory, and cannot evict an active client unless every probed slot is active.
+//!
+//! Tokens are kept in millionths so refill is exact in integers. Time is an argument.
+
+use crate::shared::{SharedStore, UpdateError, keys, update};
+
+/// Slots examined per key.
+pub const PROBES: u32 = 4;
+const UNIT: u128 = 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: u64,
+    pub burst_size: u64,
+    pub slots: u32,
+}
+
+/// One bucket: owner key hash, tokens in millionths, last refill time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    pub key: u64,
+    pub micro_tokens: u64,
+    pub last_ms: u64,
+}
+
+impl Bucket {
+    pub fn full(key: u64, limits: &Limits, now_ms: u64) -> Bucket {
+        Bucket { key, micro_tokens: capacity(limits), last_ms: now_ms }
+    }
+
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.key.to_le_bytes());
+        b[8..16].copy_from_slice(&self.micro_tokens.to_le_bytes());
+        b[16..].copy_from_slice(&self.last_ms.to_le_bytes());
+        b
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Bucket> {
+        let word = |i: usize| bytes.get(i * 8..i * 8 + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+        Some(Bucket { key: word(0)?, micro_tokens: word(1)?, last_ms: word(2)? })
+    }
+
+    /// Adds the tokens earned since `last_ms`, up to capacity.
+    pub fn refill(&mut self, limits: &Limits, now_ms: u64) {
+        let elapsed = u128::from(now_ms.saturating_sub(self.last_ms));
+        let earned = elapsed * u128::from(limits.requests_per_minute) * UNIT / 60_000;
+        let cap = u128::from(capacity(limits));
+        self.micro_tokens = (u128::from(self.micro_tokens) + earned).min(cap) as u64;
+        if now_ms > self.last_ms {
+            self.last_ms = now_ms;
+        }
+    }
+
+    pub fn is_full(&self, limits: &Limits, now_ms: u64) -> bool {
+        let mut b = *self;
+        b.refill(limits, now_ms);
+        b.micro_tokens >= capacity(limits)
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, limits: &Limits, now_ms: u64) -> Decision {
+        self.refill(limits, now_ms);
+        if self.micro_tokens >= UNIT as u64 {
+            self.micro_tokens -= UNIT as u64;
+            Decision::Allowed { remaining: self.micro_tokens / UNIT as u64 }
+        } else {
+            let missing = UNIT - u128::from(self.micro_tokens);
+            let per_second = u128::from(limits.requests_per_minute) * UNIT / 60;
+            let retry_after_s = missing.div_ceil(per_second.max(1)).max(1) as u64;
+            Decision::Limited { retry_after_s }
+        }
+    }
+}
+
+fn capacity(limits: &Limits) -> u64 {
+    limits.burst_size.saturating_mul(UNIT as u64)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed { remaining: u64 },
+    Limited { retry_after_s: u64 },
+}
+
+/// What happened besides the decision, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// An active bucket of another key was evicted to make room.
+    pub evicted: bool,
+    /// Lost the CAS race too often: the request was let through (fail open).
+    pub contended: bool,
+}
+
+/// Takes a token for `key` (a hash of the client key) from the shared buckets.
+pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_ms: u64) -> (Decision, Outcome) {
+    let slots = limits.slots.max(1);
+    let home = (key % u64::from(slots)) as u32;
+    let mut mine = None;
+    // (rank, age): empty < full again < least recently used
+    let mut victim: Option<(u32, (u8, u64))> = None;
+    for k in 0..PROBES.min(slots) {
+        let slot = (home + k) % slots;
+        let rank = match store.get(&keys::bucket(slot)).and_then(|(v, _)| Bucket::decode(&v)) {
+            Some(b) if b.key == key => {
+                mine = Some(slot);
+                break;
+            }
+            None => (0, 0),
+            Some(b) if b.is_full(limits, now_ms) => (1, 0),
+            Some(b) => (2, b.last_ms),
+        };
+        if victim.is_none_or(|(_, r)| rank < r) {
+            victim = Some((slot, rank));
+        }
+    }
+    let (slot, evicted) = match (mine, victim) {
+        (Some(slot), _) => (slot, false),
+        (None, Some((slot, (rank, _)))) => (slot, rank == 2),
+        (None, None) => return (Decision::Allowed { remaining: 0 }, Outcome { evicted: false, contended: true }),
+    };
+    let result = update(store, &keys::bucket(slot), |current| {
+        let mut bucket = match current.and_then(Bucket::decode) {
+            Some(b) if b.key == key => b,
+            _ => Bucket::full(key, limits, now_ms),
+        };
+        let d = bucket.take(limits, now_ms);
+        (Some(bucket.encode().to_vec()), d)
+    });
+    match result {
+        Ok(d) => (d, Outcome { evicted, contended: false }),
+        Err(UpdateError::Contended | UpdateError::Host) => {
+            (Decision::Allowed { remaining: 0 }, Outcome { evicted, contended: true })
+        }
+    }
+}
+
+/// Response headers for a refused request: `Retry-After` (RFC 9110) and the IETF draft's `RateLimit-Policy` and
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub fn limited_headers(limits: &Limits, retry_after_s: u64) -> Vec<(String, String)> {
+    vec![
+        ("retry-after".into(), retry_after_s.to_string()),
+        ("ratelimit-policy".into(), format!("\"default\";q={};w=60", limits.requests_per_minute)),
+        ("ratelimit".into(), format!("\"default\";r=0;t={retry_after_s}")),
+        ("content-type".into(), "application/json".into()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::MemoryStore;
+    use proptest::prelude::*;
+
+    const L: Limits = Limits { requests_per_minute: 60, burst_size: 5, slots: 64 };
+
+    #[test]
+    fn burst_then_refuse_then_refill() {
+        let s = MemoryStore::new();
+        for i in 0..5 {
+            assert_eq!(check(&s, &L, 42, 1000).0, Decision::Allowed { remaining: 4 - i });
+        }
+        assert_eq!(check(&s, &L, 42, 1000).0, Decision::Limited { retry_after_s: 1 });
+        // one token per second at 60 per minute
+        assert_eq!(check(&s, &L, 42, 1999).0, Decision::Limited { retry_after_s: 1 });
+        assert!(matches!(check(&s, &L, 42, 2000).0, Decision::Allowed { .. }));
+        // other keys have their own bucket
+        assert!(matches!(check(&s, &L, 7, 2000).0, Decision::Allowed { remaining: 4 }));
+    }
+
+    #[test]
+    fn retry_after_follows_the_refill_rate() {
+        let slow = Limits { requests_per_minute: 2, burst_size: 1, slots: 16 };
+        let s = MemoryStore::new();
+        assert!(matches!(check(&s, &slow, 1, 0).0, Decision::Allowed { .. }));
+        assert_eq!(check(&s, &slow, 1, 0).0, Decision::Limited { retry_after_s: 30 });
+        // 10 s to go; the integer refill may round up by a second, never down
+        assert!(matches!(check(&s, &slow, 1, 20_000).0, Decision::Limited { retry_after_s: 10 | 11 }));
+    }
+
+    #[test]
+    fn a_flood_of_keys_stays_within_the_slots() {
+        let s = MemoryStore::new();
+        for key in 0..100_000u64 {
+            check(&s, &L, key.wrapping_mul(0x9E37_79B9_7F4A_7C15), key / 100);
+        }
+        assert!(s.keys_with_prefix("equilibrio/rl/") <= L.slots as usize);
+    }
+
+    #[test]
+    fn an_active_client_survives_a_flood_when_idle_slots_exist() {
+        let s = MemoryStore::new();
+        let limits = Limits { requests_per_minute: 60, burst_size: 5, slots: 4096 };
+        for _ in 0..5 {
+            check(&s, &limits, 99, 0);
+        }
+        // many one-off clients, each a single request, spread over time so their buckets refill
+        for (i, key) in (1000..3000u64).enumerate() {
+            check(&s, &limits, key.wrapping_mul(0x9E37_79B9_7F4A_7C15), i as u64);
+        }
+        // the active client is still out of tokens at t=0.9 s: its bucket was not evicted
+        assert!(matches!(check(&s, &limits, 99, 900).0, Decision::Limited { .. }));
+    }
+
+    #[test]
+    fn full_buckets_are_reused_before_evicting() {
+        let s = MemoryStore::new();
+        let limits = Limits { requests_per_minute: 60, burst_size: 1, slots: 16 };
+        // fill all 16 slots with active (empty) buckets
+        let mut evictions = 0;
+        for key in 0..16u64 {
+            if check(&s, &limits, key, 0).1.evicted {
+                evictions += 1;
+            }
+        }
+        assert_eq!(evictions, 0);
+        // a minute later all are full again: a new key reuses one without an eviction
+        assert!(!check(&s, &limits, 1_000, 60_000).1.evicted);
+    }
+
+    #[test]
+    fn headers_name_the_policy() {
+        let h = limited_headers(&L, 3);
+        assert!(h.contains(&("retry-after".into(), "3".into())));
+        assert!(h.contains(&("ratelimit-policy".into(), "\"default\";q=60;w=60".into())));
+        assert!(h.contains(&("ratelimit".into(), "\"default\";r=0;t=3".into())));
+    }
+
+    proptest! {
+        /// Over any request pattern, allowed requests never exceed burst + refill over the elapsed time.
+        #[test]
+        fn never_allows_more_than_the_bucket(steps in prop::collection::vec(0u64..500, 1..300), rpm in 1u64..600, burst in 1u64..20) {
+            let limits = Limits { requests_per_minute: rpm, burst_size: burst, slots: 16 };
+            let s = MemoryStore::new();
+            let mut now = 0;
+            let mut allowed = 0u64;
+            for step in steps {
+                now += step;
+                if let Decision::Allowed { .. } = check(&s, &limits, 5, now).0 {
+                    allowed += 1;
+                }
+            }
+            let bound = burst + now * rpm / 60_000 + 1;
+            prop_assert!(allowed <= bound, "allowed {} > {}", allowed, bound);
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! The per-worker engine: everything the filter decides for a request, as plain Rust.
+//!
+//! The wasm adapter calls [`Worker::on_request`] with the request's view, the time and the shared store, and gets back
+//! either a local reply (429) or the ordered upstream list for `x-equilibrio-upstream`; then [`Worker::on_response`]
+//! (sticky cookie, passive health) and [`Worker::on_done`] (latency, in-flight, aggregates). Nothing here calls the
+//! host, so the whole request path is tested natively against [`crate::shared::MemoryStore`].
+//!
+//! Order of decisions: rate limit, then sticky pin (if valid and the endpoint keeps sessions), then the algorithm over
+//! the candidates (healthy, weight above 0, not ejected; if every such endpoint is ejected the ejections are ignored,
+//! like Envoy's panic threshold), then up to two distinct retry hosts.
+
+use crate::balancer::ewma::PeakEwma;
+use crate::balancer::ring::hash_key;
+use crate::balancer::swrr::Swrr;
+use crate::balancer::{MAX_UPSTREAMS, fill_retries, p2c, random};
+use crate::client::client_ip;
+use crate::config::{Algorithm, KeySource, ParsedConfig};
+use crate::outlier::{Ejections, Outcome, Streak};
+use crate::ratelimit::{self, Decision};
+use crate::report::{Aggregate, GlobalStats};
+use crate::shared::{self, SharedStore, keys};
+use crate::snapshot::{Snapshot, remap};
+use crate::table::Table;
+use crate::{cookie, sticky};
+
+/// What the engine needs to know about a request. Lookups are lazy: only the headers a decision needs are read.
+pub trait RequestView {
+    /// A request header by lower-case name (`:path` for the path with its query).
+    fn header(&self, name: &str) -> Option<String>;
+    /// The peer address, `ip:port`.
+    fn peer(&self) -> Option<String>;
+}
+
+/// A reply the filter sends itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Forward with this `x-equilibrio-upstream` value (empty: remove the header, the proxy's fallback decides).
+    Forward(Pending),
+    Reply(LocalReply),
+}
+
+/// The state a request carries from its headers to its end.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    pub upstreams: String,
+    /// (id, address) in listed order.
+    listed: Vec<(String, String)>,
+    start_ms: u64,
+    /// The endpoint whose shared in-flight count this request holds.
+    inflight_id: Option<String>,
+    /// The endpoint the client's valid cookie named, and the cookie's expiry.
+    pinned: Option<(String, u64)>,
+    status: u32,
+    served: Option<String>,
+}
+
+/// What the proxy tells about the response.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseInfo<'a> {
+    pub status: u32,
+    /// The address of the host that answered (or failed last), if any.
+    pub upstream_address: Option<&'a str>,
+    /// The proxy saw a connect failure or reset rather than an answer.
+    pub gateway_failure: bool,
+}
+
+pub struct Worker {
+    base: ParsedConfig,
+    snap: Snapshot,
+    seq: u64,
+    swrr: Swrr,
+    ewma: Vec<PeakEwma>,
+    streaks: Vec<Streak>,
+    aggregates: Vec<Aggregate>,
+    stats: GlobalStats,
+    rng: fastrand::Rng,
+    ejections: Option<(u32, Ejections)>,
+    logs: Vec<String>,
+}
+
+impl Worker {
+    /// A worker on the static configuration (and its static endpoints, if any). `seed` feeds the random choices.
+    pub fn new(base: ParsedConfig, seed: u64) -> Worker {
+        let snap = Snapshot::build(Table::from_static(&base.config), base.config.clone());
+        let n = snap.endpoints().len();
+        Worker {
+            base,
+            snap,
+            seq: 0,
+            swrr: Swrr::new(n),
+            ewma: vec![PeakEwma::default(); n],
+            streaks: vec![Streak::default(); n],
+            aggregates: vec![Aggregate::default(); n],
+            stats: GlobalStats::default(),
+            rng: fastrand::Rng::with_seed(seed),
+            ejections: None,
+            logs: Vec::new(),
+        }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// Log lines produced since the last call (ejections, table switches).
+    pub fn take_logs(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.logs)
+    }
+
+    /// Switches to the table the poller published, if it changed. One small shared read when nothing changed.
+    pub fn refresh<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        let seq = store.get(keys::TABLE_SEQ).map(|(v, _)| shared::decode_i64(&v) as u64).unwrap_or(0);
+        if seq == 0 || seq == self.seq {
+            return;
+        }
+        let Some((bytes, _)) = store.get(keys::TABLE) else { return };
+        let Ok(table) = serde_json::from_slice::<Table>(&bytes) else {
+            // the poller only publishes validated tables; keep ours and do not retry this sequence
+            self.seq = seq;
+            self.logs.push(format!("published table {seq} does not parse; keeping table {}", self.snap.table.version));
+            return;
+        };
+        let config = match &table.policy {
+            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy).unwrap_or_else(|e| {
+                self.logs.push(format!("published policy refused ({e}); using the static policy"));
+                self.base.config.clone()
+            }),
+            None => self.base.config.clone(),
+        };
+        self.flush(store);
+        let snap = Snapshot::build(table, config);
+        let mapping = snap.mapping_from(&self.snap);
+        self.swrr = self.swrr.remap(&mapping);
+        self.ewma = remap(&self.ewma, &mapping);
+        self.streaks = remap(&self.streaks, &mapping);
+        self.aggregates = vec![Aggregate::default(); mapping.len()];
+        self.snap = snap;
+        self.seq = seq;
+    }
+
+    /// Re-reads the shared ejections (parsing them again only when they changed).
+    fn load_ejections<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        if !self.snap.config.passive_health.enabled {
+            self.ejections = None;
+            return;
+        }
+        match store.get(keys::EJECTIONS) {
+            None => self.ejections = None,
+            Some((bytes, cas)) => {
+                if self.ejections.as_ref().is_none_or(|(c, _)| *c != cas) {
+                    self.ejections = Some((cas, Ejections::decode(&bytes)));
+                }
+            }
+        }
+    }
+
+    pub fn on_request<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, now_ms: u64, store: &S) -> Verdict {
+        self.refresh(store);
+        let peer = req.peer().unwrap_or_default();
+
+        if self.snap.config.rate_limiting.enabled
+            && let Some(reply) = self.rate_limit(req, &peer, now_ms, store)
+        {
+            return Verdict::Reply(reply);
+        }
+
+        self.load_ejections(store);
+        let ejected: Vec<bool> = match &self.ejections {
+            Some((_, ej)) if !ej.entries.is_empty() => {
+                self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect()
+            }
+            _ => vec![false; self.snap.endpoints().len()],
+        };
+        let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
+        let mut candidates: Vec<usize> =
+            (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i) && !is_ejected(i)).collect();
+        if candidates.is_empty() {
+            // panic mode: every endpoint that may take traffic is ejected; passive health must not empty the pool
+            candidates = (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i)).collect();
+        }
+
+        let mut pending = Pending { start_ms: now_ms, ..Pending::default() };
+        let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
+
+        if let Some(codec) = &self.snap.codec {
+            let name = &self.snap.config.sticky_sessions.cookie_name;
+            if let Some(header) = req.header("cookie") {
+                let mut seen = false;
+                for value in cookie::values(&header, name) {
+                    seen = true;
+                    if let Some((id, expires)) = codec.decode(value, now_ms / 1000) {
+                        pending.pinned = Some((id, expires));
+                        break;
+                    }
+                }
+                if seen && pending.pinned.is_none() {
+                    self.stats.sticky_invalid += 1;
+                }
+            }
+            if let Some((id, _)) = &pending.pinned
+                && let Some(&i) = self.snap.by_id.get(id)
+                && self.snap.keeps_sessions(i)
+                && !is_ejected(i)
+            {
+                self.stats.sticky_hits += 1;
+                order.push(i);
+            }
+        }
+
+        if order.is_empty() {
+            order = self.choose(req, &peer, &candidates, now_ms, store);
+        }
+        fill_retries(&mut order, &candidates);
+
+        if order.is_empty() {
+            self.stats.no_upstream += 1;
+        }
+        let mut header = String::with_capacity(order.len() * 22);
+        for &i in &order {
+            if let Some(e) = self.snap.endpoint(i) {
+                if !header.is_empty() {
+                    header.push(',');
+                }
+                header.push_str(&e.address);
+                pending.listed.push((e.id.clone(), e.address.clone()));
+            }
+        }
+        pending.upstreams = header;
+        if let Some((id, _)) = pending.listed.first() {
+            let key = self.snap.by_id.get(id).and_then(|&i| self.snap.inflight_keys.get(i));
+            if let Some(key) = key
+                && shared::add_i64(store, key, 1).is_ok()
+            {
+                pending.inflight_id = Some(id.clone());
+            }
+        }
+        Verdict::Forward(pending)
+    }
+
+    /// The algorithm's pick: a primary, and for some algorithms their own ordered retries.
+    fn choose<S: SharedStore + ?Sized>(
+        &mut self,
+        req: &dyn RequestView,
+        peer: &str,
+        candidates: &[usize],
+        now_ms: u64,
+        store: &S,
+    ) -> Vec<usize> {
+        let snap = &self.snap;
+        let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
+        let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
+        let eligible = |i: usize| candidates.contains(&i);
+        match snap.config.algorithm {
+            Algorithm::WeightedRoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
+            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
+            Algorithm::Random => {
+                let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
+                random::pick(&weighted, &mut self.rng).into_iter().collect()
+            }
+            Algorithm::LeastConnections => {
+                let load = |i: usize| (inflight(i) as f64 + 1.0) / f64::from(weight(i).max(1));
+                p2c::pick(candidates, &mut self.rng, load).map(|(w, l)| [Some(w), l].into_iter().flatten().collect()).unwrap_or_default()
+            }
+            Algorithm::ResponseTime => {
+                let ewma = &self.ewma;
+                let load = |i: usize| {
+                    let e = ewma.get(i).copied().unwrap_or_default();
+                    e.load(now_ms, inflight(i)) / f64::from(weight(i).max(1))
+                };
+                p2c::pick(candidates, &mut self.rng, load).map(|(w, l)| [Some(w), l].into_iter().flatten().collect()).unwrap_or_default()
+            }
+            Algorithm::IpHash => {
+                let xff = req.header("x-forwarded-for");
+                let ip = client_ip(peer, xff.as_deref(), snap.config.rate_limiting.xff_trusted_hops);
+                snap.ring.pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
+            }
+            Algorithm::ConsistentHash => match hash_source(req, &snap.hash_key, peer, snap.config.rate_limiting.xff_trusted_hops) {
+                Some(key) => {
+                    let loads: Vec<i64> = (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
+                    let total: i64 = loads.iter().sum();
+                    let load = |i: usize| loads.get(i).copied().unwrap_or(0);
+                    let bound = (&load as &dyn Fn(usize) -> i64, snap.config.consistent_hash.load_factor, total, candidates.len());
+                    snap.ring.pick(hash_key(key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
+                }
+                None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
+            },
+        }
+    }
+
+    fn rate_limit<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, peer: &str, now_ms: u64, store: &S) -> Option<LocalReply> {
+        let hops = self.snap.config.rate_limiting.xff_trusted_hops;
+        let by_header = match &self.snap.rate_key {
+            KeySource::Header(name) => req.header(name).map(|v| format!("h:{v}")),
+            _ => None,
+        };
+        let key = by_header.unwrap_or_else(|| {
+            let xff = if hops > 0 { req.header("x-forwarded-for") } else { None };
+            format!("a:{}", client_ip(peer, xff.as_deref(), hops))
+        });
+        let (decision, outcome) = ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
+        if outcome.evicted {
+            self.stats.rate_limit_evictions += 1;
+        }
+        if outcome.contended {
+            self.stats.rate_limit_contended += 1;
+        }
+        match decision {
+            Decision::Allowed { .. } => None,
+            Decision::Limited { retry_after_s } => {
+                self.stats.rate_limited += 1;
+                Some(LocalReply {
+                    status: 429,
+                    headers: ratelimit::limited_headers(&self.snap.limits, retry_after_s),
+                    body: format!(
+                        "{{\"error\":{{\"code\":\"rate_limited\",\"message\":\"too many requests\",\"retry_after_seconds\":{retry_after_s}}}}}"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Records the response; returns a `Set-Cookie` value when the client must be (re)pinned.
+    pub fn on_response<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, resp: ResponseInfo<'_>, now_ms: u64, store: &S) -> Option<String> {
+        p.status = resp.status;
+        let served_pos = resp.upstream_address.and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
+        // every listed host before the one that answered failed at the connection level (that is all we retry on)
+        let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
+        for k in 0..failed_before {
+            if let Some((id, _)) = p.listed.get(k).cloned() {
+                self.passive(&id, Outcome::GatewayFailure, now_ms, store);
+            }
+        }
+        let served = served_pos.and_then(|k| p.listed.get(k)).map(|(id, _)| id.clone());
+        if let Some(id) = &served {
+            let outcome = if resp.gateway_failure {
+                Outcome::GatewayFailure
+            } else if resp.status >= 500 {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            // the last host's failure is already counted above when it was not the one that answered
+            if served_pos.is_some() {
+                self.passive(id, outcome, now_ms, store);
+            }
+            // move the in-flight count to the host that actually holds the request
+            if p.inflight_id.as_deref() != Some(id.as_str()) {
+                self.release_inflight(p, store);
+                if let Some(key) = self.snap.by_id.get(id).and_then(|&i| self.snap.inflight_keys.get(i))
+                    && shared::add_i64(store, key, 1).is_ok()
+                {
+                    p.inflight_id = Some(id.clone());
+                }
+            }
+        }
+        p.served = served.clone();
+
+        let codec = self.snap.codec.as_ref()?;
+        let id = served?;
+        if resp.status >= 500 {
+            return None;
+        }
+        let ttl_ms = self.snap.config.sticky_sessions.ttl.0;
+        let renew = match &p.pinned {
+            // same endpoint: renew only in the second half of its life (a sliding session without a cookie per reply)
+            Some((pinned, expires)) if *pinned == id => expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2),
+            _ => true,
+        };
+        renew.then(|| {
+            let expires = (now_ms + ttl_ms) / 1000;
+            sticky::set_cookie(&self.snap.config.sticky_sessions, &codec.encode(&id, expires))
+        })
+    }
+
+    fn passive<S: SharedStore + ?Sized>(&mut self, id: &str, outcome: Outcome, now_ms: u64, store: &S) {
+        let cfg = &self.snap.config.passive_health;
+        if !cfg.enabled {
+            return;
+        }
+        let Some(&i) = self.snap.by_id.get(id) else { return };
+        let Some(streak) = self.streaks.get_mut(i) else { return };
+        if !streak.record(outcome, cfg) {
+            return;
+        }
+        *streak = Streak::default();
+        let total = self.snap.endpoints().len();
+        let ejected = shared::update(store, keys::EJECTIONS, |cur| {
+            let mut ej = cur.map(Ejections::decode).unwrap_or_default();
+            match ej.eject(id, total, cfg, now_ms) {
+                Some(d) => (Some(ej.encode()), Some(d)),
+                None => (None, None),
+            }
+        });
+        if let Ok(Some(duration)) = ejected {
+            self.stats.ejections += 1;
+            self.logs.push(format!("ejected endpoint {id} for {} ms after {:?}", duration, outcome));
+        }
+    }
+
+    fn release_inflight<S: SharedStore + ?Sized>(&self, p: &mut Pending, store: &S) {
+        if let Some(id) = p.inflight_id.take() {
+            let key = shared::keys::inflight(&id);
+            let _ = shared::add_i64(store, &key, -1);
+        }
+    }
+
+    /// The request is over (answered, failed or abandoned).
+    pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
+        self.release_inflight(p, store);
+        let Some(id) = p.served.as_ref().or(p.listed.first().map(|(id, _)| id)) else { return };
+        let Some(&i) = self.snap.by_id.get(id) else { return };
+        let latency_ms = now_ms.saturating_sub(p.start_ms);
+        let error = p.status == 0 || p.status >= 500;
+        if let Some(a) = self.aggregates.get_mut(i) {
+            a.record(latency_ms.saturating_mul(1000), error);
+        }
+        if let Some(e) = self.ewma.get_mut(i) {
+            e.observe(latency_ms as f64, now_ms);
+        }
+    }
+
+    /// Merges this worker's counts into the shared aggregates (on the worker's tick). Counts that could not be merged
+    /// are kept for the next flush.
+    pub fn flush<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        for (i, agg) in self.aggregates.iter_mut().enumerate() {
+            if agg.is_empty() {
+                continue;
+            }
+            let Some(key) = self.snap.aggregate_keys.get(i) else { continue };
+            let local = *agg;
+            let merged = shared::update(store, key, |cur| {
+                let mut total = cur.and_then(Aggregate::decode).unwrap_or_default();
+                total.merge(&local);
+                (Some(total.encode()), ())
+            });
+            if merged.is_ok() {
+                *agg = Aggregate::default();
+            }
+        }
+        if !self.stats.is_empty() {
+            let local = self.stats;
+            let merged = shared::update(store, keys::GLOBAL_STATS, |cur| {
+                let mut total = cur.map(GlobalStats::decode).unwrap_or_default();
+                total.merge(&local);
+                (Some(total.encode()), ())
+            });
+            if merged.is_ok() {
+                self.stats = GlobalStats::default();
+            }
+        }
+    }
+}
+
+/// The consistent-hash key of a request, if it has one.
+fn hash_source(req: &dyn RequestView, source: &KeySource, peer: &str, hops: u32) -> Option<String> {
+    match source {
+        KeySource::ClientAddress => {
+            let xff = req.header("x-forwarded-for");
+            Some(client_ip(peer, xff.as_deref(), hops).to_string())
+        }
+        KeySource::Header(name) => req.header(name),
+        KeySource::Cookie(name) => req.header("cookie").and_then(|h| cookie::values(&h, name).next().map(str::to_string)),
+        KeySource::Path => req.header(":path").map(|p| p.split('?').next().unwrap_or_default().to_string()),
+        KeySource::Query(name) => req.header(":path").and_then(|p| query_param(&p, name)),
+    }
+}
+
+/// The raw value of a query parameter (not percent-decoded: the key only has to be stable).
+fn query_param(path: &str, name: &str) -> Option<String> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split('#').next().unwrap_or_default();
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| v.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests;
