@@ -74,8 +74,9 @@ impl Bucket {
             Decision::Allowed { remaining: self.micro_tokens / UNIT as u64 }
         } else {
             let missing = UNIT - u128::from(self.micro_tokens);
-            let per_second = u128::from(limits.requests_per_minute) * UNIT / 60;
-            let retry_after_s = missing.div_ceil(per_second.max(1)).max(1) as u64;
+            let per_minute = (u128::from(limits.requests_per_minute) * UNIT).max(1);
+            let retry_after_ms = (missing * 60_000).div_ceil(per_minute);
+            let retry_after_s = retry_after_ms.div_ceil(1000).max(1) as u64;
             Decision::Limited { retry_after_s }
         }
     }
