@@ -10,7 +10,7 @@
 //! like Envoy's panic threshold), then up to two distinct retry hosts.
 
 use crate::balancer::ewma::PeakEwma;
-use crate::balancer::ring::hash_key;
+use crate::balancer::ring::{LoadBound, hash_key};
 use crate::balancer::swrr::Swrr;
 use crate::balancer::{MAX_UPSTREAMS, fill_retries, p2c, random};
 use crate::client::client_ip;
@@ -117,22 +117,33 @@ impl Worker {
 
     /// Switches to the table the poller published, if it changed. One small shared read when nothing changed.
     pub fn refresh<S: SharedStore + ?Sized>(&mut self, store: &S) {
-        let seq = store.get(keys::TABLE_SEQ).map(|(v, _)| shared::decode_i64(&v) as u64).unwrap_or(0);
+        let seq = store
+            .get(keys::TABLE_SEQ)
+            .map(|(v, _)| shared::decode_i64(&v) as u64)
+            .unwrap_or(0);
         if seq == 0 || seq == self.seq {
             return;
         }
-        let Some((bytes, _)) = store.get(keys::TABLE) else { return };
+        let Some((bytes, _)) = store.get(keys::TABLE) else {
+            return;
+        };
         let Ok(table) = serde_json::from_slice::<Table>(&bytes) else {
             // the poller only publishes validated tables; keep ours and do not retry this sequence
             self.seq = seq;
-            self.logs.push(format!("published table {seq} does not parse; keeping table {}", self.snap.table.version));
+            self.logs.push(format!(
+                "published table {seq} does not parse; keeping table {}",
+                self.snap.table.version
+            ));
             return;
         };
         let config = match &table.policy {
-            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy).unwrap_or_else(|e| {
-                self.logs.push(format!("published policy refused ({e}); using the static policy"));
-                self.base.config.clone()
-            }),
+            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy)
+                .unwrap_or_else(|e| {
+                    self.logs.push(format!(
+                        "published policy refused ({e}); using the static policy"
+                    ));
+                    self.base.config.clone()
+                }),
             None => self.base.config.clone(),
         };
         self.flush(store);
@@ -162,7 +173,12 @@ impl Worker {
         }
     }
 
-    pub fn on_request<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, now_ms: u64, store: &S) -> Verdict {
+    pub fn on_request<S: SharedStore + ?Sized>(
+        &mut self,
+        req: &dyn RequestView,
+        now_ms: u64,
+        store: &S,
+    ) -> Verdict {
         self.refresh(store);
         let peer = req.peer().unwrap_or_default();
 
@@ -174,20 +190,29 @@ impl Worker {
 
         self.load_ejections(store);
         let ejected: Vec<bool> = match &self.ejections {
-            Some((_, ej)) if !ej.entries.is_empty() => {
-                self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect()
-            }
+            Some((_, ej)) if !ej.entries.is_empty() => self
+                .snap
+                .endpoints()
+                .iter()
+                .map(|e| ej.is_ejected(&e.id, now_ms))
+                .collect(),
             _ => vec![false; self.snap.endpoints().len()],
         };
         let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
-        let mut candidates: Vec<usize> =
-            (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i) && !is_ejected(i)).collect();
+        let mut candidates: Vec<usize> = (0..self.snap.endpoints().len())
+            .filter(|&i| self.snap.takes_new(i) && !is_ejected(i))
+            .collect();
         if candidates.is_empty() {
             // panic mode: every endpoint that may take traffic is ejected; passive health must not empty the pool
-            candidates = (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i)).collect();
+            candidates = (0..self.snap.endpoints().len())
+                .filter(|&i| self.snap.takes_new(i))
+                .collect();
         }
 
-        let mut pending = Pending { start_ms: now_ms, ..Pending::default() };
+        let mut pending = Pending {
+            start_ms: now_ms,
+            ..Pending::default()
+        };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         if let Some(codec) = &self.snap.codec {
@@ -235,7 +260,11 @@ impl Worker {
         }
         pending.upstreams = header;
         if let Some((id, _)) = pending.listed.first() {
-            let key = self.snap.by_id.get(id).and_then(|&i| self.snap.inflight_keys.get(i));
+            let key = self
+                .snap
+                .by_id
+                .get(id)
+                .and_then(|&i| self.snap.inflight_keys.get(i));
             if let Some(key) = key
                 && shared::add_i64(store, key, 1).is_ok()
             {
@@ -256,18 +285,33 @@ impl Worker {
     ) -> Vec<usize> {
         let snap = &self.snap;
         let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
-        let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
+        let inflight = |i: usize| {
+            snap.inflight_keys
+                .get(i)
+                .map_or(0, |k| shared::get_i64(store, k))
+        };
         let eligible = |i: usize| candidates.contains(&i);
         match snap.config.algorithm {
-            Algorithm::WeightedRoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
-            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
+            Algorithm::WeightedRoundRobin => self
+                .swrr
+                .pick(candidates.iter().map(|&i| (i, weight(i))))
+                .into_iter()
+                .collect(),
+            Algorithm::RoundRobin => self
+                .swrr
+                .pick(candidates.iter().map(|&i| (i, 1)))
+                .into_iter()
+                .collect(),
             Algorithm::Random => {
-                let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
+                let weighted: Vec<(usize, u32)> =
+                    candidates.iter().map(|&i| (i, weight(i))).collect();
                 random::pick(&weighted, &mut self.rng).into_iter().collect()
             }
             Algorithm::LeastConnections => {
                 let load = |i: usize| (inflight(i) as f64 + 1.0) / f64::from(weight(i).max(1));
-                p2c::pick(candidates, &mut self.rng, load).map(|(w, l)| [Some(w), l].into_iter().flatten().collect()).unwrap_or_default()
+                p2c::pick(candidates, &mut self.rng, load)
+                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
+                    .unwrap_or_default()
             }
             Algorithm::ResponseTime => {
                 let ewma = &self.ewma;
@@ -275,37 +319,76 @@ impl Worker {
                     let e = ewma.get(i).copied().unwrap_or_default();
                     e.load(now_ms, inflight(i)) / f64::from(weight(i).max(1))
                 };
-                p2c::pick(candidates, &mut self.rng, load).map(|(w, l)| [Some(w), l].into_iter().flatten().collect()).unwrap_or_default()
+                p2c::pick(candidates, &mut self.rng, load)
+                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
+                    .unwrap_or_default()
             }
             Algorithm::IpHash => {
                 let xff = req.header("x-forwarded-for");
-                let ip = client_ip(peer, xff.as_deref(), snap.config.rate_limiting.xff_trusted_hops);
-                snap.ring.pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
+                let ip = client_ip(
+                    peer,
+                    xff.as_deref(),
+                    snap.config.rate_limiting.xff_trusted_hops,
+                );
+                snap.ring
+                    .pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
             }
-            Algorithm::ConsistentHash => match hash_source(req, &snap.hash_key, peer, snap.config.rate_limiting.xff_trusted_hops) {
+            Algorithm::ConsistentHash => match hash_source(
+                req,
+                &snap.hash_key,
+                peer,
+                snap.config.rate_limiting.xff_trusted_hops,
+            ) {
                 Some(key) => {
-                    let loads: Vec<i64> = (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
+                    let loads: Vec<i64> = (0..snap.endpoints().len())
+                        .map(|i| if eligible(i) { inflight(i) } else { 0 })
+                        .collect();
                     let total: i64 = loads.iter().sum();
                     let load = |i: usize| loads.get(i).copied().unwrap_or(0);
-                    let bound = (&load as &dyn Fn(usize) -> i64, snap.config.consistent_hash.load_factor, total, candidates.len());
-                    snap.ring.pick(hash_key(key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
+                    let bound = LoadBound {
+                        load: &load,
+                        factor: snap.config.consistent_hash.load_factor,
+                        total,
+                        candidates: candidates.len(),
+                    };
+                    snap.ring.pick(
+                        hash_key(key.as_bytes()),
+                        MAX_UPSTREAMS,
+                        eligible,
+                        Some(bound),
+                    )
                 }
-                None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
+                None => self
+                    .swrr
+                    .pick(candidates.iter().map(|&i| (i, weight(i))))
+                    .into_iter()
+                    .collect(),
             },
         }
     }
 
-    fn rate_limit<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, peer: &str, now_ms: u64, store: &S) -> Option<LocalReply> {
+    fn rate_limit<S: SharedStore + ?Sized>(
+        &mut self,
+        req: &dyn RequestView,
+        peer: &str,
+        now_ms: u64,
+        store: &S,
+    ) -> Option<LocalReply> {
         let hops = self.snap.config.rate_limiting.xff_trusted_hops;
         let by_header = match &self.snap.rate_key {
             KeySource::Header(name) => req.header(name).map(|v| format!("h:{v}")),
             _ => None,
         };
         let key = by_header.unwrap_or_else(|| {
-            let xff = if hops > 0 { req.header("x-forwarded-for") } else { None };
+            let xff = if hops > 0 {
+                req.header("x-forwarded-for")
+            } else {
+                None
+            };
             format!("a:{}", client_ip(peer, xff.as_deref(), hops))
         });
-        let (decision, outcome) = ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
+        let (decision, outcome) =
+            ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }
@@ -328,17 +411,31 @@ impl Worker {
     }
 
     /// Records the response; returns a `Set-Cookie` value when the client must be (re)pinned.
-    pub fn on_response<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, resp: ResponseInfo<'_>, now_ms: u64, store: &S) -> Option<String> {
+    pub fn on_response<S: SharedStore + ?Sized>(
+        &mut self,
+        p: &mut Pending,
+        resp: ResponseInfo<'_>,
+        now_ms: u64,
+        store: &S,
+    ) -> Option<String> {
         p.status = resp.status;
-        let served_pos = resp.upstream_address.and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
+        let served_pos = resp
+            .upstream_address
+            .and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
         // every listed host before the one that answered failed at the connection level (that is all we retry on)
-        let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
+        let failed_before = served_pos.unwrap_or(if resp.gateway_failure {
+            p.listed.len()
+        } else {
+            0
+        });
         for k in 0..failed_before {
             if let Some((id, _)) = p.listed.get(k).cloned() {
                 self.passive(&id, Outcome::GatewayFailure, now_ms, store);
             }
         }
-        let served = served_pos.and_then(|k| p.listed.get(k)).map(|(id, _)| id.clone());
+        let served = served_pos
+            .and_then(|k| p.listed.get(k))
+            .map(|(id, _)| id.clone());
         if let Some(id) = &served {
             let outcome = if resp.gateway_failure {
                 Outcome::GatewayFailure
@@ -354,7 +451,11 @@ impl Worker {
             // move the in-flight count to the host that actually holds the request
             if p.inflight_id.as_deref() != Some(id.as_str()) {
                 self.release_inflight(p, store);
-                if let Some(key) = self.snap.by_id.get(id).and_then(|&i| self.snap.inflight_keys.get(i))
+                if let Some(key) = self
+                    .snap
+                    .by_id
+                    .get(id)
+                    .and_then(|&i| self.snap.inflight_keys.get(i))
                     && shared::add_i64(store, key, 1).is_ok()
                 {
                     p.inflight_id = Some(id.clone());
@@ -371,22 +472,37 @@ impl Worker {
         let ttl_ms = self.snap.config.sticky_sessions.ttl.0;
         let renew = match &p.pinned {
             // same endpoint: renew only in the second half of its life (a sliding session without a cookie per reply)
-            Some((pinned, expires)) if *pinned == id => expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2),
+            Some((pinned, expires)) if *pinned == id => {
+                expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2)
+            }
             _ => true,
         };
         renew.then(|| {
             let expires = (now_ms + ttl_ms) / 1000;
-            sticky::set_cookie(&self.snap.config.sticky_sessions, &codec.encode(&id, expires))
+            sticky::set_cookie(
+                &self.snap.config.sticky_sessions,
+                &codec.encode(&id, expires),
+            )
         })
     }
 
-    fn passive<S: SharedStore + ?Sized>(&mut self, id: &str, outcome: Outcome, now_ms: u64, store: &S) {
+    fn passive<S: SharedStore + ?Sized>(
+        &mut self,
+        id: &str,
+        outcome: Outcome,
+        now_ms: u64,
+        store: &S,
+    ) {
         let cfg = &self.snap.config.passive_health;
         if !cfg.enabled {
             return;
         }
-        let Some(&i) = self.snap.by_id.get(id) else { return };
-        let Some(streak) = self.streaks.get_mut(i) else { return };
+        let Some(&i) = self.snap.by_id.get(id) else {
+            return;
+        };
+        let Some(streak) = self.streaks.get_mut(i) else {
+            return;
+        };
         if !streak.record(outcome, cfg) {
             return;
         }
@@ -401,7 +517,10 @@ impl Worker {
         });
         if let Ok(Some(duration)) = ejected {
             self.stats.ejections += 1;
-            self.logs.push(format!("ejected endpoint {id} for {} ms after {:?}", duration, outcome));
+            self.logs.push(format!(
+                "ejected endpoint {id} for {} ms after {:?}",
+                duration, outcome
+            ));
         }
     }
 
@@ -415,8 +534,12 @@ impl Worker {
     /// The request is over (answered, failed or abandoned).
     pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
         self.release_inflight(p, store);
-        let Some(id) = p.served.as_ref().or(p.listed.first().map(|(id, _)| id)) else { return };
-        let Some(&i) = self.snap.by_id.get(id) else { return };
+        let Some(id) = p.served.as_ref().or(p.listed.first().map(|(id, _)| id)) else {
+            return;
+        };
+        let Some(&i) = self.snap.by_id.get(id) else {
+            return;
+        };
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
         if let Some(a) = self.aggregates.get_mut(i) {
@@ -434,7 +557,9 @@ impl Worker {
             if agg.is_empty() {
                 continue;
             }
-            let Some(key) = self.snap.aggregate_keys.get(i) else { continue };
+            let Some(key) = self.snap.aggregate_keys.get(i) else {
+                continue;
+            };
             let local = *agg;
             let merged = shared::update(store, key, |cur| {
                 let mut total = cur.and_then(Aggregate::decode).unwrap_or_default();
@@ -467,8 +592,12 @@ fn hash_source(req: &dyn RequestView, source: &KeySource, peer: &str, hops: u32)
             Some(client_ip(peer, xff.as_deref(), hops).to_string())
         }
         KeySource::Header(name) => req.header(name),
-        KeySource::Cookie(name) => req.header("cookie").and_then(|h| cookie::values(&h, name).next().map(str::to_string)),
-        KeySource::Path => req.header(":path").map(|p| p.split('?').next().unwrap_or_default().to_string()),
+        KeySource::Cookie(name) => req
+            .header("cookie")
+            .and_then(|h| cookie::values(&h, name).next().map(str::to_string)),
+        KeySource::Path => req
+            .header(":path")
+            .map(|p| p.split('?').next().unwrap_or_default().to_string()),
         KeySource::Query(name) => req.header(":path").and_then(|p| query_param(&p, name)),
     }
 }

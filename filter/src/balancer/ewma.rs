@@ -17,14 +17,21 @@ pub struct PeakEwma {
 
 impl Default for PeakEwma {
     fn default() -> Self {
-        PeakEwma { cost_ms: DEFAULT_RTT_MS, stamp_ms: 0 }
+        PeakEwma {
+            cost_ms: DEFAULT_RTT_MS,
+            stamp_ms: 0,
+        }
     }
 }
 
 impl PeakEwma {
     /// Records a response time.
     pub fn observe(&mut self, rtt_ms: f64, now_ms: u64) {
-        let rtt = if rtt_ms.is_finite() { rtt_ms.max(0.0) } else { return };
+        let rtt = if rtt_ms.is_finite() {
+            rtt_ms.max(0.0)
+        } else {
+            return;
+        };
         if rtt > self.cost_ms {
             self.cost_ms = rtt;
         } else {

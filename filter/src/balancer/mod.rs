@@ -16,8 +16,13 @@ pub const MAX_UPSTREAMS: usize = 3;
 /// order, wrapping, up to [`MAX_UPSTREAMS`]. As the primary rotates, so do the retries, so a failed endpoint's retries
 /// spread over the others.
 pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize]) {
-    let Some(&primary) = order.first() else { return };
-    let start = candidates.iter().position(|&c| c == primary).map_or(0, |p| p + 1);
+    let Some(&primary) = order.first() else {
+        return;
+    };
+    let start = candidates
+        .iter()
+        .position(|&c| c == primary)
+        .map_or(0, |p| p + 1);
     let n = candidates.len();
     for k in 0..n {
         if order.len() >= MAX_UPSTREAMS {

@@ -5,7 +5,11 @@
 //! and `response_time` (load = peak-EWMA x (in-flight + 1) / weight). Randomness is an argument.
 
 /// Returns `(winner, loser)`; the loser is `None` with a single candidate. `load` is called for the two picked only.
-pub fn pick(candidates: &[usize], rng: &mut fastrand::Rng, mut load: impl FnMut(usize) -> f64) -> Option<(usize, Option<usize>)> {
+pub fn pick(
+    candidates: &[usize],
+    rng: &mut fastrand::Rng,
+    mut load: impl FnMut(usize) -> f64,
+) -> Option<(usize, Option<usize>)> {
     match candidates.len() {
         0 => None,
         1 => candidates.first().map(|&c| (c, None)),
@@ -18,7 +22,11 @@ pub fn pick(candidates: &[usize], rng: &mut fastrand::Rng, mut load: impl FnMut(
             let (a, b) = (*candidates.get(a)?, *candidates.get(b)?);
             let (la, lb) = (load(a), load(b));
             // ties go to the first pick, which is itself random
-            if lb < la { Some((b, Some(a))) } else { Some((a, Some(b))) }
+            if lb < la {
+                Some((b, Some(a)))
+            } else {
+                Some((a, Some(b)))
+            }
         }
     }
 }

@@ -19,6 +19,22 @@ pub fn hash_key(key: &[u8]) -> u64 {
     xxh3_64_with_seed(key, SEED)
 }
 
+/// The bounded-load check: current in-flight per endpoint, the factor c, the total in flight and the candidate count.
+#[derive(Clone, Copy)]
+pub struct LoadBound<'a> {
+    pub load: &'a dyn Fn(usize) -> i64,
+    pub factor: f64,
+    pub total: i64,
+    pub candidates: usize,
+}
+
+impl LoadBound<'_> {
+    /// `ceil(c x (total + 1) / n)`: the most one endpoint may hold, counting the request being placed.
+    pub fn cap(&self) -> i64 {
+        (self.factor * (self.total as f64 + 1.0) / self.candidates.max(1) as f64).ceil() as i64
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Ring {
     /// (point, endpoint index), sorted by point.
@@ -60,9 +76,15 @@ impl Ring {
         head.iter().chain(tail.iter()).map(|(_, i)| *i as usize)
     }
 
-    /// Up to `want` distinct endpoints for `hash`, among those `eligible`, in walk order. With `bound = Some((loads,
-    /// c))` the first one is the first eligible endpoint whose in-flight load is under `ceil(c x (total + 1) / n)`.
-    pub fn pick(&self, hash: u64, want: usize, eligible: impl Fn(usize) -> bool, bound: Option<(&dyn Fn(usize) -> i64, f64, i64, usize)>) -> Vec<usize> {
+    /// Up to `want` distinct endpoints for `hash`, among those `eligible`, in walk order. With a `bound`, the first is
+    /// the first eligible endpoint whose in-flight load is under [`LoadBound::cap`].
+    pub fn pick(
+        &self,
+        hash: u64,
+        want: usize,
+        eligible: impl Fn(usize) -> bool,
+        bound: Option<LoadBound<'_>>,
+    ) -> Vec<usize> {
         let mut order: Vec<usize> = Vec::with_capacity(want);
         let mut seen_all = Vec::new();
         for i in self.walk(hash) {
@@ -73,14 +95,12 @@ impl Ring {
                 continue;
             }
             if order.is_empty()
-                && let Some((load, c, total, n)) = bound
+                && let Some(bound) = bound
+                && (bound.load)(i) >= bound.cap()
             {
-                let cap = (c * (total as f64 + 1.0) / n.max(1) as f64).ceil() as i64;
-                if load(i) >= cap {
-                    // over its bound: keep it as a fallback candidate after the primary
-                    seen_all.push(i);
-                    continue;
-                }
+                // over its bound: keep it as a fallback candidate after the primary
+                seen_all.push(i);
+                continue;
             }
             order.push(i);
         }
@@ -131,7 +151,9 @@ mod tests {
     #[test]
     fn weights_shift_ownership() {
         let r = Ring::build([("a", 100u32), ("b", 300)].into_iter(), 160);
-        let b = (0..40_000u64).filter(|k| owner(&r, hash_key(&k.to_le_bytes())) == 1).count();
+        let b = (0..40_000u64)
+            .filter(|k| owner(&r, hash_key(&k.to_le_bytes())) == 1)
+            .count();
         assert!((26_000..34_000).contains(&b), "{b}");
     }
 
@@ -151,7 +173,10 @@ mod tests {
                 .count();
             let share = moved as f64 / keys as f64;
             let ideal = 1.0 / (n + 1) as f64;
-            assert!(share < ideal * 1.5 && share > ideal * 0.5, "n={n} moved {share:.3}, ideal {ideal:.3}");
+            assert!(
+                share < ideal * 1.5 && share > ideal * 0.5,
+                "n={n} moved {share:.3}, ideal {ideal:.3}"
+            );
             // and every moved key went to the new endpoint
             let wrong = (0..keys)
                 .filter(|k| {
@@ -184,12 +209,35 @@ mod tests {
         let h = hash_key(b"hot");
         let o = owner(&r, h);
         let loads = move |i: usize| if i == o { 10 } else { 0 };
-        let picked = r.pick(h, 3, |_| true, Some((&loads, 1.25, 10, 3)));
+        let picked = r.pick(
+            h,
+            3,
+            |_| true,
+            Some(LoadBound {
+                load: &loads,
+                factor: 1.25,
+                total: 10,
+                candidates: 3,
+            }),
+        );
         assert_ne!(picked[0], o);
         assert_eq!(picked.len(), 3);
         assert!(picked.contains(&o), "the hot endpoint stays as a retry");
         // under its bound it keeps the key
         let calm = |_: usize| 1;
-        assert_eq!(r.pick(h, 1, |_| true, Some((&calm, 1.25, 3, 3)))[0], o);
+        assert_eq!(
+            r.pick(
+                h,
+                1,
+                |_| true,
+                Some(LoadBound {
+                    load: &calm,
+                    factor: 1.25,
+                    total: 3,
+                    candidates: 3
+                })
+            )[0],
+            o
+        );
     }
 }
