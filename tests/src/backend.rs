@@ -1,0 +1,90 @@
+//! A real HTTP backend: answers every request with its id (body and `x-backend` header), counts requests, and can be
+//! killed like a crashed process (listener and every open connection closed at once).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+#[derive(Clone)]
+struct Shared {
+    id: String,
+    hits: Arc<AtomicUsize>,
+}
+
+pub struct Backend {
+    pub id: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn answer(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    let upstream_header = headers.get("x-equilibrio-upstream").is_some();
+    (
+        [
+            ("x-backend", s.id.clone()),
+            ("x-saw-upstream-header", upstream_header.to_string()),
+        ],
+        s.id.clone(),
+    )
+}
+
+impl Backend {
+    pub async fn start(id: &str) -> anyhow::Result<Backend> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let state = Shared {
+            id: id.to_string(),
+            hits: hits.clone(),
+        };
+        let app = Router::new().fallback(answer).with_state(state);
+        let task = tokio::spawn(async move {
+            // connections live in this set, so aborting the task closes them all, as a crash would
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let svc = TowerToHyperService::new(app.clone());
+                conns.spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(Backend {
+            id: id.to_string(),
+            addr,
+            hits,
+            task,
+        })
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

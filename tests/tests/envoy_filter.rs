@@ -1,0 +1,431 @@
+//! The filter in real Envoy 1.40 (`--concurrency 2`), with real backends and the table stand-in: the issue's
+//! acceptance scenarios. Each test starts its own processes on kernel-chosen ports.
+
+use std::time::{Duration, Instant};
+
+use equilibrio_tests::backend::Backend;
+use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::table_server::{TableServer, endpoint};
+use equilibrio_tests::{by_body, load};
+use serde_json::{Value, json};
+
+const SERVICE: &str = "agente-vendedor";
+const SECRET: &str = "integration-secret-0123456789";
+
+fn filter_config(table: &TableServer, poll: &str, extra: Value) -> Value {
+    let mut cfg = json!({
+        "service": SERVICE,
+        "supervisor": {"cluster": "supervisor", "authority": table.addr().to_string(), "poll_period": poll},
+    });
+    if let (Some(c), Value::Object(extra)) = (cfg.as_object_mut(), extra) {
+        c.extend(extra);
+    }
+    cfg
+}
+
+struct Setup {
+    backends: Vec<Backend>,
+    table: TableServer,
+    envoy: Envoy,
+    client: reqwest::Client,
+}
+
+async fn setup(weights: &[u32], policy: Value, extra: Value, poll: &str) -> Setup {
+    let mut backends = Vec::new();
+    for (i, _) in weights.iter().enumerate() {
+        backends.push(Backend::start(&format!("av-{}", i + 1)).await.unwrap());
+    }
+    let eps = backends
+        .iter()
+        .zip(weights)
+        .map(|(b, w)| endpoint(&b.id, b.addr, *w, "healthy"))
+        .collect();
+    let table = TableServer::start(SERVICE, eps, policy).await.unwrap();
+    let envoy = Envoy::start(&filter_config(&table, poll, extra), table.addr())
+        .await
+        .unwrap();
+    envoy.wait_for_table(weights.len(), 1).await.unwrap();
+    // connection pooling on, several connections so that both Envoy workers serve
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap();
+    Setup {
+        backends,
+        table,
+        envoy,
+        client,
+    }
+}
+
+fn share(counts: &std::collections::BTreeMap<String, usize>, id: &str, total: usize) -> f64 {
+    *counts.get(id).unwrap_or(&0) as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_weights_spread_within_two_percent() {
+    let s = setup(&[100, 100, 100], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.envoy.url("/search?q=x"), 3000, 8).await;
+    let counts = by_body(&results);
+    assert_eq!(
+        results.iter().filter(|(st, _)| *st == 200).count(),
+        3000,
+        "{counts:?}"
+    );
+    for b in &s.backends {
+        let got = share(&counts, &b.id, 3000);
+        assert!(
+            (got - 1.0 / 3.0).abs() <= 0.02,
+            "{} got {got:.3}: {counts:?}",
+            b.id
+        );
+    }
+    // both workers served (the spread is the sum of two exact per-worker sequences)
+    let per_worker = s.envoy.worker_connections().await;
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0),
+        "both workers serve: {per_worker:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_one_two_three_within_three_percent() {
+    let s = setup(&[1, 2, 3], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.envoy.url("/"), 3000, 8).await;
+    let counts = by_body(&results);
+    for (b, want) in s.backends.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
+        let got = share(&counts, &b.id, 3000);
+        assert!(
+            (got - want).abs() <= 0.03,
+            "{} got {got:.3}, want {want:.3}: {counts:?}",
+            b.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_pick_the_upstream() {
+    let s = setup(&[100, 100, 100], Value::Null, json!({}), "500ms").await;
+    let target = s.backends[2].addr.to_string();
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let r = s
+            .client
+            .get(s.envoy.url("/"))
+            .header("x-equilibrio-upstream", &target)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        *counts.entry(r.text().await.unwrap()).or_insert(0usize) += 1;
+    }
+    for b in &s.backends {
+        let got = counts.get(&b.id).copied().unwrap_or(0);
+        assert!((90..=110).contains(&got), "{counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
+    let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "ttl": 600, "secure": false}});
+    let s = setup(&[100, 100, 100], policy, json!({}), "500ms").await;
+    let first = s.client.get(s.envoy.url("/")).send().await.unwrap();
+    let set = first
+        .headers()
+        .get("set-cookie")
+        .expect("a new session gets a cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let pinned = first.text().await.unwrap();
+    assert!(set.starts_with("AGENTE_VENDEDOR_SESSION="), "{set}");
+    assert!(
+        set.contains("Max-Age=600")
+            && set.contains("Path=/")
+            && set.contains("HttpOnly")
+            && set.contains("SameSite=Lax"),
+        "{set}"
+    );
+    assert!(
+        !set.contains("127.0.0.1"),
+        "the cookie must not carry an address: {set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    // pinned across connections (and so across workers)
+    for _ in 0..30 {
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = fresh
+            .get(s.envoy.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), pinned);
+    }
+    // tampered: flip the last character of the signature; the request is served normally and re-issued
+    let mut forged = cookie.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let r = s
+            .client
+            .get(s.envoy.url("/"))
+            .header("cookie", &forged)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers().get("set-cookie").is_some(),
+            "a tampered cookie is treated as absent"
+        );
+        served.insert(r.text().await.unwrap());
+    }
+    assert!(served.len() > 1, "a forged cookie does not pin: {served:?}");
+    // garbage cookie: never an error
+    let r = s
+        .client
+        .get(s.envoy.url("/"))
+        .header("cookie", "AGENTE_VENDEDOR_SESSION=%%%garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
+    let policy =
+        json!({"rate_limiting": {"enabled": true, "requests_per_minute": 1, "burst_size": 5}});
+    let s = setup(&[100, 100], policy, json!({}), "500ms").await;
+    let mut ok = 0;
+    let mut limited = None;
+    for _ in 0..20 {
+        // a new connection each time, spread over both workers
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = fresh.get(s.envoy.url("/")).send().await.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => limited = Some(r),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ok, 5, "exactly the burst passes, whichever worker serves");
+    let r = limited.expect("429 after the burst");
+    let h = r.headers();
+    assert_eq!(h.get("retry-after").unwrap(), "60");
+    assert_eq!(h.get("ratelimit-policy").unwrap(), "\"default\";q=1;w=60");
+    assert!(
+        h.get("ratelimit")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("\"default\";r=0;t=")
+    );
+    let per_worker = s.envoy.worker_connections().await;
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0),
+        "both workers serve: {per_worker:?}"
+    );
+    // counted in the filter's metric once the poller has flushed
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s
+        .envoy
+        .stat("wasmcustom.equilibrio_rate_limited_total")
+        .await
+        .unwrap_or(0)
+        < 15
+    {
+        assert!(Instant::now() < deadline, "rate-limited metric not updated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_costs_no_request_and_is_ejected() {
+    let s = setup(
+        &[100, 100, 100],
+        Value::Null,
+        json!({"passive_health": {"base_ejection_time": 30}}),
+        "500ms",
+    )
+    .await;
+    let url = s.envoy.url("/");
+    let client = s.client.clone();
+    let traffic = tokio::spawn(async move { load(&client, &url, 3000, 8).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.backends[1].kill();
+    let results = traffic.await.unwrap();
+    let failed: Vec<_> = results.iter().filter(|(st, _)| *st != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed requests: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // ejected: the metric says so, and new traffic avoids it without retries
+    let name = "wasmcustom.equilibrio_endpoint_av_2_ejected";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.envoy.stat(name).await != Some(1) {
+        assert!(Instant::now() < deadline, "av-2 not reported as ejected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retries_before = s
+        .envoy
+        .stat("cluster.backend.upstream_rq_retry")
+        .await
+        .unwrap_or(0);
+    let after = load(&s.client, &s.envoy.url("/"), 300, 4).await;
+    assert!(after.iter().all(|(st, _)| *st == 200));
+    assert_eq!(
+        s.envoy
+            .stat("cluster.backend.upstream_rq_retry")
+            .await
+            .unwrap_or(0),
+        retries_before,
+        "no more retries: ejected"
+    );
+    assert!(s.envoy.log().contains("ejected endpoint av-2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_change_applies_within_two_poll_periods() {
+    let s = setup(&[100, 100, 100], Value::Null, json!({}), "1s").await;
+    let eps: Vec<Value> = s
+        .backends
+        .iter()
+        .map(|b| {
+            endpoint(
+                &b.id,
+                b.addr,
+                100,
+                if b.id == "av-3" {
+                    "unhealthy"
+                } else {
+                    "healthy"
+                },
+            )
+        })
+        .collect();
+    let changed = Instant::now();
+    s.table.update(Some(eps), None);
+    let applied = loop {
+        let results = load(&s.client, &s.envoy.url("/"), 20, 2).await;
+        if !by_body(&results).contains_key("av-3") {
+            break changed.elapsed();
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "table change never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        applied <= Duration::from_secs(2),
+        "applied after {applied:?}"
+    );
+    // and it stays applied
+    let results = load(&s.client, &s.envoy.url("/"), 300, 4).await;
+    assert!(!by_body(&results).contains_key("av-3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_table_keeps_the_last_good_one_and_is_counted() {
+    let s = setup(&[100, 100], Value::Null, json!({}), "500ms").await;
+    s.table.set_bad_answer(Some((200, "{not json".into())));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s
+        .envoy
+        .stat("wasmcustom.equilibrio_table_errors_malformed_total")
+        .await
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "malformed answers not counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.table.set_bad_answer(Some((503, "down".into())));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let results = load(&s.client, &s.envoy.url("/"), 200, 4).await;
+    let counts = by_body(&results);
+    // each worker's sequence is exact; two workers may each be one pick apart
+    let av1 = counts.get("av-1").copied().unwrap_or(0);
+    assert!(
+        (98..=102).contains(&av1) && av1 + counts.get("av-2").copied().unwrap_or(0) == 200,
+        "still balanced on the last good table: {counts:?}"
+    );
+    assert!(
+        s.envoy
+            .stat("wasmcustom.equilibrio_table_errors_http_status_total")
+            .await
+            .unwrap_or(0)
+            >= 1
+    );
+    // logged once per change of condition, not once per poll
+    let log = s.envoy.log();
+    assert_eq!(
+        log.matches("endpoint table refused (malformed)").count(),
+        1,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_reach_the_supervisor() {
+    let s = setup(&[100, 100], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.envoy.url("/"), 400, 4).await;
+    assert_eq!(results.len(), 400);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reports = s.table.reports();
+        let total: u64 = reports
+            .iter()
+            .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| e["requests"].as_u64().unwrap_or(0))
+            .sum();
+        if total == 400 {
+            let last = reports.last().unwrap();
+            assert_eq!(last["service"], SERVICE);
+            assert!(last["endpoints"][0]["latency_p95_ms"].is_number());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reports counted {total} of 400 requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let prom = s.envoy.prometheus().await;
+    assert!(
+        prom.contains("equilibrio_endpoint_av_1_requests_total"),
+        "per-endpoint metrics exposed"
+    );
+    assert!(prom.contains("equilibrio_table_version"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_configuration_is_refused_with_our_message() {
+    let table = TableServer::start(SERVICE, vec![], Value::Null)
+        .await
+        .unwrap();
+    let cfg = filter_config(
+        &table,
+        "500ms",
+        json!({"sticky_sessions": {"ttl": "forever"}}),
+    );
+    let (ok, log) = Envoy::start_expecting_failure(&cfg, table.addr())
+        .await
+        .unwrap();
+    assert!(!ok, "envoy must refuse the plugin");
+    assert!(
+        log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"),
+        "{log}"
+    );
+}
