@@ -48,11 +48,7 @@ mod tests {
         assert_eq!(client_ip("10.0.0.9:1", Some(xff), 0), "10.0.0.9");
         assert_eq!(client_ip("10.0.0.9:1", Some(xff), 1), "1.1.1.1");
         assert_eq!(client_ip("10.0.0.9:1", Some(xff), 2), "6.6.6.6");
-        assert_eq!(
-            client_ip("10.0.0.9:1", Some(xff), 3),
-            "10.0.0.9",
-            "too few entries: the peer"
-        );
+        assert_eq!(client_ip("10.0.0.9:1", Some(xff), 3), "10.0.0.9", "too few entries: the peer");
         assert_eq!(client_ip("10.0.0.9:1", None, 1), "10.0.0.9");
         assert_eq!(client_ip("10.0.0.9:1", Some(" , "), 1), "10.0.0.9");
     }

@@ -34,6 +34,11 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Whether selection reads the in-flight counts (which must then be exact across workers at every request).
+    pub fn balances_on_inflight(self) -> bool {
+        matches!(self, Algorithm::LeastConnections | Algorithm::ResponseTime | Algorithm::ConsistentHash)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::WeightedRoundRobin => "weighted_round_robin",
@@ -68,9 +73,7 @@ impl KeySource {
         let named = |prefix: &str| -> Option<Result<String, String>> {
             text.strip_prefix(prefix).map(|name| {
                 if name.is_empty() || !name.bytes().all(is_token_byte) {
-                    Err(format!(
-                        "`{text}` needs a name of token characters after `{prefix}`"
-                    ))
+                    Err(format!("`{text}` needs a name of token characters after `{prefix}`"))
                 } else {
                     Ok(name.to_string())
                 }
@@ -89,9 +92,7 @@ impl KeySource {
                 if let Some(name) = named("query:") {
                     return name.map(KeySource::Query);
                 }
-                Err(format!(
-                    "`{text}` is not one of client_address, path, header:<name>, cookie:<name>, query:<name>"
-                ))
+                Err(format!("`{text}` is not one of client_address, path, header:<name>, cookie:<name>, query:<name>"))
             }
         }
     }
@@ -127,9 +128,7 @@ pub struct Millis(pub u64);
 impl<'de> Deserialize<'de> for Millis {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
-        parse_duration(&v)
-            .map(Millis)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&v).map(Millis).map_err(serde::de::Error::custom)
     }
 }
 
@@ -138,15 +137,11 @@ pub fn parse_duration(v: &Value) -> Result<u64, String> {
     match v {
         Value::Number(n) => match n.as_f64() {
             Some(s) if s.is_finite() && (0.0..=1e9).contains(&s) => Ok((s * 1000.0).round() as u64),
-            _ => Err(format!(
-                "invalid duration {n}: expected seconds between 0 and 1e9"
-            )),
+            _ => Err(format!("invalid duration {n}: expected seconds between 0 and 1e9")),
         },
         Value::String(s) => {
             let s = s.trim();
-            let split = s
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(s.len());
+            let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
             let factor = match unit.trim() {
                 "ms" => 1.0,
@@ -154,21 +149,15 @@ pub fn parse_duration(v: &Value) -> Result<u64, String> {
                 "m" => 60_000.0,
                 "h" => 3_600_000.0,
                 other => {
-                    return Err(format!(
-                        "invalid duration \"{s}\": unknown unit `{other}` (use ms, s, m or h)"
-                    ));
+                    return Err(format!("invalid duration \"{s}\": unknown unit `{other}` (use ms, s, m or h)"));
                 }
             };
             match num.parse::<f64>() {
                 Ok(x) if x.is_finite() && x <= 1e12 => Ok((x * factor).round() as u64),
-                _ => Err(format!(
-                    "invalid duration \"{s}\": expected a number followed by ms, s, m or h"
-                )),
+                _ => Err(format!("invalid duration \"{s}\": expected a number followed by ms, s, m or h")),
             }
         }
-        other => Err(format!(
-            "invalid duration {other}: expected seconds or a string such as \"500ms\""
-        )),
+        other => Err(format!("invalid duration {other}: expected seconds or a string such as \"500ms\"")),
     }
 }
 
@@ -185,11 +174,7 @@ pub struct ConsistentHashConfig {
 
 impl Default for ConsistentHashConfig {
     fn default() -> Self {
-        ConsistentHashConfig {
-            key: "path".into(),
-            load_factor: 1.25,
-            vnodes: 160,
-        }
+        ConsistentHashConfig { key: "path".into(), load_factor: 1.25, vnodes: 160 }
     }
 }
 
@@ -368,20 +353,12 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
+    ConfigError { key: key.to_string(), reason: reason.into() }
 }
 
 /// The policy keys the supervisor may override at runtime.
-pub const POLICY_KEYS: [&str; 5] = [
-    "algorithm",
-    "consistent_hash",
-    "sticky_sessions",
-    "rate_limiting",
-    "passive_health",
-];
+pub const POLICY_KEYS: [&str; 5] =
+    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health"];
 
 /// The parsed configuration plus its source JSON, kept to merge runtime policies into.
 #[derive(Debug, Clone)]
@@ -393,8 +370,7 @@ pub struct ParsedConfig {
 impl Config {
     /// Parses and validates the plugin configuration bytes.
     pub fn parse(bytes: &[u8]) -> Result<ParsedConfig, ConfigError> {
-        let source: Value =
-            serde_json::from_slice(bytes).map_err(|e| err("", format!("not valid JSON: {e}")))?;
+        let source: Value = serde_json::from_slice(bytes).map_err(|e| err("", format!("not valid JSON: {e}")))?;
         let config = Config::from_value(&source)?;
         Ok(ParsedConfig { config, source })
     }
@@ -408,10 +384,7 @@ impl Config {
             let key = if path == "." { String::new() } else { path };
             let inner = e.into_inner().to_string();
             // serde names the unknown field in its message; put it into the key too.
-            let key = match inner
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-            {
+            let key = match inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
                 Some(field) if key.is_empty() => field.to_string(),
                 Some(field) if !key.ends_with(field) => format!("{key}.{field}"),
                 _ => key,
@@ -446,106 +419,64 @@ impl Config {
         let ch = &self.consistent_hash;
         KeySource::parse(&ch.key).map_err(|r| err("consistent_hash.key", r))?;
         if !(1.0..=10.0).contains(&ch.load_factor) {
-            return Err(err(
-                "consistent_hash.load_factor",
-                "must be between 1.0 and 10.0",
-            ));
+            return Err(err("consistent_hash.load_factor", "must be between 1.0 and 10.0"));
         }
         if !(1..=1000).contains(&ch.vnodes) {
             return Err(err("consistent_hash.vnodes", "must be between 1 and 1000"));
         }
         let s = &self.sticky_sessions;
         if s.cookie_name.is_empty() || !s.cookie_name.bytes().all(is_token_byte) {
-            return Err(err(
-                "sticky_sessions.cookie_name",
-                "must be a non-empty cookie name (RFC 6265 token)",
-            ));
+            return Err(err("sticky_sessions.cookie_name", "must be a non-empty cookie name (RFC 6265 token)"));
         }
         if s.ttl.0 < 1000 || s.ttl.0 > 400 * 86_400_000 {
-            return Err(err(
-                "sticky_sessions.ttl",
-                "must be between 1 second and 400 days",
-            ));
+            return Err(err("sticky_sessions.ttl", "must be between 1 second and 400 days"));
         }
         if s.same_site == SameSite::None && !s.secure {
-            return Err(err(
-                "sticky_sessions.same_site",
-                "`none` requires `secure: true` (browsers drop the cookie)",
-            ));
+            return Err(err("sticky_sessions.same_site", "`none` requires `secure: true` (browsers drop the cookie)"));
         }
         if s.enabled {
             match &s.secret {
                 Some(secret) if secret.len() >= 16 => {}
                 _ => {
-                    return Err(err(
-                        "sticky_sessions.secret",
-                        "required when enabled: at least 16 bytes",
-                    ));
+                    return Err(err("sticky_sessions.secret", "required when enabled: at least 16 bytes"));
                 }
             }
         }
         let r = &self.rate_limiting;
         if !(1..=100_000_000).contains(&r.requests_per_minute) {
-            return Err(err(
-                "rate_limiting.requests_per_minute",
-                "must be between 1 and 100000000",
-            ));
+            return Err(err("rate_limiting.requests_per_minute", "must be between 1 and 100000000"));
         }
         if !(1..=10_000_000).contains(&r.burst_size) {
-            return Err(err(
-                "rate_limiting.burst_size",
-                "must be between 1 and 10000000",
-            ));
+            return Err(err("rate_limiting.burst_size", "must be between 1 and 10000000"));
         }
         match KeySource::parse(&r.key) {
             Ok(KeySource::ClientAddress | KeySource::Header(_)) => {}
             Ok(_) => {
-                return Err(err(
-                    "rate_limiting.key",
-                    "must be client_address or header:<name>",
-                ));
+                return Err(err("rate_limiting.key", "must be client_address or header:<name>"));
             }
             Err(reason) => return Err(err("rate_limiting.key", reason)),
         }
         if r.xff_trusted_hops > 10 {
-            return Err(err(
-                "rate_limiting.xff_trusted_hops",
-                "must be between 0 and 10",
-            ));
+            return Err(err("rate_limiting.xff_trusted_hops", "must be between 0 and 10"));
         }
         if !(16..=1_048_576).contains(&r.slots) {
             return Err(err("rate_limiting.slots", "must be between 16 and 1048576"));
         }
         let p = &self.passive_health;
         if !(1..=1000).contains(&p.consecutive_gateway_failures) {
-            return Err(err(
-                "passive_health.consecutive_gateway_failures",
-                "must be between 1 and 1000",
-            ));
+            return Err(err("passive_health.consecutive_gateway_failures", "must be between 1 and 1000"));
         }
         if !(1..=1000).contains(&p.consecutive_5xx) {
-            return Err(err(
-                "passive_health.consecutive_5xx",
-                "must be between 1 and 1000",
-            ));
+            return Err(err("passive_health.consecutive_5xx", "must be between 1 and 1000"));
         }
         if p.base_ejection_time.0 < 100 || p.base_ejection_time.0 > 3_600_000 {
-            return Err(err(
-                "passive_health.base_ejection_time",
-                "must be between 100ms and 1h",
-            ));
+            return Err(err("passive_health.base_ejection_time", "must be between 100ms and 1h"));
         }
         if p.max_ejection_time < p.base_ejection_time || p.max_ejection_time.0 > 86_400_000 {
-            return Err(err(
-                "passive_health.max_ejection_time",
-                "must be between base_ejection_time and 24h",
-            ));
+            return Err(err("passive_health.max_ejection_time", "must be between base_ejection_time and 24h"));
         }
         if p.max_ejection_percent > 100 {
-            return Err(err(
-                "passive_health.max_ejection_percent",
-                "must be between 0 and 100",
-            ));
+            return Err(err("passive_health.max_ejection_percent", "must be between 0 and 100"));
         }
         if let Some(sup) = &self.supervisor {
             if sup.cluster.is_empty() {
@@ -555,33 +486,21 @@ impl Config {
                 return Err(err("supervisor.authority", "must not be empty"));
             }
             if sup.poll_period.0 < 100 || sup.poll_period.0 > 600_000 {
-                return Err(err(
-                    "supervisor.poll_period",
-                    "must be between 100ms and 10m",
-                ));
+                return Err(err("supervisor.poll_period", "must be between 100ms and 10m"));
             }
             if sup.timeout.0 < 10 || sup.timeout.0 > 60_000 {
                 return Err(err("supervisor.timeout", "must be between 10ms and 60s"));
             }
             if !(1024..=64 << 20).contains(&sup.max_table_bytes) {
-                return Err(err(
-                    "supervisor.max_table_bytes",
-                    "must be between 1024 and 67108864",
-                ));
+                return Err(err("supervisor.max_table_bytes", "must be between 1024 and 67108864"));
             }
             if let Some(token) = &sup.token
                 && (token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()))
             {
-                return Err(err(
-                    "supervisor.token",
-                    "must be printable ASCII without spaces",
-                ));
+                return Err(err("supervisor.token", "must be printable ASCII without spaces"));
             }
         } else if self.endpoints.is_empty() {
-            return Err(err(
-                "endpoints",
-                "needed when there is no `supervisor` section",
-            ));
+            return Err(err("endpoints", "needed when there is no `supervisor` section"));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
             crate::table::validate_endpoint_fields(&e.id, &e.address, e.weight)
@@ -630,8 +549,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named_with_its_path() {
-        let e = parse(json!({"service": "s", "supervisor": {}, "sticky_sessions": {"ttl_s": 3}}))
-            .unwrap_err();
+        let e = parse(json!({"service": "s", "supervisor": {}, "sticky_sessions": {"ttl_s": 3}})).unwrap_err();
         assert_eq!(e.key, "sticky_sessions.ttl_s");
         assert!(e.reason.contains("unknown field"), "{e}");
         let e = parse(json!({"service": "s", "supervisor": {}, "algoritm": "random"})).unwrap_err();
@@ -640,13 +558,9 @@ mod tests {
 
     #[test]
     fn wrong_type_is_named_with_its_path() {
-        let e = parse(
-            json!({"service": "s", "supervisor": {}, "rate_limiting": {"burst_size": "many"}}),
-        )
-        .unwrap_err();
+        let e = parse(json!({"service": "s", "supervisor": {}, "rate_limiting": {"burst_size": "many"}})).unwrap_err();
         assert_eq!(e.key, "rate_limiting.burst_size");
-        let e =
-            parse(json!({"service": "s", "supervisor": {}, "algorithm": "fastest"})).unwrap_err();
+        let e = parse(json!({"service": "s", "supervisor": {}, "algorithm": "fastest"})).unwrap_err();
         assert_eq!(e.key, "algorithm");
         assert!(e.to_string().contains("`algorithm`"), "{e}");
     }
@@ -655,42 +569,15 @@ mod tests {
     fn out_of_range_values_are_refused() {
         let base = json!({"service": "s", "supervisor": {}});
         let cases = [
-            (
-                json!({"rate_limiting": {"burst_size": 0}}),
-                "rate_limiting.burst_size",
-            ),
-            (
-                json!({"rate_limiting": {"key": "path"}}),
-                "rate_limiting.key",
-            ),
-            (
-                json!({"sticky_sessions": {"enabled": true}}),
-                "sticky_sessions.secret",
-            ),
-            (
-                json!({"sticky_sessions": {"enabled": true, "secret": "short"}}),
-                "sticky_sessions.secret",
-            ),
-            (
-                json!({"sticky_sessions": {"same_site": "none", "secure": false}}),
-                "sticky_sessions.same_site",
-            ),
-            (
-                json!({"consistent_hash": {"load_factor": 0.5}}),
-                "consistent_hash.load_factor",
-            ),
-            (
-                json!({"consistent_hash": {"key": "body"}}),
-                "consistent_hash.key",
-            ),
-            (
-                json!({"supervisor": {"poll_period": "5ms"}}),
-                "supervisor.poll_period",
-            ),
-            (
-                json!({"passive_health": {"max_ejection_percent": 101}}),
-                "passive_health.max_ejection_percent",
-            ),
+            (json!({"rate_limiting": {"burst_size": 0}}), "rate_limiting.burst_size"),
+            (json!({"rate_limiting": {"key": "path"}}), "rate_limiting.key"),
+            (json!({"sticky_sessions": {"enabled": true}}), "sticky_sessions.secret"),
+            (json!({"sticky_sessions": {"enabled": true, "secret": "short"}}), "sticky_sessions.secret"),
+            (json!({"sticky_sessions": {"same_site": "none", "secure": false}}), "sticky_sessions.same_site"),
+            (json!({"consistent_hash": {"load_factor": 0.5}}), "consistent_hash.load_factor"),
+            (json!({"consistent_hash": {"key": "body"}}), "consistent_hash.key"),
+            (json!({"supervisor": {"poll_period": "5ms"}}), "supervisor.poll_period"),
+            (json!({"passive_health": {"max_ejection_percent": 101}}), "passive_health.max_ejection_percent"),
         ];
         for (patch, key) in cases {
             let mut v = base.clone();
@@ -704,15 +591,11 @@ mod tests {
     fn no_supervisor_needs_static_endpoints() {
         let e = parse(json!({"service": "s"})).unwrap_err();
         assert_eq!(e.key, "endpoints");
-        let e =
-            parse(json!({"service": "s", "endpoints": [{"id": "a b", "address": "127.0.0.1:1"}]}))
-                .unwrap_err();
+        let e = parse(json!({"service": "s", "endpoints": [{"id": "a b", "address": "127.0.0.1:1"}]})).unwrap_err();
         assert_eq!(e.key, "endpoints[0].id");
-        let e = parse(json!({"service": "s", "endpoints": [{"id": "a", "address": "nowhere"}]}))
-            .unwrap_err();
+        let e = parse(json!({"service": "s", "endpoints": [{"id": "a", "address": "nowhere"}]})).unwrap_err();
         assert_eq!(e.key, "endpoints[0].address");
-        parse(json!({"service": "s", "endpoints": [{"id": "a", "address": "127.0.0.1:8080"}]}))
-            .unwrap();
+        parse(json!({"service": "s", "endpoints": [{"id": "a", "address": "127.0.0.1:8080"}]})).unwrap();
     }
 
     #[test]
@@ -730,36 +613,25 @@ mod tests {
 
     #[test]
     fn policy_overrides_merge_and_validate() {
-        let p = Config::parse(
-            br#"{"service":"s","supervisor":{},"rate_limiting":{"enabled":true,"burst_size":5}}"#,
+        let p = Config::parse(br#"{"service":"s","supervisor":{},"rate_limiting":{"enabled":true,"burst_size":5}}"#)
+            .unwrap();
+        let c = Config::with_policy(
+            &p.source,
+            &json!({"algorithm": "random", "rate_limiting": {"requests_per_minute": 60}, "future_key": 1}),
         )
         .unwrap();
-        let c = Config::with_policy(&p.source, &json!({"algorithm": "random", "rate_limiting": {"requests_per_minute": 60}, "future_key": 1})).unwrap();
         assert_eq!(c.algorithm, Algorithm::Random);
         assert_eq!(c.rate_limiting.requests_per_minute, 60);
-        assert_eq!(
-            c.rate_limiting.burst_size, 5,
-            "keys the policy does not name keep their static value"
-        );
-        let e = Config::with_policy(&p.source, &json!({"sticky_sessions": {"enabled": true}}))
-            .unwrap_err();
+        assert_eq!(c.rate_limiting.burst_size, 5, "keys the policy does not name keep their static value");
+        let e = Config::with_policy(&p.source, &json!({"sticky_sessions": {"enabled": true}})).unwrap_err();
         assert_eq!(e.key, "policy.sticky_sessions.secret");
     }
 
     #[test]
     fn key_sources_parse() {
-        assert_eq!(
-            KeySource::parse("header:X-User"),
-            Ok(KeySource::Header("x-user".into()))
-        );
-        assert_eq!(
-            KeySource::parse("cookie:sid"),
-            Ok(KeySource::Cookie("sid".into()))
-        );
-        assert_eq!(
-            KeySource::parse("query:q"),
-            Ok(KeySource::Query("q".into()))
-        );
+        assert_eq!(KeySource::parse("header:X-User"), Ok(KeySource::Header("x-user".into())));
+        assert_eq!(KeySource::parse("cookie:sid"), Ok(KeySource::Cookie("sid".into())));
+        assert_eq!(KeySource::parse("query:q"), Ok(KeySource::Query("q".into())));
         assert_eq!(KeySource::parse("path"), Ok(KeySource::Path));
         assert!(KeySource::parse("header:").is_err());
         assert!(KeySource::parse("header:a b").is_err());

@@ -8,11 +8,7 @@ pub fn values<'a>(header: &'a str, name: &'a str) -> impl Iterator<Item = &'a st
         let (k, v) = pair.split_once('=')?;
         if k.trim() == name {
             let v = v.trim();
-            Some(
-                v.strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(v),
-            )
+            Some(v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v))
         } else {
             None
         }

@@ -35,9 +35,7 @@ impl Ejections {
     }
 
     pub fn is_ejected(&self, id: &str, now_ms: u64) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.id == id && e.until_ms > now_ms)
+        self.entries.iter().any(|e| e.id == id && e.until_ms > now_ms)
     }
 
     pub fn active(&self, now_ms: u64) -> usize {
@@ -46,49 +44,26 @@ impl Ejections {
 
     /// Ejects `id` out of `total` endpoints. Returns the ejection time, or `None` if it is already ejected or the cap
     /// is reached.
-    pub fn eject(
-        &mut self,
-        id: &str,
-        total: usize,
-        cfg: &PassiveHealthConfig,
-        now_ms: u64,
-    ) -> Option<u64> {
+    pub fn eject(&mut self, id: &str, total: usize, cfg: &PassiveHealthConfig, now_ms: u64) -> Option<u64> {
         self.forget(cfg, now_ms);
         if self.is_ejected(id, now_ms) {
             return None;
         }
-        let cap = if cfg.max_ejection_percent == 0 {
-            0
-        } else {
-            (total * cfg.max_ejection_percent as usize / 100).max(1)
-        };
+        let cap =
+            if cfg.max_ejection_percent == 0 { 0 } else { (total * cfg.max_ejection_percent as usize / 100).max(1) };
         if self.active(now_ms) >= cap {
             return None;
         }
-        let count = self
-            .entries
-            .iter()
-            .find(|e| e.id == id)
-            .map_or(0, |e| e.count)
-            .saturating_add(1);
-        let duration = cfg
-            .base_ejection_time
-            .0
-            .saturating_mul(u64::from(count))
-            .min(cfg.max_ejection_time.0);
+        let count = self.entries.iter().find(|e| e.id == id).map_or(0, |e| e.count).saturating_add(1);
+        let duration = cfg.base_ejection_time.0.saturating_mul(u64::from(count)).min(cfg.max_ejection_time.0);
         self.entries.retain(|e| e.id != id);
-        self.entries.push(Ejection {
-            id: id.to_string(),
-            until_ms: now_ms.saturating_add(duration),
-            count,
-        });
+        self.entries.push(Ejection { id: id.to_string(), until_ms: now_ms.saturating_add(duration), count });
         Some(duration)
     }
 
     /// Drops the history of endpoints back in service for longer than the maximum ejection time.
     pub fn forget(&mut self, cfg: &PassiveHealthConfig, now_ms: u64) {
-        self.entries
-            .retain(|e| e.until_ms.saturating_add(cfg.max_ejection_time.0) > now_ms);
+        self.entries.retain(|e| e.until_ms.saturating_add(cfg.max_ejection_time.0) > now_ms);
     }
 }
 
@@ -175,20 +150,13 @@ mod tests {
         assert_eq!(e.eject("b", 3, &c, 0), None, "50% of 3 is 1");
         let mut e = Ejections::default();
         assert!(e.eject("a", 1, &c, 0).is_some(), "at least one");
-        let none = PassiveHealthConfig {
-            max_ejection_percent: 0,
-            ..cfg()
-        };
+        let none = PassiveHealthConfig { max_ejection_percent: 0, ..cfg() };
         assert_eq!(Ejections::default().eject("a", 10, &none, 0), None);
     }
 
     #[test]
     fn streaks_reset_on_success() {
-        let c = PassiveHealthConfig {
-            consecutive_5xx: 3,
-            consecutive_gateway_failures: 1,
-            ..cfg()
-        };
+        let c = PassiveHealthConfig { consecutive_5xx: 3, consecutive_gateway_failures: 1, ..cfg() };
         let mut s = Streak::default();
         assert!(!s.record(Outcome::ServerError, &c));
         assert!(!s.record(Outcome::ServerError, &c));

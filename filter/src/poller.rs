@@ -106,10 +106,7 @@ impl Poller {
     pub fn table_request(&self) -> Vec<(String, String)> {
         let mut h = vec![
             (":method".to_string(), "GET".to_string()),
-            (
-                ":path".to_string(),
-                format!("/v1/services/{}/endpoints", self.base.config.service),
-            ),
+            (":path".to_string(), format!("/v1/services/{}/endpoints", self.base.config.service)),
             (":authority".to_string(), self.sup.authority.clone()),
             ("accept".to_string(), "application/json".to_string()),
         ];
@@ -146,64 +143,34 @@ impl Poller {
     }
 
     fn fail(&mut self, condition: &'static str, message: String) -> PollOutcome {
-        let kept = self.version.map_or("no table yet".to_string(), |v| {
-            format!("keeping table version {v}")
-        });
-        let log = self.condition_changed(
-            condition,
-            format!("endpoint table refused ({condition}): {message}; {kept}"),
-        );
-        PollOutcome {
-            log,
-            error: Some(condition),
-            published: false,
-        }
+        let kept = self.version.map_or("no table yet".to_string(), |v| format!("keeping table version {v}"));
+        let log = self.condition_changed(condition, format!("endpoint table refused ({condition}): {message}; {kept}"));
+        PollOutcome { log, error: Some(condition), published: false }
     }
 
     /// An answer whose body is over the size limit (the adapter does not even copy it).
     pub fn on_oversized(&mut self, bytes: usize) -> PollOutcome {
-        let e = crate::table::TableError::Oversized {
-            bytes,
-            limit: self.sup.max_table_bytes,
-        };
+        let e = crate::table::TableError::Oversized { bytes, limit: self.sup.max_table_bytes };
         self.fail(e.condition(), e.to_string())
     }
 
     /// Handles an answer to the table fetch, publishing a good table into `store`.
-    pub fn on_answer<S: SharedStore + ?Sized>(
-        &mut self,
-        answer: Answer<'_>,
-        now_ms: u64,
-        store: &S,
-    ) -> PollOutcome {
+    pub fn on_answer<S: SharedStore + ?Sized>(&mut self, answer: Answer<'_>, now_ms: u64, store: &S) -> PollOutcome {
         let (status, etag, body) = match answer {
             Answer::Failed => {
-                return self.fail(
-                    "unreachable",
-                    format!("no answer from cluster `{}`", self.sup.cluster),
-                );
+                return self.fail("unreachable", format!("no answer from cluster `{}`", self.sup.cluster));
             }
             Answer::Response { status, etag, body } => (status, etag, body),
         };
         if status == 304 && self.version.is_some() {
             self.last_good_ms = Some(now_ms);
-            let log = self
-                .condition_changed("ok", "endpoint table fetch recovered (not modified)".into());
-            return PollOutcome {
-                log,
-                error: None,
-                published: false,
-            };
+            let log = self.condition_changed("ok", "endpoint table fetch recovered (not modified)".into());
+            return PollOutcome { log, error: None, published: false };
         }
         if status != 200 {
             return self.fail("http_status", format!("HTTP {status}"));
         }
-        let mut table = match Table::parse(
-            body,
-            &self.base.config.service,
-            self.version,
-            self.sup.max_table_bytes,
-        ) {
+        let mut table = match Table::parse(body, &self.base.config.service, self.version, self.sup.max_table_bytes) {
             Ok(t) => t,
             Err(e) => return self.fail(e.condition(), e.to_string()),
         };
@@ -221,9 +188,7 @@ impl Poller {
                 Err(e) => {
                     outcome.error = Some("policy_invalid");
                     if self.policy_condition != "policy_invalid" {
-                        outcome.log = Some(format!(
-                            "runtime policy refused, keeping the last good one: {e}"
-                        ));
+                        outcome.log = Some(format!("runtime policy refused, keeping the last good one: {e}"));
                     }
                     self.policy_condition = "policy_invalid";
                 }
@@ -232,10 +197,7 @@ impl Poller {
         table.policy = self.last_good_policy.clone();
         self.last_good_ms = Some(now_ms);
         self.etag = etag.map(str::to_string);
-        if let Some(log) = self.condition_changed(
-            "ok",
-            format!("endpoint table version {} accepted", table.version),
-        ) {
+        if let Some(log) = self.condition_changed("ok", format!("endpoint table version {} accepted", table.version)) {
             outcome.log.get_or_insert(log);
         }
         if self.table.as_ref() != Some(&table) {
@@ -243,9 +205,7 @@ impl Poller {
                 self.seq += 1;
                 // the table first, then its sequence: a worker that sees the new sequence finds the new table
                 let written = store.set(keys::TABLE, &bytes, None).is_ok()
-                    && store
-                        .set(keys::TABLE_SEQ, &(self.seq as i64).to_le_bytes(), None)
-                        .is_ok();
+                    && store.set(keys::TABLE_SEQ, &(self.seq as i64).to_le_bytes(), None).is_ok();
                 outcome.published = written;
             }
             self.version = Some(table.version);
@@ -261,23 +221,17 @@ impl Poller {
         store: &S,
         now_ms: u64,
     ) -> (Report, Vec<EndpointStats>, GlobalStats) {
-        let window_ms = self
-            .last_report_ms
-            .map_or(self.sup.poll_period.0, |t| now_ms.saturating_sub(t));
+        let window_ms = self.last_report_ms.map_or(self.sup.poll_period.0, |t| now_ms.saturating_sub(t));
         self.last_report_ms = Some(now_ms);
-        let ejections = store
-            .get(keys::EJECTIONS)
-            .map(|(b, _)| Ejections::decode(&b))
-            .unwrap_or_default();
+        let ejections = store.get(keys::EJECTIONS).map(|(b, _)| Ejections::decode(&b)).unwrap_or_default();
         let mut stats = Vec::new();
         for e in self.table.iter().flat_map(|t| t.endpoints.iter()) {
-            let aggregate = shared::update(store, &keys::aggregate(&e.id), |cur| {
-                match cur.and_then(Aggregate::decode) {
+            let aggregate =
+                shared::update(store, &keys::aggregate(&e.id), |cur| match cur.and_then(Aggregate::decode) {
                     Some(a) if !a.is_empty() => (Some(Aggregate::default().encode()), a),
                     _ => (None, Aggregate::default()),
-                }
-            })
-            .unwrap_or_default();
+                })
+                .unwrap_or_default();
             stats.push(EndpointStats {
                 id: e.id.clone(),
                 aggregate,
@@ -285,11 +239,9 @@ impl Poller {
                 ejected: ejections.is_ejected(&e.id, now_ms),
             });
         }
-        let global = shared::update(store, keys::GLOBAL_STATS, |cur| {
-            match cur.map(GlobalStats::decode) {
-                Some(g) if !g.is_empty() => (Some(GlobalStats::default().encode()), g),
-                _ => (None, GlobalStats::default()),
-            }
+        let global = shared::update(store, keys::GLOBAL_STATS, |cur| match cur.map(GlobalStats::decode) {
+            Some(g) if !g.is_empty() => (Some(GlobalStats::default().encode()), g),
+            _ => (None, GlobalStats::default()),
         })
         .unwrap_or_default();
         let report = Report {
@@ -316,11 +268,7 @@ impl Poller {
 
     /// Healthy endpoints in the current table (a gauge).
     pub fn healthy(&self) -> usize {
-        self.table
-            .iter()
-            .flat_map(|t| t.endpoints.iter())
-            .filter(|e| e.state == EndpointState::Healthy)
-            .count()
+        self.table.iter().flat_map(|t| t.endpoints.iter()).filter(|e| e.state == EndpointState::Healthy).count()
     }
 }
 
@@ -341,15 +289,7 @@ mod tests {
     }
 
     fn ok(p: &mut Poller, s: &MemoryStore, body: &str, now: u64) -> PollOutcome {
-        p.on_answer(
-            Answer::Response {
-                status: 200,
-                etag: Some("\"e1\""),
-                body: body.as_bytes(),
-            },
-            now,
-            s,
-        )
+        p.on_answer(Answer::Response { status: 200, etag: Some("\"e1\""), body: body.as_bytes() }, now, s)
     }
 
     #[test]
@@ -372,51 +312,20 @@ mod tests {
         let (mut p, s) = (poller(), MemoryStore::new());
         ok(&mut p, &s, &table(5), 0);
         let before = s.get(keys::TABLE).unwrap();
-        let o1 = p.on_answer(
-            Answer::Response {
-                status: 200,
-                etag: None,
-                body: b"{garbage",
-            },
-            1000,
-            &s,
-        );
-        let o2 = p.on_answer(
-            Answer::Response {
-                status: 200,
-                etag: None,
-                body: b"{garbage",
-            },
-            2000,
-            &s,
-        );
+        let o1 = p.on_answer(Answer::Response { status: 200, etag: None, body: b"{garbage" }, 1000, &s);
+        let o2 = p.on_answer(Answer::Response { status: 200, etag: None, body: b"{garbage" }, 2000, &s);
         assert_eq!(o1.error, Some("malformed"));
         assert!(o1.log.is_some());
         assert_eq!(o2.error, Some("malformed"));
         assert!(o2.log.is_none(), "same condition: no new log line");
-        let o3 = p.on_answer(
-            Answer::Response {
-                status: 503,
-                etag: None,
-                body: b"",
-            },
-            3000,
-            &s,
-        );
+        let o3 = p.on_answer(Answer::Response { status: 503, etag: None, body: b"" }, 3000, &s);
         assert_eq!(o3.error, Some("http_status"));
         assert!(o3.log.is_some());
-        assert_eq!(
-            p.on_answer(Answer::Failed, 4000, &s).error,
-            Some("unreachable")
-        );
+        assert_eq!(p.on_answer(Answer::Failed, 4000, &s).error, Some("unreachable"));
         assert_eq!(ok(&mut p, &s, &table(4), 5000).error, Some("stale"));
         let big = format!("{}{}", table(9), " ".repeat(2 << 20));
         assert_eq!(ok(&mut p, &s, &big, 6000).error, Some("oversized"));
-        assert_eq!(
-            s.get(keys::TABLE).unwrap().0,
-            before.0,
-            "the last good table stays published"
-        );
+        assert_eq!(s.get(keys::TABLE).unwrap().0, before.0, "the last good table stays published");
         assert_eq!(p.age_s(7000), Some(7));
         let back = ok(&mut p, &s, &table(6), 8000);
         assert!(back.published && back.log.is_some());
@@ -426,15 +335,7 @@ mod tests {
     fn not_modified_refreshes_the_age() {
         let (mut p, s) = (poller(), MemoryStore::new());
         ok(&mut p, &s, &table(1), 0);
-        let o = p.on_answer(
-            Answer::Response {
-                status: 304,
-                etag: None,
-                body: b"",
-            },
-            5000,
-            &s,
-        );
+        let o = p.on_answer(Answer::Response { status: 304, etag: None, body: b"" }, 5000, &s);
         assert_eq!(o.error, None);
         assert_eq!(p.age_s(5000), Some(0));
     }

@@ -33,11 +33,7 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn full(key: u64, limits: &Limits, now_ms: u64) -> Bucket {
-        Bucket {
-            key,
-            micro_tokens: capacity(limits),
-            last_ms: now_ms,
-        }
+        Bucket { key, micro_tokens: capacity(limits), last_ms: now_ms }
     }
 
     pub fn encode(&self) -> [u8; 24] {
@@ -49,17 +45,8 @@ impl Bucket {
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Bucket> {
-        let word = |i: usize| {
-            bytes
-                .get(i * 8..i * 8 + 8)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-        };
-        Some(Bucket {
-            key: word(0)?,
-            micro_tokens: word(1)?,
-            last_ms: word(2)?,
-        })
+        let word = |i: usize| bytes.get(i * 8..i * 8 + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+        Some(Bucket { key: word(0)?, micro_tokens: word(1)?, last_ms: word(2)? })
     }
 
     /// Adds the tokens earned since `last_ms`, up to capacity.
@@ -84,9 +71,7 @@ impl Bucket {
         self.refill(limits, now_ms);
         if self.micro_tokens >= UNIT as u64 {
             self.micro_tokens -= UNIT as u64;
-            Decision::Allowed {
-                remaining: self.micro_tokens / UNIT as u64,
-            }
+            Decision::Allowed { remaining: self.micro_tokens / UNIT as u64 }
         } else {
             let missing = UNIT - u128::from(self.micro_tokens);
             let per_minute = (u128::from(limits.requests_per_minute) * UNIT).max(1);
@@ -117,12 +102,7 @@ pub struct Outcome {
 }
 
 /// Takes a token for `key` (a hash of the client key) from the shared buckets.
-pub fn check<S: SharedStore + ?Sized>(
-    store: &S,
-    limits: &Limits,
-    key: u64,
-    now_ms: u64,
-) -> (Decision, Outcome) {
+pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_ms: u64) -> (Decision, Outcome) {
     let slots = limits.slots.max(1);
     let home = (key % u64::from(slots)) as u32;
     let mut mine = None;
@@ -130,10 +110,7 @@ pub fn check<S: SharedStore + ?Sized>(
     let mut victim: Option<(u32, (u8, u64))> = None;
     for k in 0..PROBES.min(slots) {
         let slot = (home + k) % slots;
-        let rank = match store
-            .get(&keys::bucket(slot))
-            .and_then(|(v, _)| Bucket::decode(&v))
-        {
+        let rank = match store.get(&keys::bucket(slot)).and_then(|(v, _)| Bucket::decode(&v)) {
             Some(b) if b.key == key => {
                 mine = Some(slot);
                 break;
@@ -150,13 +127,7 @@ pub fn check<S: SharedStore + ?Sized>(
         (Some(slot), _) => (slot, false),
         (None, Some((slot, (rank, _)))) => (slot, rank == 2),
         (None, None) => {
-            return (
-                Decision::Allowed { remaining: 0 },
-                Outcome {
-                    evicted: false,
-                    contended: true,
-                },
-            );
+            return (Decision::Allowed { remaining: 0 }, Outcome { evicted: false, contended: true });
         }
     };
     let result = update(store, &keys::bucket(slot), |current| {
@@ -168,20 +139,10 @@ pub fn check<S: SharedStore + ?Sized>(
         (Some(bucket.encode().to_vec()), d)
     });
     match result {
-        Ok(d) => (
-            d,
-            Outcome {
-                evicted,
-                contended: false,
-            },
-        ),
-        Err(UpdateError::Contended | UpdateError::Host) => (
-            Decision::Allowed { remaining: 0 },
-            Outcome {
-                evicted,
-                contended: true,
-            },
-        ),
+        Ok(d) => (d, Outcome { evicted, contended: false }),
+        Err(UpdateError::Contended | UpdateError::Host) => {
+            (Decision::Allowed { remaining: 0 }, Outcome { evicted, contended: true })
+        }
     }
 }
 
@@ -190,14 +151,8 @@ pub fn check<S: SharedStore + ?Sized>(
 pub fn limited_headers(limits: &Limits, retry_after_s: u64) -> Vec<(String, String)> {
     vec![
         ("retry-after".into(), retry_after_s.to_string()),
-        (
-            "ratelimit-policy".into(),
-            format!("\"default\";q={};w=60", limits.requests_per_minute),
-        ),
-        (
-            "ratelimit".into(),
-            format!("\"default\";r=0;t={retry_after_s}"),
-        ),
+        ("ratelimit-policy".into(), format!("\"default\";q={};w=60", limits.requests_per_minute)),
+        ("ratelimit".into(), format!("\"default\";r=0;t={retry_after_s}")),
         ("content-type".into(), "application/json".into()),
     ]
 }
@@ -208,61 +163,30 @@ mod tests {
     use crate::shared::MemoryStore;
     use proptest::prelude::*;
 
-    const L: Limits = Limits {
-        requests_per_minute: 60,
-        burst_size: 5,
-        slots: 64,
-    };
+    const L: Limits = Limits { requests_per_minute: 60, burst_size: 5, slots: 64 };
 
     #[test]
     fn burst_then_refuse_then_refill() {
         let s = MemoryStore::new();
         for i in 0..5 {
-            assert_eq!(
-                check(&s, &L, 42, 1000).0,
-                Decision::Allowed { remaining: 4 - i }
-            );
+            assert_eq!(check(&s, &L, 42, 1000).0, Decision::Allowed { remaining: 4 - i });
         }
-        assert_eq!(
-            check(&s, &L, 42, 1000).0,
-            Decision::Limited { retry_after_s: 1 }
-        );
+        assert_eq!(check(&s, &L, 42, 1000).0, Decision::Limited { retry_after_s: 1 });
         // one token per second at 60 per minute
-        assert_eq!(
-            check(&s, &L, 42, 1999).0,
-            Decision::Limited { retry_after_s: 1 }
-        );
-        assert!(matches!(
-            check(&s, &L, 42, 2000).0,
-            Decision::Allowed { .. }
-        ));
+        assert_eq!(check(&s, &L, 42, 1999).0, Decision::Limited { retry_after_s: 1 });
+        assert!(matches!(check(&s, &L, 42, 2000).0, Decision::Allowed { .. }));
         // other keys have their own bucket
-        assert!(matches!(
-            check(&s, &L, 7, 2000).0,
-            Decision::Allowed { remaining: 4 }
-        ));
+        assert!(matches!(check(&s, &L, 7, 2000).0, Decision::Allowed { remaining: 4 }));
     }
 
     #[test]
     fn retry_after_follows_the_refill_rate() {
-        let slow = Limits {
-            requests_per_minute: 2,
-            burst_size: 1,
-            slots: 16,
-        };
+        let slow = Limits { requests_per_minute: 2, burst_size: 1, slots: 16 };
         let s = MemoryStore::new();
         assert!(matches!(check(&s, &slow, 1, 0).0, Decision::Allowed { .. }));
-        assert_eq!(
-            check(&s, &slow, 1, 0).0,
-            Decision::Limited { retry_after_s: 30 }
-        );
+        assert_eq!(check(&s, &slow, 1, 0).0, Decision::Limited { retry_after_s: 30 });
         // 10 s to go; the integer refill may round up by a second, never down
-        assert!(matches!(
-            check(&s, &slow, 1, 20_000).0,
-            Decision::Limited {
-                retry_after_s: 10 | 11
-            }
-        ));
+        assert!(matches!(check(&s, &slow, 1, 20_000).0, Decision::Limited { retry_after_s: 10 | 11 }));
     }
 
     #[test]
@@ -277,38 +201,22 @@ mod tests {
     #[test]
     fn an_active_client_survives_a_flood_when_idle_slots_exist() {
         let s = MemoryStore::new();
-        let limits = Limits {
-            requests_per_minute: 60,
-            burst_size: 5,
-            slots: 4096,
-        };
+        let limits = Limits { requests_per_minute: 60, burst_size: 5, slots: 4096 };
         for _ in 0..5 {
             check(&s, &limits, 99, 0);
         }
         // many one-off clients, each a single request, spread over time so their buckets refill
         for (i, key) in (1000..3000u64).enumerate() {
-            check(
-                &s,
-                &limits,
-                key.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                i as u64,
-            );
+            check(&s, &limits, key.wrapping_mul(0x9E37_79B9_7F4A_7C15), i as u64);
         }
         // the active client is still out of tokens at t=0.9 s: its bucket was not evicted
-        assert!(matches!(
-            check(&s, &limits, 99, 900).0,
-            Decision::Limited { .. }
-        ));
+        assert!(matches!(check(&s, &limits, 99, 900).0, Decision::Limited { .. }));
     }
 
     #[test]
     fn full_buckets_are_reused_before_evicting() {
         let s = MemoryStore::new();
-        let limits = Limits {
-            requests_per_minute: 60,
-            burst_size: 1,
-            slots: 16,
-        };
+        let limits = Limits { requests_per_minute: 60, burst_size: 1, slots: 16 };
         // fill all 16 slots with active (empty) buckets
         let mut evictions = 0;
         for key in 0..16u64 {

@@ -8,9 +8,7 @@
 use serde::Serialize;
 
 /// Upper bounds of the latency buckets in ms; the last bucket is everything above.
-pub const BOUNDS_MS: [u64; 15] = [
-    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000,
-];
+pub const BOUNDS_MS: [u64; 15] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000];
 const BUCKETS: usize = BOUNDS_MS.len() + 1;
 const WORDS: usize = 3 + BUCKETS;
 
@@ -30,10 +28,7 @@ impl Aggregate {
         }
         self.latency_sum_us = self.latency_sum_us.saturating_add(latency_us);
         let ms = latency_us / 1000;
-        let bucket = BOUNDS_MS
-            .iter()
-            .position(|b| ms < *b)
-            .unwrap_or(BOUNDS_MS.len());
+        let bucket = BOUNDS_MS.iter().position(|b| ms < *b).unwrap_or(BOUNDS_MS.len());
         if let Some(slot) = self.histogram.get_mut(bucket) {
             *slot += 1;
         }
@@ -65,11 +60,7 @@ impl Aggregate {
                 continue;
             }
             if (seen + count) as f64 >= rank {
-                let lo = if i == 0 {
-                    0
-                } else {
-                    BOUNDS_MS.get(i - 1).copied().unwrap_or(0)
-                };
+                let lo = if i == 0 { 0 } else { BOUNDS_MS.get(i - 1).copied().unwrap_or(0) };
                 let hi = BOUNDS_MS.get(i).copied().unwrap_or(lo.saturating_mul(2));
                 let within = (rank - seen as f64) / *count as f64;
                 return lo as f64 + (hi - lo) as f64 * within;
@@ -81,10 +72,7 @@ impl Aggregate {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(WORDS * 8);
-        for w in [self.requests, self.errors, self.latency_sum_us]
-            .iter()
-            .chain(self.histogram.iter())
-        {
+        for w in [self.requests, self.errors, self.latency_sum_us].iter().chain(self.histogram.iter()) {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
@@ -94,18 +82,8 @@ impl Aggregate {
         if bytes.len() != WORDS * 8 {
             return None;
         }
-        let word = |i: usize| {
-            bytes
-                .get(i * 8..i * 8 + 8)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-        };
-        let mut a = Aggregate {
-            requests: word(0)?,
-            errors: word(1)?,
-            latency_sum_us: word(2)?,
-            ..Default::default()
-        };
+        let word = |i: usize| bytes.get(i * 8..i * 8 + 8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+        let mut a = Aggregate { requests: word(0)?, errors: word(1)?, latency_sum_us: word(2)?, ..Default::default() };
         for (i, slot) in a.histogram.iter_mut().enumerate() {
             *slot = word(3 + i)?;
         }
@@ -157,12 +135,7 @@ impl GlobalStats {
     }
 
     pub fn decode(bytes: &[u8]) -> GlobalStats {
-        let word = |i: usize| {
-            bytes
-                .get(i * 8..i * 8 + 8)
-                .and_then(|s| s.try_into().ok())
-                .map_or(0, u64::from_le_bytes)
-        };
+        let word = |i: usize| bytes.get(i * 8..i * 8 + 8).and_then(|s| s.try_into().ok()).map_or(0, u64::from_le_bytes);
         GlobalStats {
             rate_limited: word(0),
             rate_limit_evictions: word(1),
@@ -228,11 +201,7 @@ mod tests {
         assert_eq!(c.requests, 4);
         assert_eq!(c.errors, 2);
         assert_eq!(Aggregate::decode(b"short"), None);
-        let g = GlobalStats {
-            rate_limited: 3,
-            ejections: 1,
-            ..Default::default()
-        };
+        let g = GlobalStats { rate_limited: 3, ejections: 1, ..Default::default() };
         assert_eq!(GlobalStats::decode(&g.encode()), g);
         assert_eq!(GlobalStats::decode(b""), GlobalStats::default());
     }

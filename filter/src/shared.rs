@@ -82,19 +82,11 @@ pub fn get_i64<S: SharedStore + ?Sized>(store: &S, key: &str) -> i64 {
 }
 
 pub fn decode_i64(bytes: &[u8]) -> i64 {
-    bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(i64::from_le_bytes)
-        .unwrap_or(0)
+    bytes.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0)
 }
 
 /// Adds `delta` to a shared i64 counter; returns the new value.
-pub fn add_i64<S: SharedStore + ?Sized>(
-    store: &S,
-    key: &str,
-    delta: i64,
-) -> Result<i64, UpdateError> {
+pub fn add_i64<S: SharedStore + ?Sized>(store: &S, key: &str, delta: i64) -> Result<i64, UpdateError> {
     update(store, key, |cur| {
         let v = cur.map(decode_i64).unwrap_or(0).saturating_add(delta);
         (Some(v.to_le_bytes().to_vec()), v)
@@ -119,11 +111,7 @@ impl MemoryStore {
         self.len() == 0
     }
     pub fn keys_with_prefix(&self, prefix: &str) -> usize {
-        self.map
-            .borrow()
-            .keys()
-            .filter(|k| k.starts_with(prefix))
-            .count()
+        self.map.borrow().keys().filter(|k| k.starts_with(prefix)).count()
     }
 }
 
@@ -191,10 +179,7 @@ mod tests {
 
     #[test]
     fn update_retries_then_gives_up() {
-        let s = Racy {
-            inner: MemoryStore::new(),
-            losses: std::cell::Cell::new(3),
-        };
+        let s = Racy { inner: MemoryStore::new(), losses: std::cell::Cell::new(3) };
         s.inner.set("k", &0i64.to_le_bytes(), None).unwrap();
         assert_eq!(add_i64(&s, "k", 1), Ok(1));
         s.losses.set(MAX_CAS_TRIES);

@@ -27,53 +27,27 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(table: Table, config: Config) -> Snapshot {
-        let by_id = table
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.id.clone(), i))
-            .collect();
-        let by_address = table
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.address.clone(), i))
-            .collect();
+        let by_id = table.endpoints.iter().enumerate().map(|(i, e)| (e.id.clone(), i)).collect();
+        let by_address = table.endpoints.iter().enumerate().map(|(i, e)| (e.address.clone(), i)).collect();
         let ring = match config.algorithm {
-            Algorithm::ConsistentHash | Algorithm::IpHash => Ring::build(
-                table.endpoints.iter().map(|e| (e.id.as_str(), e.weight)),
-                config.consistent_hash.vnodes,
-            ),
+            Algorithm::ConsistentHash | Algorithm::IpHash => {
+                Ring::build(table.endpoints.iter().map(|e| (e.id.as_str(), e.weight)), config.consistent_hash.vnodes)
+            }
             _ => Ring::default(),
         };
         let sticky = &config.sticky_sessions;
-        let codec = if sticky.enabled {
-            sticky
-                .secret
-                .as_deref()
-                .and_then(|s| StickyCodec::new(s.as_bytes()))
-        } else {
-            None
-        };
+        let codec =
+            if sticky.enabled { sticky.secret.as_deref().and_then(|s| StickyCodec::new(s.as_bytes())) } else { None };
         // validated by Config; the fallbacks only guard against a policy that skipped validation
         let hash_key = KeySource::parse(&config.consistent_hash.key).unwrap_or(KeySource::Path);
-        let rate_key =
-            KeySource::parse(&config.rate_limiting.key).unwrap_or(KeySource::ClientAddress);
+        let rate_key = KeySource::parse(&config.rate_limiting.key).unwrap_or(KeySource::ClientAddress);
         let limits = Limits {
             requests_per_minute: config.rate_limiting.requests_per_minute,
             burst_size: config.rate_limiting.burst_size,
             slots: config.rate_limiting.slots,
         };
-        let inflight_keys = table
-            .endpoints
-            .iter()
-            .map(|e| keys::inflight(&e.id))
-            .collect();
-        let aggregate_keys = table
-            .endpoints
-            .iter()
-            .map(|e| keys::aggregate(&e.id))
-            .collect();
+        let inflight_keys = table.endpoints.iter().map(|e| keys::inflight(&e.id)).collect();
+        let aggregate_keys = table.endpoints.iter().map(|e| keys::aggregate(&e.id)).collect();
         Snapshot {
             table,
             config,
@@ -99,30 +73,21 @@ impl Snapshot {
 
     /// For each endpoint of this snapshot, its index in `old` (same id), to carry per-endpoint state over.
     pub fn mapping_from(&self, old: &Snapshot) -> Vec<Option<usize>> {
-        self.table
-            .endpoints
-            .iter()
-            .map(|e| old.by_id.get(&e.id).copied())
-            .collect()
+        self.table.endpoints.iter().map(|e| old.by_id.get(&e.id).copied()).collect()
     }
 
     /// May take new sessions: healthy and weight above 0 (ejections are checked by the caller).
     pub fn takes_new(&self, i: usize) -> bool {
-        self.endpoint(i)
-            .is_some_and(|e| e.state == EndpointState::Healthy && e.weight > 0)
+        self.endpoint(i).is_some_and(|e| e.state == EndpointState::Healthy && e.weight > 0)
     }
 
     /// May keep its sticky sessions: healthy or draining.
     pub fn keeps_sessions(&self, i: usize) -> bool {
-        self.endpoint(i)
-            .is_some_and(|e| matches!(e.state, EndpointState::Healthy | EndpointState::Draining))
+        self.endpoint(i).is_some_and(|e| matches!(e.state, EndpointState::Healthy | EndpointState::Draining))
     }
 }
 
 /// Carries per-endpoint values over to a new snapshot by id; new endpoints start from `T::default()`.
 pub fn remap<T: Clone + Default>(old: &[T], mapping: &[Option<usize>]) -> Vec<T> {
-    mapping
-        .iter()
-        .map(|m| m.and_then(|o| old.get(o).cloned()).unwrap_or_default())
-        .collect()
+    mapping.iter().map(|m| m.and_then(|o| old.get(o).cloned()).unwrap_or_default()).collect()
 }

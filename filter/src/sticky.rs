@@ -30,9 +30,7 @@ impl std::fmt::Debug for StickyCodec {
 
 impl StickyCodec {
     pub fn new(secret: &[u8]) -> Option<StickyCodec> {
-        HmacSha256::new_from_slice(secret)
-            .ok()
-            .map(|mac| StickyCodec { mac })
+        HmacSha256::new_from_slice(secret).ok().map(|mac| StickyCodec { mac })
     }
 
     fn tag(&self, id: &str, expires: u64) -> HmacSha256 {
@@ -70,12 +68,7 @@ impl StickyCodec {
 
 /// The `Set-Cookie` header value for `value`.
 pub fn set_cookie(config: &StickyConfig, value: &str) -> String {
-    let mut s = format!(
-        "{}={}; Max-Age={}; Path=/",
-        config.cookie_name,
-        value,
-        config.ttl.0 / 1000
-    );
+    let mut s = format!("{}={}; Max-Age={}; Path=/", config.cookie_name, value, config.ttl.0 / 1000);
     if config.http_only {
         s.push_str("; HttpOnly");
     }
@@ -117,19 +110,8 @@ mod tests {
         assert_eq!(c.decode(&forged, 0), None);
         // push the expiry
         let parts: Vec<&str> = v.split('.').collect();
-        assert_eq!(
-            c.decode(&format!("{}.9999999999.{}", parts[0], parts[2]), 0),
-            None
-        );
-        for garbage in [
-            "",
-            ".",
-            "..",
-            "a.b.c",
-            "a.b.c.d",
-            "%%%.1.%%%",
-            &"x".repeat(10_000),
-        ] {
+        assert_eq!(c.decode(&format!("{}.9999999999.{}", parts[0], parts[2]), 0), None);
+        for garbage in ["", ".", "..", "a.b.c", "a.b.c.d", "%%%.1.%%%", &"x".repeat(10_000)] {
             assert_eq!(c.decode(garbage, 0), None);
         }
     }
@@ -158,10 +140,7 @@ mod tests {
 
     #[test]
     fn set_cookie_carries_the_attributes() {
-        let mut cfg = StickyConfig {
-            ttl: Millis(3_600_000),
-            ..StickyConfig::default()
-        };
+        let mut cfg = StickyConfig { ttl: Millis(3_600_000), ..StickyConfig::default() };
         assert_eq!(
             set_cookie(&cfg, "v"),
             "AGENTE_VENDEDOR_SESSION=v; Max-Age=3600; Path=/; HttpOnly; Secure; SameSite=Lax"
@@ -169,9 +148,6 @@ mod tests {
         cfg.http_only = false;
         cfg.secure = false;
         cfg.same_site = SameSite::Strict;
-        assert_eq!(
-            set_cookie(&cfg, "v"),
-            "AGENTE_VENDEDOR_SESSION=v; Max-Age=3600; Path=/; SameSite=Strict"
-        );
+        assert_eq!(set_cookie(&cfg, "v"), "AGENTE_VENDEDOR_SESSION=v; Max-Age=3600; Path=/; SameSite=Strict");
     }
 }

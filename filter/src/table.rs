@@ -90,19 +90,12 @@ impl fmt::Display for TableError {
 }
 
 /// Validates the fields of one endpoint; on error gives the field name and the reason.
-pub fn validate_endpoint_fields(
-    id: &str,
-    address: &str,
-    weight: u32,
-) -> Result<(), (&'static str, String)> {
+pub fn validate_endpoint_fields(id: &str, address: &str, weight: u32) -> Result<(), (&'static str, String)> {
     if id.is_empty() || id.len() > 128 || !id.bytes().all(crate::config::is_id_byte) {
         return Err(("id", format!("`{id}` must be 1 to 128 of [A-Za-z0-9._-]")));
     }
     if address.parse::<std::net::SocketAddr>().is_err() {
-        return Err((
-            "address",
-            format!("`{address}` is not an ip:port socket address"),
-        ));
+        return Err(("address", format!("`{address}` is not an ip:port socket address")));
     }
     if weight > MAX_WEIGHT {
         return Err(("weight", format!("{weight} is above {MAX_WEIGHT}")));
@@ -113,33 +106,18 @@ pub fn validate_endpoint_fields(
 impl Table {
     /// Parses and validates an answer for `service`. `current` is the version of the last good table, if any: an
     /// older version is stale (the same version is accepted, it changes nothing).
-    pub fn parse(
-        body: &[u8],
-        service: &str,
-        current: Option<u64>,
-        limit: u64,
-    ) -> Result<Table, TableError> {
+    pub fn parse(body: &[u8], service: &str, current: Option<u64>, limit: u64) -> Result<Table, TableError> {
         if body.len() as u64 > limit {
-            return Err(TableError::Oversized {
-                bytes: body.len(),
-                limit,
-            });
+            return Err(TableError::Oversized { bytes: body.len(), limit });
         }
-        let table: Table =
-            serde_json::from_slice(body).map_err(|e| TableError::Malformed(e.to_string()))?;
+        let table: Table = serde_json::from_slice(body).map_err(|e| TableError::Malformed(e.to_string()))?;
         if table.service != service {
-            return Err(TableError::WrongService {
-                expected: service.to_string(),
-                got: table.service,
-            });
+            return Err(TableError::WrongService { expected: service.to_string(), got: table.service });
         }
         if let Some(current) = current
             && table.version < current
         {
-            return Err(TableError::Stale {
-                version: table.version,
-                current,
-            });
+            return Err(TableError::Stale { version: table.version, current });
         }
         table.validate().map_err(TableError::Malformed)?;
         Ok(table)
@@ -147,10 +125,7 @@ impl Table {
 
     fn validate(&self) -> Result<(), String> {
         if self.endpoints.len() > MAX_ENDPOINTS {
-            return Err(format!(
-                "{} endpoints, the most is {MAX_ENDPOINTS}",
-                self.endpoints.len()
-            ));
+            return Err(format!("{} endpoints, the most is {MAX_ENDPOINTS}", self.endpoints.len()));
         }
         let mut ids = std::collections::HashSet::new();
         let mut addresses = std::collections::HashSet::new();
@@ -161,10 +136,7 @@ impl Table {
                 return Err(format!("endpoints[{i}].id: `{}` appears twice", e.id));
             }
             if !addresses.insert(e.address.as_str()) {
-                return Err(format!(
-                    "endpoints[{i}].address: `{}` appears twice",
-                    e.address
-                ));
+                return Err(format!("endpoints[{i}].address: `{}` appears twice", e.address));
             }
         }
         if let Some(p) = &self.policy

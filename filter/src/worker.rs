@@ -54,8 +54,8 @@ pub struct Pending {
     /// (id, address) in listed order.
     listed: Vec<(String, String)>,
     start_ms: u64,
-    /// The endpoint whose shared in-flight count this request holds.
-    inflight_id: Option<String>,
+    /// The endpoint whose in-flight count this request holds, and whether it is the shared count.
+    inflight_id: Option<(String, bool)>,
     /// The endpoint the client's valid cookie named, and the cookie's expiry.
     pinned: Option<(String, u64)>,
     status: u32,
@@ -83,6 +83,9 @@ pub struct Worker {
     stats: GlobalStats,
     rng: fastrand::Rng,
     ejections: Option<(u32, Ejections)>,
+    /// In-flight requests per endpoint id counted locally, and the part of them already added to the shared counts.
+    local_inflight: std::collections::HashMap<String, i64>,
+    published_inflight: std::collections::HashMap<String, i64>,
     logs: Vec<String>,
 }
 
@@ -102,6 +105,8 @@ impl Worker {
             stats: GlobalStats::default(),
             rng: fastrand::Rng::with_seed(seed),
             ejections: None,
+            local_inflight: Default::default(),
+            published_inflight: Default::default(),
             logs: Vec::new(),
         }
     }
@@ -117,10 +122,7 @@ impl Worker {
 
     /// Switches to the table the poller published, if it changed. One small shared read when nothing changed.
     pub fn refresh<S: SharedStore + ?Sized>(&mut self, store: &S) {
-        let seq = store
-            .get(keys::TABLE_SEQ)
-            .map(|(v, _)| shared::decode_i64(&v) as u64)
-            .unwrap_or(0);
+        let seq = store.get(keys::TABLE_SEQ).map(|(v, _)| shared::decode_i64(&v) as u64).unwrap_or(0);
         if seq == 0 || seq == self.seq {
             return;
         }
@@ -130,20 +132,14 @@ impl Worker {
         let Ok(table) = serde_json::from_slice::<Table>(&bytes) else {
             // the poller only publishes validated tables; keep ours and do not retry this sequence
             self.seq = seq;
-            self.logs.push(format!(
-                "published table {seq} does not parse; keeping table {}",
-                self.snap.table.version
-            ));
+            self.logs.push(format!("published table {seq} does not parse; keeping table {}", self.snap.table.version));
             return;
         };
         let config = match &table.policy {
-            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy)
-                .unwrap_or_else(|e| {
-                    self.logs.push(format!(
-                        "published policy refused ({e}); using the static policy"
-                    ));
-                    self.base.config.clone()
-                }),
+            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy).unwrap_or_else(|e| {
+                self.logs.push(format!("published policy refused ({e}); using the static policy"));
+                self.base.config.clone()
+            }),
             None => self.base.config.clone(),
         };
         self.flush(store);
@@ -173,46 +169,33 @@ impl Worker {
         }
     }
 
-    pub fn on_request<S: SharedStore + ?Sized>(
-        &mut self,
-        req: &dyn RequestView,
-        now_ms: u64,
-        store: &S,
-    ) -> Verdict {
-        self.refresh(store);
-        let peer = req.peer().unwrap_or_default();
-
+    pub fn on_request<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, now_ms: u64, store: &S) -> Verdict {
+        if self.seq == 0 {
+            // no table yet: look on every request until the first one arrives (afterwards the tick refreshes)
+            self.refresh(store);
+        }
         if self.snap.config.rate_limiting.enabled
-            && let Some(reply) = self.rate_limit(req, &peer, now_ms, store)
+            && let Some(reply) = self.rate_limit(req, now_ms, store)
         {
             return Verdict::Reply(reply);
         }
 
         self.load_ejections(store);
         let ejected: Vec<bool> = match &self.ejections {
-            Some((_, ej)) if !ej.entries.is_empty() => self
-                .snap
-                .endpoints()
-                .iter()
-                .map(|e| ej.is_ejected(&e.id, now_ms))
-                .collect(),
+            Some((_, ej)) if !ej.entries.is_empty() => {
+                self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect()
+            }
             _ => vec![false; self.snap.endpoints().len()],
         };
         let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
-        let mut candidates: Vec<usize> = (0..self.snap.endpoints().len())
-            .filter(|&i| self.snap.takes_new(i) && !is_ejected(i))
-            .collect();
+        let mut candidates: Vec<usize> =
+            (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i) && !is_ejected(i)).collect();
         if candidates.is_empty() {
             // panic mode: every endpoint that may take traffic is ejected; passive health must not empty the pool
-            candidates = (0..self.snap.endpoints().len())
-                .filter(|&i| self.snap.takes_new(i))
-                .collect();
+            candidates = (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i)).collect();
         }
 
-        let mut pending = Pending {
-            start_ms: now_ms,
-            ..Pending::default()
-        };
+        let mut pending = Pending { start_ms: now_ms, ..Pending::default() };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         if let Some(codec) = &self.snap.codec {
@@ -241,7 +224,7 @@ impl Worker {
         }
 
         if order.is_empty() {
-            order = self.choose(req, &peer, &candidates, now_ms, store);
+            order = self.choose(req, &candidates, now_ms, store);
         }
         fill_retries(&mut order, &candidates);
 
@@ -259,17 +242,8 @@ impl Worker {
             }
         }
         pending.upstreams = header;
-        if let Some((id, _)) = pending.listed.first() {
-            let key = self
-                .snap
-                .by_id
-                .get(id)
-                .and_then(|&i| self.snap.inflight_keys.get(i));
-            if let Some(key) = key
-                && shared::add_i64(store, key, 1).is_ok()
-            {
-                pending.inflight_id = Some(id.clone());
-            }
+        if let Some(id) = pending.listed.first().map(|(id, _)| id.clone()) {
+            self.acquire_inflight(&mut pending, id, store);
         }
         Verdict::Forward(pending)
     }
@@ -278,33 +252,21 @@ impl Worker {
     fn choose<S: SharedStore + ?Sized>(
         &mut self,
         req: &dyn RequestView,
-        peer: &str,
         candidates: &[usize],
         now_ms: u64,
         store: &S,
     ) -> Vec<usize> {
         let snap = &self.snap;
         let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
-        let inflight = |i: usize| {
-            snap.inflight_keys
-                .get(i)
-                .map_or(0, |k| shared::get_i64(store, k))
-        };
+        let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
         let eligible = |i: usize| candidates.contains(&i);
         match snap.config.algorithm {
-            Algorithm::WeightedRoundRobin => self
-                .swrr
-                .pick(candidates.iter().map(|&i| (i, weight(i))))
-                .into_iter()
-                .collect(),
-            Algorithm::RoundRobin => self
-                .swrr
-                .pick(candidates.iter().map(|&i| (i, 1)))
-                .into_iter()
-                .collect(),
+            Algorithm::WeightedRoundRobin => {
+                self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect()
+            }
+            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
             Algorithm::Random => {
-                let weighted: Vec<(usize, u32)> =
-                    candidates.iter().map(|&i| (i, weight(i))).collect();
+                let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
                 random::pick(&weighted, &mut self.rng).into_iter().collect()
             }
             Algorithm::LeastConnections => {
@@ -324,53 +286,33 @@ impl Worker {
                     .unwrap_or_default()
             }
             Algorithm::IpHash => {
-                let xff = req.header("x-forwarded-for");
-                let ip = client_ip(
-                    peer,
-                    xff.as_deref(),
-                    snap.config.rate_limiting.xff_trusted_hops,
-                );
-                snap.ring
-                    .pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
+                let ip = client_of(req, snap.config.rate_limiting.xff_trusted_hops);
+                snap.ring.pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
             }
-            Algorithm::ConsistentHash => match hash_source(
-                req,
-                &snap.hash_key,
-                peer,
-                snap.config.rate_limiting.xff_trusted_hops,
-            ) {
-                Some(key) => {
-                    let loads: Vec<i64> = (0..snap.endpoints().len())
-                        .map(|i| if eligible(i) { inflight(i) } else { 0 })
-                        .collect();
-                    let total: i64 = loads.iter().sum();
-                    let load = |i: usize| loads.get(i).copied().unwrap_or(0);
-                    let bound = LoadBound {
-                        load: &load,
-                        factor: snap.config.consistent_hash.load_factor,
-                        total,
-                        candidates: candidates.len(),
-                    };
-                    snap.ring.pick(
-                        hash_key(key.as_bytes()),
-                        MAX_UPSTREAMS,
-                        eligible,
-                        Some(bound),
-                    )
+            Algorithm::ConsistentHash => {
+                match hash_source(req, &snap.hash_key, snap.config.rate_limiting.xff_trusted_hops) {
+                    Some(key) => {
+                        let loads: Vec<i64> =
+                            (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
+                        let total: i64 = loads.iter().sum();
+                        let load = |i: usize| loads.get(i).copied().unwrap_or(0);
+                        let bound = LoadBound {
+                            load: &load,
+                            factor: snap.config.consistent_hash.load_factor,
+                            total,
+                            candidates: candidates.len(),
+                        };
+                        snap.ring.pick(hash_key(key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
+                    }
+                    None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
                 }
-                None => self
-                    .swrr
-                    .pick(candidates.iter().map(|&i| (i, weight(i))))
-                    .into_iter()
-                    .collect(),
-            },
+            }
         }
     }
 
     fn rate_limit<S: SharedStore + ?Sized>(
         &mut self,
         req: &dyn RequestView,
-        peer: &str,
         now_ms: u64,
         store: &S,
     ) -> Option<LocalReply> {
@@ -379,16 +321,8 @@ impl Worker {
             KeySource::Header(name) => req.header(name).map(|v| format!("h:{v}")),
             _ => None,
         };
-        let key = by_header.unwrap_or_else(|| {
-            let xff = if hops > 0 {
-                req.header("x-forwarded-for")
-            } else {
-                None
-            };
-            format!("a:{}", client_ip(peer, xff.as_deref(), hops))
-        });
-        let (decision, outcome) =
-            ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
+        let key = by_header.unwrap_or_else(|| format!("a:{}", client_of(req, hops)));
+        let (decision, outcome) = ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }
@@ -419,23 +353,15 @@ impl Worker {
         store: &S,
     ) -> Option<String> {
         p.status = resp.status;
-        let served_pos = resp
-            .upstream_address
-            .and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
+        let served_pos = resp.upstream_address.and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
         // every listed host before the one that answered failed at the connection level (that is all we retry on)
-        let failed_before = served_pos.unwrap_or(if resp.gateway_failure {
-            p.listed.len()
-        } else {
-            0
-        });
+        let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
         for k in 0..failed_before {
             if let Some((id, _)) = p.listed.get(k).cloned() {
                 self.passive(&id, Outcome::GatewayFailure, now_ms, store);
             }
         }
-        let served = served_pos
-            .and_then(|k| p.listed.get(k))
-            .map(|(id, _)| id.clone());
+        let served = served_pos.and_then(|k| p.listed.get(k)).map(|(id, _)| id.clone());
         if let Some(id) = &served {
             let outcome = if resp.gateway_failure {
                 Outcome::GatewayFailure
@@ -449,17 +375,9 @@ impl Worker {
                 self.passive(id, outcome, now_ms, store);
             }
             // move the in-flight count to the host that actually holds the request
-            if p.inflight_id.as_deref() != Some(id.as_str()) {
+            if p.inflight_id.as_ref().map(|(held, _)| held) != Some(id) {
                 self.release_inflight(p, store);
-                if let Some(key) = self
-                    .snap
-                    .by_id
-                    .get(id)
-                    .and_then(|&i| self.snap.inflight_keys.get(i))
-                    && shared::add_i64(store, key, 1).is_ok()
-                {
-                    p.inflight_id = Some(id.clone());
-                }
+                self.acquire_inflight(p, id.clone(), store);
             }
         }
         p.served = served.clone();
@@ -479,20 +397,11 @@ impl Worker {
         };
         renew.then(|| {
             let expires = (now_ms + ttl_ms) / 1000;
-            sticky::set_cookie(
-                &self.snap.config.sticky_sessions,
-                &codec.encode(&id, expires),
-            )
+            sticky::set_cookie(&self.snap.config.sticky_sessions, &codec.encode(&id, expires))
         })
     }
 
-    fn passive<S: SharedStore + ?Sized>(
-        &mut self,
-        id: &str,
-        outcome: Outcome,
-        now_ms: u64,
-        store: &S,
-    ) {
+    fn passive<S: SharedStore + ?Sized>(&mut self, id: &str, outcome: Outcome, now_ms: u64, store: &S) {
         let cfg = &self.snap.config.passive_health;
         if !cfg.enabled {
             return;
@@ -517,18 +426,49 @@ impl Worker {
         });
         if let Ok(Some(duration)) = ejected {
             self.stats.ejections += 1;
-            self.logs.push(format!(
-                "ejected endpoint {id} for {} ms after {:?}",
-                duration, outcome
-            ));
+            self.logs.push(format!("ejected endpoint {id} for {} ms after {:?}", duration, outcome));
         }
     }
 
-    fn release_inflight<S: SharedStore + ?Sized>(&self, p: &mut Pending, store: &S) {
-        if let Some(id) = p.inflight_id.take() {
-            let key = shared::keys::inflight(&id);
-            let _ = shared::add_i64(store, &key, -1);
+    /// Counts the request as in flight on `id`: directly in shared data when the algorithm balances on it (exact
+    /// across workers), otherwise locally, published on the worker's tick (two host calls per request saved).
+    fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, id: String, store: &S) {
+        if self.snap.config.algorithm.balances_on_inflight() {
+            if shared::add_i64(store, &keys::inflight(&id), 1).is_ok() {
+                p.inflight_id = Some((id, true));
+            }
+        } else {
+            *self.local_inflight.entry(id.clone()).or_insert(0) += 1;
+            p.inflight_id = Some((id, false));
         }
+    }
+
+    fn release_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, store: &S) {
+        match p.inflight_id.take() {
+            Some((id, true)) => {
+                let _ = shared::add_i64(store, &keys::inflight(&id), -1);
+            }
+            Some((id, false)) => {
+                if let Some(n) = self.local_inflight.get_mut(&id) {
+                    *n -= 1;
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Publishes the change of this worker's local in-flight counts since the last tick.
+    fn publish_inflight<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        for (id, now) in &self.local_inflight {
+            let published = self.published_inflight.get(id).copied().unwrap_or(0);
+            if *now != published && shared::add_i64(store, &keys::inflight(id), now - published).is_ok() {
+                self.published_inflight.insert(id.clone(), *now);
+            }
+        }
+        let published = &self.published_inflight;
+        self.local_inflight.retain(|id, n| *n != 0 || published.get(id).is_some_and(|p| *p != 0));
+        let local = &self.local_inflight;
+        self.published_inflight.retain(|id, _| local.contains_key(id));
     }
 
     /// The request is over (answered, failed or abandoned).
@@ -553,6 +493,7 @@ impl Worker {
     /// Merges this worker's counts into the shared aggregates (on the worker's tick). Counts that could not be merged
     /// are kept for the next flush.
     pub fn flush<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        self.publish_inflight(store);
         for (i, agg) in self.aggregates.iter_mut().enumerate() {
             if agg.is_empty() {
                 continue;
@@ -585,19 +526,21 @@ impl Worker {
 }
 
 /// The consistent-hash key of a request, if it has one.
-fn hash_source(req: &dyn RequestView, source: &KeySource, peer: &str, hops: u32) -> Option<String> {
+/// The client's address (the peer, or the trusted X-Forwarded-For entry), read only when a decision needs it.
+fn client_of(req: &dyn RequestView, hops: u32) -> String {
+    let peer = req.peer().unwrap_or_default();
+    let xff = if hops > 0 { req.header("x-forwarded-for") } else { None };
+    client_ip(&peer, xff.as_deref(), hops).to_string()
+}
+
+fn hash_source(req: &dyn RequestView, source: &KeySource, hops: u32) -> Option<String> {
     match source {
-        KeySource::ClientAddress => {
-            let xff = req.header("x-forwarded-for");
-            Some(client_ip(peer, xff.as_deref(), hops).to_string())
-        }
+        KeySource::ClientAddress => Some(client_of(req, hops)),
         KeySource::Header(name) => req.header(name),
-        KeySource::Cookie(name) => req
-            .header("cookie")
-            .and_then(|h| cookie::values(&h, name).next().map(str::to_string)),
-        KeySource::Path => req
-            .header(":path")
-            .map(|p| p.split('?').next().unwrap_or_default().to_string()),
+        KeySource::Cookie(name) => {
+            req.header("cookie").and_then(|h| cookie::values(&h, name).next().map(str::to_string))
+        }
+        KeySource::Path => req.header(":path").map(|p| p.split('?').next().unwrap_or_default().to_string()),
         KeySource::Query(name) => req.header(":path").and_then(|p| query_param(&p, name)),
     }
 }

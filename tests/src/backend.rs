@@ -30,13 +30,7 @@ pub struct Backend {
 async fn answer(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
     s.hits.fetch_add(1, Ordering::SeqCst);
     let upstream_header = headers.get("x-equilibrio-upstream").is_some();
-    (
-        [
-            ("x-backend", s.id.clone()),
-            ("x-saw-upstream-header", upstream_header.to_string()),
-        ],
-        s.id.clone(),
-    )
+    ([("x-backend", s.id.clone()), ("x-saw-upstream-header", upstream_header.to_string())], s.id.clone())
 }
 
 impl Backend {
@@ -44,10 +38,7 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicUsize::new(0));
-        let state = Shared {
-            id: id.to_string(),
-            hits: hits.clone(),
-        };
+        let state = Shared { id: id.to_string(), hits: hits.clone() };
         let app = Router::new().fallback(answer).with_state(state);
         let task = tokio::spawn(async move {
             // connections live in this set, so aborting the task closes them all, as a crash would
@@ -65,12 +56,7 @@ impl Backend {
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ok(Backend {
-            id: id.to_string(),
-            addr,
-            hits,
-            task,
-        })
+        Ok(Backend { id: id.to_string(), addr, hits, task })
     }
 
     pub fn hits(&self) -> usize {

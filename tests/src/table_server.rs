@@ -40,15 +40,19 @@ fn lock(s: &TableServer) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 impl TableServer {
-    pub async fn start(
+    pub async fn start(service: &str, endpoints: Vec<Value>, policy: Value) -> anyhow::Result<TableServer> {
+        Self::start_on("127.0.0.1:0", service, endpoints, policy).await
+    }
+
+    pub async fn start_on(
+        listen: &str,
         service: &str,
         endpoints: Vec<Value>,
         policy: Value,
     ) -> anyhow::Result<TableServer> {
         let mut server = TableServer::default();
-        lock(&server).table =
-            json!({"service": service, "version": 1, "endpoints": endpoints, "policy": policy});
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        lock(&server).table = json!({"service": service, "version": 1, "endpoints": endpoints, "policy": policy});
+        let listener = TcpListener::bind(listen).await?;
         server.addr = Some(listener.local_addr()?);
         let app = Router::new()
             .route("/v1/services/{service}/endpoints", get(table))
@@ -62,8 +66,7 @@ impl TableServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// Replaces the endpoints and/or policy and bumps the version.
@@ -96,11 +99,7 @@ impl TableServer {
     }
 }
 
-async fn table(
-    State(s): State<TableServer>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn table(State(s): State<TableServer>, Path(service): Path<String>, headers: HeaderMap) -> Response {
     let mut inner = lock(&s);
     inner.fetches += 1;
     if let Some((status, body)) = &inner.override_answer {
@@ -111,20 +110,10 @@ async fn table(
         return (StatusCode::NOT_FOUND, "{}").into_response();
     }
     let etag = format!("\"{}\"", inner.table["version"]);
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-    {
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
-    (
-        [
-            (header::ETAG, etag),
-            (header::CONTENT_TYPE, "application/json".to_string()),
-        ],
-        inner.table.to_string(),
-    )
+    ([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".to_string())], inner.table.to_string())
         .into_response()
 }
 

@@ -35,27 +35,13 @@ async fn setup(weights: &[u32], policy: Value, extra: Value, poll: &str) -> Setu
     for (i, _) in weights.iter().enumerate() {
         backends.push(Backend::start(&format!("av-{}", i + 1)).await.unwrap());
     }
-    let eps = backends
-        .iter()
-        .zip(weights)
-        .map(|(b, w)| endpoint(&b.id, b.addr, *w, "healthy"))
-        .collect();
+    let eps = backends.iter().zip(weights).map(|(b, w)| endpoint(&b.id, b.addr, *w, "healthy")).collect();
     let table = TableServer::start(SERVICE, eps, policy).await.unwrap();
-    let envoy = Envoy::start(&filter_config(&table, poll, extra), table.addr())
-        .await
-        .unwrap();
+    let envoy = Envoy::start(&filter_config(&table, poll, extra), table.addr()).await.unwrap();
     envoy.wait_for_table(weights.len(), 1).await.unwrap();
     // connection pooling on, several connections so that both Envoy workers serve
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(16)
-        .build()
-        .unwrap();
-    Setup {
-        backends,
-        table,
-        envoy,
-        client,
-    }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(16).build().unwrap();
+    Setup { backends, table, envoy, client }
 }
 
 fn share(counts: &std::collections::BTreeMap<String, usize>, id: &str, total: usize) -> f64 {
@@ -67,25 +53,14 @@ async fn equal_weights_spread_within_two_percent() {
     let s = setup(&[100, 100, 100], Value::Null, json!({}), "500ms").await;
     let results = load(&s.client, &s.envoy.url("/search?q=x"), 3000, 8).await;
     let counts = by_body(&results);
-    assert_eq!(
-        results.iter().filter(|(st, _)| *st == 200).count(),
-        3000,
-        "{counts:?}"
-    );
+    assert_eq!(results.iter().filter(|(st, _)| *st == 200).count(), 3000, "{counts:?}");
     for b in &s.backends {
         let got = share(&counts, &b.id, 3000);
-        assert!(
-            (got - 1.0 / 3.0).abs() <= 0.02,
-            "{} got {got:.3}: {counts:?}",
-            b.id
-        );
+        assert!((got - 1.0 / 3.0).abs() <= 0.02, "{} got {got:.3}: {counts:?}", b.id);
     }
     // both workers served (the spread is the sum of two exact per-worker sequences)
     let per_worker = s.envoy.worker_connections().await;
-    assert!(
-        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0),
-        "both workers serve: {per_worker:?}"
-    );
+    assert!(per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0), "both workers serve: {per_worker:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,11 +70,7 @@ async fn weights_one_two_three_within_three_percent() {
     let counts = by_body(&results);
     for (b, want) in s.backends.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
         let got = share(&counts, &b.id, 3000);
-        assert!(
-            (got - want).abs() <= 0.03,
-            "{} got {got:.3}, want {want:.3}: {counts:?}",
-            b.id
-        );
+        assert!((got - want).abs() <= 0.03, "{} got {got:.3}, want {want:.3}: {counts:?}", b.id);
     }
 }
 
@@ -109,13 +80,7 @@ async fn a_client_cannot_pick_the_upstream() {
     let target = s.backends[2].addr.to_string();
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..300 {
-        let r = s
-            .client
-            .get(s.envoy.url("/"))
-            .header("x-equilibrio-upstream", &target)
-            .send()
-            .await
-            .unwrap();
+        let r = s.client.get(s.envoy.url("/")).header("x-equilibrio-upstream", &target).send().await.unwrap();
         assert_eq!(r.status(), 200);
         *counts.entry(r.text().await.unwrap()).or_insert(0usize) += 1;
     }
@@ -130,13 +95,7 @@ async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
     let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "ttl": 600, "secure": false}});
     let s = setup(&[100, 100, 100], policy, json!({}), "500ms").await;
     let first = s.client.get(s.envoy.url("/")).send().await.unwrap();
-    let set = first
-        .headers()
-        .get("set-cookie")
-        .expect("a new session gets a cookie")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let set = first.headers().get("set-cookie").expect("a new session gets a cookie").to_str().unwrap().to_string();
     let pinned = first.text().await.unwrap();
     assert!(set.starts_with("AGENTE_VENDEDOR_SESSION="), "{set}");
     assert!(
@@ -146,23 +105,12 @@ async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
             && set.contains("SameSite=Lax"),
         "{set}"
     );
-    assert!(
-        !set.contains("127.0.0.1"),
-        "the cookie must not carry an address: {set}"
-    );
+    assert!(!set.contains("127.0.0.1"), "the cookie must not carry an address: {set}");
     let cookie = set.split(';').next().unwrap().to_string();
     // pinned across connections (and so across workers)
     for _ in 0..30 {
-        let fresh = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        let r = fresh
-            .get(s.envoy.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let r = fresh.get(s.envoy.url("/")).header("cookie", &cookie).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), pinned);
     }
     // tampered: flip the last character of the signature; the request is served normally and re-issued
@@ -171,45 +119,26 @@ async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
     forged.push(if last == 'A' { 'B' } else { 'A' });
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..9 {
-        let r = s
-            .client
-            .get(s.envoy.url("/"))
-            .header("cookie", &forged)
-            .send()
-            .await
-            .unwrap();
+        let r = s.client.get(s.envoy.url("/")).header("cookie", &forged).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert!(
-            r.headers().get("set-cookie").is_some(),
-            "a tampered cookie is treated as absent"
-        );
+        assert!(r.headers().get("set-cookie").is_some(), "a tampered cookie is treated as absent");
         served.insert(r.text().await.unwrap());
     }
     assert!(served.len() > 1, "a forged cookie does not pin: {served:?}");
     // garbage cookie: never an error
-    let r = s
-        .client
-        .get(s.envoy.url("/"))
-        .header("cookie", "AGENTE_VENDEDOR_SESSION=%%%garbage")
-        .send()
-        .await
-        .unwrap();
+    let r = s.client.get(s.envoy.url("/")).header("cookie", "AGENTE_VENDEDOR_SESSION=%%%garbage").send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
-    let policy =
-        json!({"rate_limiting": {"enabled": true, "requests_per_minute": 1, "burst_size": 5}});
+    let policy = json!({"rate_limiting": {"enabled": true, "requests_per_minute": 1, "burst_size": 5}});
     let s = setup(&[100, 100], policy, json!({}), "500ms").await;
     let mut ok = 0;
     let mut limited = None;
     for _ in 0..20 {
         // a new connection each time, spread over both workers
-        let fresh = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
+        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         let r = fresh.get(s.envoy.url("/")).send().await.unwrap();
         match r.status().as_u16() {
             200 => ok += 1,
@@ -222,27 +151,12 @@ async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
     let h = r.headers();
     assert_eq!(h.get("retry-after").unwrap(), "60");
     assert_eq!(h.get("ratelimit-policy").unwrap(), "\"default\";q=1;w=60");
-    assert!(
-        h.get("ratelimit")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("\"default\";r=0;t=")
-    );
+    assert!(h.get("ratelimit").unwrap().to_str().unwrap().starts_with("\"default\";r=0;t="));
     let per_worker = s.envoy.worker_connections().await;
-    assert!(
-        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0),
-        "both workers serve: {per_worker:?}"
-    );
+    assert!(per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0), "both workers serve: {per_worker:?}");
     // counted in the filter's metric once the poller has flushed
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s
-        .envoy
-        .stat("wasmcustom.equilibrio_rate_limited_total")
-        .await
-        .unwrap_or(0)
-        < 15
-    {
+    while s.envoy.stat("wasmcustom.equilibrio_rate_limited_total").await.unwrap_or(0) < 15 {
         assert!(Instant::now() < deadline, "rate-limited metric not updated");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -250,13 +164,7 @@ async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_costs_no_request_and_is_ejected() {
-    let s = setup(
-        &[100, 100, 100],
-        Value::Null,
-        json!({"passive_health": {"base_ejection_time": 30}}),
-        "500ms",
-    )
-    .await;
+    let s = setup(&[100, 100, 100], Value::Null, json!({"passive_health": {"base_ejection_time": 30}}), "500ms").await;
     let url = s.envoy.url("/");
     let client = s.client.clone();
     let traffic = tokio::spawn(async move { load(&client, &url, 3000, 8).await });
@@ -264,12 +172,7 @@ async fn a_killed_backend_costs_no_request_and_is_ejected() {
     s.backends[1].kill();
     let results = traffic.await.unwrap();
     let failed: Vec<_> = results.iter().filter(|(st, _)| *st != 200).collect();
-    assert!(
-        failed.is_empty(),
-        "{} failed requests: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert!(failed.is_empty(), "{} failed requests: {:?}", failed.len(), &failed[..failed.len().min(5)]);
     // ejected: the metric says so, and new traffic avoids it without retries
     let name = "wasmcustom.equilibrio_endpoint_av_2_ejected";
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -277,18 +180,11 @@ async fn a_killed_backend_costs_no_request_and_is_ejected() {
         assert!(Instant::now() < deadline, "av-2 not reported as ejected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let retries_before = s
-        .envoy
-        .stat("cluster.backend.upstream_rq_retry")
-        .await
-        .unwrap_or(0);
+    let retries_before = s.envoy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0);
     let after = load(&s.client, &s.envoy.url("/"), 300, 4).await;
     assert!(after.iter().all(|(st, _)| *st == 200));
     assert_eq!(
-        s.envoy
-            .stat("cluster.backend.upstream_rq_retry")
-            .await
-            .unwrap_or(0),
+        s.envoy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0),
         retries_before,
         "no more retries: ejected"
     );
@@ -301,18 +197,7 @@ async fn a_table_change_applies_within_two_poll_periods() {
     let eps: Vec<Value> = s
         .backends
         .iter()
-        .map(|b| {
-            endpoint(
-                &b.id,
-                b.addr,
-                100,
-                if b.id == "av-3" {
-                    "unhealthy"
-                } else {
-                    "healthy"
-                },
-            )
-        })
+        .map(|b| endpoint(&b.id, b.addr, 100, if b.id == "av-3" { "unhealthy" } else { "healthy" }))
         .collect();
     let changed = Instant::now();
     s.table.update(Some(eps), None);
@@ -321,16 +206,10 @@ async fn a_table_change_applies_within_two_poll_periods() {
         if !by_body(&results).contains_key("av-3") {
             break changed.elapsed();
         }
-        assert!(
-            changed.elapsed() < Duration::from_secs(10),
-            "table change never applied"
-        );
+        assert!(changed.elapsed() < Duration::from_secs(10), "table change never applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(
-        applied <= Duration::from_secs(2),
-        "applied after {applied:?}"
-    );
+    assert!(applied <= Duration::from_secs(2), "applied after {applied:?}");
     // and it stays applied
     let results = load(&s.client, &s.envoy.url("/"), 300, 4).await;
     assert!(!by_body(&results).contains_key("av-3"));
@@ -341,13 +220,7 @@ async fn a_bad_table_keeps_the_last_good_one_and_is_counted() {
     let s = setup(&[100, 100], Value::Null, json!({}), "500ms").await;
     s.table.set_bad_answer(Some((200, "{not json".into())));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s
-        .envoy
-        .stat("wasmcustom.equilibrio_table_errors_malformed_total")
-        .await
-        .unwrap_or(0)
-        < 2
-    {
+    while s.envoy.stat("wasmcustom.equilibrio_table_errors_malformed_total").await.unwrap_or(0) < 2 {
         assert!(Instant::now() < deadline, "malformed answers not counted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -361,20 +234,10 @@ async fn a_bad_table_keeps_the_last_good_one_and_is_counted() {
         (98..=102).contains(&av1) && av1 + counts.get("av-2").copied().unwrap_or(0) == 200,
         "still balanced on the last good table: {counts:?}"
     );
-    assert!(
-        s.envoy
-            .stat("wasmcustom.equilibrio_table_errors_http_status_total")
-            .await
-            .unwrap_or(0)
-            >= 1
-    );
+    assert!(s.envoy.stat("wasmcustom.equilibrio_table_errors_http_status_total").await.unwrap_or(0) >= 1);
     // logged once per change of condition, not once per poll
     let log = s.envoy.log();
-    assert_eq!(
-        log.matches("endpoint table refused (malformed)").count(),
-        1,
-        "{log}"
-    );
+    assert_eq!(log.matches("endpoint table refused (malformed)").count(), 1, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,36 +259,19 @@ async fn reports_reach_the_supervisor() {
             assert!(last["endpoints"][0]["latency_p95_ms"].is_number());
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "reports counted {total} of 400 requests"
-        );
+        assert!(Instant::now() < deadline, "reports counted {total} of 400 requests");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let prom = s.envoy.prometheus().await;
-    assert!(
-        prom.contains("equilibrio_endpoint_av_1_requests_total"),
-        "per-endpoint metrics exposed"
-    );
+    assert!(prom.contains("equilibrio_endpoint_av_1_requests_total"), "per-endpoint metrics exposed");
     assert!(prom.contains("equilibrio_table_version"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_configuration_is_refused_with_our_message() {
-    let table = TableServer::start(SERVICE, vec![], Value::Null)
-        .await
-        .unwrap();
-    let cfg = filter_config(
-        &table,
-        "500ms",
-        json!({"sticky_sessions": {"ttl": "forever"}}),
-    );
-    let (ok, log) = Envoy::start_expecting_failure(&cfg, table.addr())
-        .await
-        .unwrap();
+    let table = TableServer::start(SERVICE, vec![], Value::Null).await.unwrap();
+    let cfg = filter_config(&table, "500ms", json!({"sticky_sessions": {"ttl": "forever"}}));
+    let (ok, log) = Envoy::start_expecting_failure(&cfg, table.addr()).await.unwrap();
     assert!(!ok, "envoy must refuse the plugin");
-    assert!(
-        log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"),
-        "{log}"
-    );
+    assert!(log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"), "{log}");
 }

@@ -17,10 +17,7 @@ pub struct PeakEwma {
 
 impl Default for PeakEwma {
     fn default() -> Self {
-        PeakEwma {
-            cost_ms: DEFAULT_RTT_MS,
-            stamp_ms: 0,
-        }
+        PeakEwma { cost_ms: DEFAULT_RTT_MS, stamp_ms: 0 }
     }
 }
 

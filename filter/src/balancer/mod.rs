@@ -19,10 +19,7 @@ pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize]) {
     let Some(&primary) = order.first() else {
         return;
     };
-    let start = candidates
-        .iter()
-        .position(|&c| c == primary)
-        .map_or(0, |p| p + 1);
+    let start = candidates.iter().position(|&c| c == primary).map_or(0, |p| p + 1);
     let n = candidates.len();
     for k in 0..n {
         if order.len() >= MAX_UPSTREAMS {

@@ -22,11 +22,7 @@ pub fn pick(
             let (a, b) = (*candidates.get(a)?, *candidates.get(b)?);
             let (la, lb) = (load(a), load(b));
             // ties go to the first pick, which is itself random
-            if lb < la {
-                Some((b, Some(a)))
-            } else {
-                Some((a, Some(b)))
-            }
+            if lb < la { Some((b, Some(a))) } else { Some((a, Some(b))) }
         }
     }
 }

@@ -151,9 +151,7 @@ mod tests {
     #[test]
     fn weights_shift_ownership() {
         let r = Ring::build([("a", 100u32), ("b", 300)].into_iter(), 160);
-        let b = (0..40_000u64)
-            .filter(|k| owner(&r, hash_key(&k.to_le_bytes())) == 1)
-            .count();
+        let b = (0..40_000u64).filter(|k| owner(&r, hash_key(&k.to_le_bytes())) == 1).count();
         assert!((26_000..34_000).contains(&b), "{b}");
     }
 
@@ -173,10 +171,7 @@ mod tests {
                 .count();
             let share = moved as f64 / keys as f64;
             let ideal = 1.0 / (n + 1) as f64;
-            assert!(
-                share < ideal * 1.5 && share > ideal * 0.5,
-                "n={n} moved {share:.3}, ideal {ideal:.3}"
-            );
+            assert!(share < ideal * 1.5 && share > ideal * 0.5, "n={n} moved {share:.3}, ideal {ideal:.3}");
             // and every moved key went to the new endpoint
             let wrong = (0..keys)
                 .filter(|k| {
@@ -209,34 +204,14 @@ mod tests {
         let h = hash_key(b"hot");
         let o = owner(&r, h);
         let loads = move |i: usize| if i == o { 10 } else { 0 };
-        let picked = r.pick(
-            h,
-            3,
-            |_| true,
-            Some(LoadBound {
-                load: &loads,
-                factor: 1.25,
-                total: 10,
-                candidates: 3,
-            }),
-        );
+        let picked = r.pick(h, 3, |_| true, Some(LoadBound { load: &loads, factor: 1.25, total: 10, candidates: 3 }));
         assert_ne!(picked[0], o);
         assert_eq!(picked.len(), 3);
         assert!(picked.contains(&o), "the hot endpoint stays as a retry");
         // under its bound it keeps the key
         let calm = |_: usize| 1;
         assert_eq!(
-            r.pick(
-                h,
-                1,
-                |_| true,
-                Some(LoadBound {
-                    load: &calm,
-                    factor: 1.25,
-                    total: 3,
-                    candidates: 3
-                })
-            )[0],
+            r.pick(h, 1, |_| true, Some(LoadBound { load: &calm, factor: 1.25, total: 3, candidates: 3 }))[0],
             o
         );
     }

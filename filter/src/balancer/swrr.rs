@@ -14,27 +14,19 @@ pub struct Swrr {
 
 impl Swrr {
     pub fn new(len: usize) -> Self {
-        Swrr {
-            current: vec![0; len],
-        }
+        Swrr { current: vec![0; len] }
     }
 
     /// Carries running values over to a new table, matching endpoints by position in `mapping` (old index per new
     /// index, `None` for new endpoints).
     pub fn remap(&self, mapping: &[Option<usize>]) -> Self {
         Swrr {
-            current: mapping
-                .iter()
-                .map(|old| old.and_then(|o| self.current.get(o).copied()).unwrap_or(0))
-                .collect(),
+            current: mapping.iter().map(|old| old.and_then(|o| self.current.get(o).copied()).unwrap_or(0)).collect(),
         }
     }
 
     /// Picks among `(index, weight)` candidates (weights above 0). `None` if there are none.
-    pub fn pick(
-        &mut self,
-        candidates: impl Iterator<Item = (usize, u32)> + Clone,
-    ) -> Option<usize> {
+    pub fn pick(&mut self, candidates: impl Iterator<Item = (usize, u32)> + Clone) -> Option<usize> {
         let mut total: i64 = 0;
         let mut best: Option<(usize, i64)> = None;
         for (i, w) in candidates {

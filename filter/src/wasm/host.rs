@@ -47,11 +47,7 @@ pub fn property_string(path: &[&str]) -> Option<String> {
 
 /// An integer property (the host encodes them as 8 little-endian bytes).
 pub fn property_u64(path: &[&str]) -> Option<u64> {
-    property_bytes(path).and_then(|b| {
-        b.get(..8)
-            .and_then(|s| s.try_into().ok())
-            .map(u64::from_le_bytes)
-    })
+    property_bytes(path).and_then(|b| b.get(..8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes))
 }
 
 pub fn log(level: LogLevel, message: &str) {

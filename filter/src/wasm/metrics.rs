@@ -40,9 +40,6 @@ impl Metrics {
 
 /// `equilibrio_endpoint_<id>_<suffix>` with the id made metric-safe.
 pub fn endpoint_metric(id: &str, suffix: &str) -> String {
-    let safe: String = id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     format!("equilibrio_endpoint_{safe}_{suffix}")
 }

@@ -22,34 +22,16 @@ pub struct PollerRoot {
 
 impl PollerRoot {
     pub fn new() -> Self {
-        PollerRoot {
-            poller: None,
-            fetch: None,
-            report: None,
-            metrics: Metrics::default(),
-            last_report_failed: false,
-        }
+        PollerRoot { poller: None, fetch: None, report: None, metrics: Metrics::default(), last_report_failed: false }
     }
 
     fn dispatch(poller: &Poller, headers: &[(String, String)], body: Option<&[u8]>) -> Option<u32> {
         let sup = poller.supervisor();
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        match hostcalls::dispatch_http_call(
-            &sup.cluster,
-            headers,
-            body,
-            vec![],
-            Duration::from_millis(sup.timeout.0),
-        ) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        match hostcalls::dispatch_http_call(&sup.cluster, headers, body, vec![], Duration::from_millis(sup.timeout.0)) {
             Ok(token) => Some(token),
             Err(status) => {
-                host::log(
-                    LogLevel::Warn,
-                    &format!("cannot call cluster `{}`: {status:?}", sup.cluster),
-                );
+                host::log(LogLevel::Warn, &format!("cannot call cluster `{}`: {status:?}", sup.cluster));
                 None
             }
         }
@@ -63,15 +45,9 @@ impl PollerRoot {
         let (report, stats, global) = poller.collect(&HostStore, now);
         let m = &mut self.metrics;
         for s in &stats {
-            m.add(
-                &endpoint_metric(&s.id, "requests_total"),
-                s.aggregate.requests,
-            );
+            m.add(&endpoint_metric(&s.id, "requests_total"), s.aggregate.requests);
             m.add(&endpoint_metric(&s.id, "errors_total"), s.aggregate.errors);
-            m.set(
-                &endpoint_metric(&s.id, "in_flight"),
-                s.in_flight.max(0) as u64,
-            );
+            m.set(&endpoint_metric(&s.id, "in_flight"), s.in_flight.max(0) as u64);
             m.set(&endpoint_metric(&s.id, "ejected"), u64::from(s.ejected));
             if !s.aggregate.is_empty() {
                 m.set(
@@ -80,28 +56,16 @@ impl PollerRoot {
                 );
             }
         }
-        m.add(
-            "equilibrio_requests_total",
-            stats.iter().map(|s| s.aggregate.requests).sum(),
-        );
+        m.add("equilibrio_requests_total", stats.iter().map(|s| s.aggregate.requests).sum());
         m.add("equilibrio_rate_limited_total", global.rate_limited);
-        m.add(
-            "equilibrio_rate_limit_evictions_total",
-            global.rate_limit_evictions,
-        );
-        m.add(
-            "equilibrio_rate_limit_contended_total",
-            global.rate_limit_contended,
-        );
+        m.add("equilibrio_rate_limit_evictions_total", global.rate_limit_evictions);
+        m.add("equilibrio_rate_limit_contended_total", global.rate_limit_contended);
         m.add("equilibrio_sticky_hits_total", global.sticky_hits);
         m.add("equilibrio_sticky_invalid_total", global.sticky_invalid);
         m.add("equilibrio_ejections_total", global.ejections);
         m.add("equilibrio_no_upstream_total", global.no_upstream);
         m.set("equilibrio_table_version", poller.version().unwrap_or(0));
-        m.set(
-            "equilibrio_table_age_seconds",
-            poller.age_s(now).unwrap_or(0),
-        );
+        m.set("equilibrio_table_age_seconds", poller.age_s(now).unwrap_or(0));
         m.set("equilibrio_endpoints_healthy", poller.healthy() as u64);
 
         if poller.supervisor().reports
@@ -116,21 +80,14 @@ impl PollerRoot {
 }
 
 impl Context for PollerRoot {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _trailers: usize) {
         let status: Option<u32> = host::header(MapType::HttpCallResponseHeaders, ":status")
             .and_then(|s| s.parse().ok())
             .filter(|_| headers > 0);
         if self.report == Some(token) {
             self.report = None;
             let failed = !matches!(status, Some(200..=299));
-            self.metrics
-                .add("equilibrio_reports_failed_total", u64::from(failed));
+            self.metrics.add("equilibrio_reports_failed_total", u64::from(failed));
             if failed != self.last_report_failed {
                 self.last_report_failed = failed;
                 let line = if failed {
@@ -155,75 +112,47 @@ impl Context for PollerRoot {
         let body = if body_size > limit {
             Vec::new()
         } else {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
         };
         let now = host::now_ms();
         let outcome = match status {
             _ if body_size > limit => poller.on_oversized(body_size),
             None => poller.on_answer(Answer::Failed, now, &HostStore),
-            Some(status) => poller.on_answer(
-                Answer::Response {
-                    status,
-                    etag: etag.as_deref(),
-                    body: &body,
-                },
-                now,
-                &HostStore,
-            ),
+            Some(status) => {
+                poller.on_answer(Answer::Response { status, etag: etag.as_deref(), body: &body }, now, &HostStore)
+            }
         };
         if let Some(line) = &outcome.log {
-            let level = if outcome.error.is_some() {
-                LogLevel::Warn
-            } else {
-                LogLevel::Info
-            };
+            let level = if outcome.error.is_some() { LogLevel::Warn } else { LogLevel::Info };
             host::log(level, line);
         }
         match outcome.error {
             Some(condition) => {
                 self.metrics.add("equilibrio_table_errors_total", 1);
-                self.metrics
-                    .add(&format!("equilibrio_table_errors_{condition}_total"), 1);
+                self.metrics.add(&format!("equilibrio_table_errors_{condition}_total"), 1);
             }
             None => self.metrics.add("equilibrio_table_errors_total", 0),
         }
-        self.metrics.add(
-            "equilibrio_table_updates_total",
-            u64::from(outcome.published),
-        );
+        self.metrics.add("equilibrio_table_updates_total", u64::from(outcome.published));
     }
 }
 
 impl RootContext for PollerRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let bytes =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
         match Config::parse(&bytes) {
             Ok(parsed) => {
                 self.poller = Poller::new(parsed);
                 match &self.poller {
                     Some(p) => {
-                        let _ = hostcalls::set_tick_period(Duration::from_millis(
-                            p.supervisor().poll_period.0,
-                        ));
+                        let _ = hostcalls::set_tick_period(Duration::from_millis(p.supervisor().poll_period.0));
                         host::log(
                             LogLevel::Info,
-                            &format!(
-                                "polling the `{}` table every {} ms",
-                                p.service(),
-                                p.supervisor().poll_period.0
-                            ),
+                            &format!("polling the `{}` table every {} ms", p.service(), p.supervisor().poll_period.0),
                         );
                     }
-                    None => host::log(
-                        LogLevel::Info,
-                        "no supervisor configured: static endpoints only",
-                    ),
+                    None => host::log(LogLevel::Info, "no supervisor configured: static endpoints only"),
                 }
                 true
             }
@@ -238,12 +167,8 @@ impl RootContext for PollerRoot {
         let now = host::now_ms();
         if let Some(poller) = &self.poller {
             let give_up = poller.supervisor().timeout.0.saturating_mul(2);
-            if self
-                .fetch
-                .is_none_or(|(_, at)| now.saturating_sub(at) > give_up)
-            {
-                self.fetch =
-                    Self::dispatch(poller, &poller.table_request(), None).map(|t| (t, now));
+            if self.fetch.is_none_or(|(_, at)| now.saturating_sub(at) > give_up) {
+                self.fetch = Self::dispatch(poller, &poller.table_request(), None).map(|t| (t, now));
             }
         }
         self.report_and_measure();

@@ -15,10 +15,7 @@ struct Req {
 
 impl Req {
     fn new() -> Req {
-        Req {
-            peer: "10.0.0.1:5555".into(),
-            headers: HashMap::new(),
-        }
+        Req { peer: "10.0.0.1:5555".into(), headers: HashMap::new() }
     }
     fn with(mut self, k: &str, v: &str) -> Req {
         self.headers.insert(k.into(), v.into());
@@ -40,11 +37,7 @@ impl RequestView for Req {
 }
 
 /// A worker whose table comes from a poller fed `endpoints` (id, weight, state) and `policy`.
-fn setup(
-    config: &str,
-    endpoints: &[(&str, u32, &str)],
-    policy: &str,
-) -> (Worker, Poller, MemoryStore) {
+fn setup(config: &str, endpoints: &[(&str, u32, &str)], policy: &str) -> (Worker, Poller, MemoryStore) {
     let parsed = Config::parse(config.as_bytes()).unwrap();
     let store = MemoryStore::new();
     let mut poller = Poller::new(parsed.clone()).unwrap();
@@ -52,36 +45,16 @@ fn setup(
     (Worker::new(parsed, 7), poller, store)
 }
 
-fn publish(
-    poller: &mut Poller,
-    store: &MemoryStore,
-    version: u64,
-    endpoints: &[(&str, u32, &str)],
-    policy: &str,
-) {
+fn publish(poller: &mut Poller, store: &MemoryStore, version: u64, endpoints: &[(&str, u32, &str)], policy: &str) {
     let eps: Vec<String> = endpoints
         .iter()
         .enumerate()
         .map(|(i, (id, w, st))| {
-            format!(
-                r#"{{"id":"{id}","address":"127.0.0.1:{}","weight":{w},"state":"{st}"}}"#,
-                8000 + i
-            )
+            format!(r#"{{"id":"{id}","address":"127.0.0.1:{}","weight":{w},"state":"{st}"}}"#, 8000 + i)
         })
         .collect();
-    let body = format!(
-        r#"{{"service":"av","version":{version},"endpoints":[{}],"policy":{policy}}}"#,
-        eps.join(",")
-    );
-    let o = poller.on_answer(
-        Answer::Response {
-            status: 200,
-            etag: None,
-            body: body.as_bytes(),
-        },
-        0,
-        store,
-    );
+    let body = format!(r#"{{"service":"av","version":{version},"endpoints":[{}],"policy":{policy}}}"#, eps.join(","));
+    let o = poller.on_answer(Answer::Response { status: 200, etag: None, body: body.as_bytes() }, 0, store);
     assert_eq!(o.error, None, "{o:?}");
 }
 
@@ -97,19 +70,10 @@ fn forward(w: &mut Worker, s: &MemoryStore, req: &Req, now: u64) -> Pending {
 /// Runs one request to completion: the primary answers 200.
 fn run(w: &mut Worker, s: &MemoryStore, req: &Req, now: u64) -> (String, Option<String>) {
     let mut p = forward(w, s, req, now);
-    let primary = p
-        .upstreams
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let primary = p.upstreams.split(',').next().unwrap_or_default().to_string();
     let cookie = w.on_response(
         &mut p,
-        ResponseInfo {
-            status: 200,
-            upstream_address: Some(&primary),
-            gateway_failure: false,
-        },
+        ResponseInfo { status: 200, upstream_address: Some(&primary), gateway_failure: false },
         now,
         s,
     );
@@ -128,56 +92,22 @@ fn spread(w: &mut Worker, s: &MemoryStore, n: usize) -> HashMap<String, usize> {
 
 #[test]
 fn equal_weights_spread_exactly() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 100, "healthy"),
-            ("b", 100, "healthy"),
-            ("c", 100, "healthy"),
-        ],
-        "null",
-    );
+    let (mut w, _, s) = setup(CFG, &[("a", 100, "healthy"), ("b", 100, "healthy"), ("c", 100, "healthy")], "null");
     let c = spread(&mut w, &s, 3000);
-    assert_eq!(
-        c.values().copied().collect::<Vec<_>>(),
-        vec![1000, 1000, 1000]
-    );
+    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![1000, 1000, 1000]);
 }
 
 #[test]
 fn weights_one_two_three_are_exact() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 2, "healthy"),
-            ("c", 3, "healthy"),
-        ],
-        "null",
-    );
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 2, "healthy"), ("c", 3, "healthy")], "null");
     let c = spread(&mut w, &s, 600);
-    assert_eq!(
-        (
-            c["127.0.0.1:8000"],
-            c["127.0.0.1:8001"],
-            c["127.0.0.1:8002"]
-        ),
-        (100, 200, 300)
-    );
+    assert_eq!((c["127.0.0.1:8000"], c["127.0.0.1:8001"], c["127.0.0.1:8002"]), (100, 200, 300));
 }
 
 #[test]
 fn lists_three_distinct_upstreams() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 1, "healthy"),
-            ("c", 1, "healthy"),
-            ("d", 1, "healthy"),
-        ],
-        "null",
-    );
+    let (mut w, _, s) =
+        setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy"), ("d", 1, "healthy")], "null");
     for i in 0..20 {
         let p = forward(&mut w, &s, &Req::new(), i);
         let list: Vec<&str> = p.upstreams.split(',').collect();
@@ -194,12 +124,7 @@ fn lists_three_distinct_upstreams() {
 fn draining_unhealthy_and_zero_weight_get_no_new_sessions() {
     let (mut w, _, s) = setup(
         CFG,
-        &[
-            ("a", 100, "healthy"),
-            ("b", 100, "draining"),
-            ("c", 100, "unhealthy"),
-            ("d", 0, "healthy"),
-        ],
+        &[("a", 100, "healthy"), ("b", 100, "draining"), ("c", 100, "unhealthy"), ("d", 0, "healthy")],
         "null",
     );
     let c = spread(&mut w, &s, 100);
@@ -220,58 +145,34 @@ fn sticky_policy() -> String {
 
 #[test]
 fn sticky_sessions_pin_and_reissue() {
-    let eps = [
-        ("a", 100, "healthy"),
-        ("b", 100, "healthy"),
-        ("c", 100, "healthy"),
-    ];
+    let eps = [("a", 100, "healthy"), ("b", 100, "healthy"), ("c", 100, "healthy")];
     let (mut w, mut poller, s) = setup(CFG, &eps, &sticky_policy());
     let (first, cookie) = run(&mut w, &s, &Req::new(), 1_000_000);
     let set = cookie.expect("a new session gets a cookie");
     assert!(set.starts_with("AGENTE_VENDEDOR_SESSION="));
-    assert!(
-        set.contains("Max-Age=60; Path=/; HttpOnly; Secure; SameSite=Lax"),
-        "{set}"
-    );
-    assert!(
-        !set.contains("127.0.0.1"),
-        "the cookie names an id, not an address"
-    );
+    assert!(set.contains("Max-Age=60; Path=/; HttpOnly; Secure; SameSite=Lax"), "{set}");
+    assert!(!set.contains("127.0.0.1"), "the cookie names an id, not an address");
     let value = set.split(';').next().unwrap().to_string();
     for i in 0..30 {
-        let (a, c) = run(
-            &mut w,
-            &s,
-            &Req::new().with("cookie", &format!("x=1; {value}")),
-            1_000_000 + i,
-        );
+        let (a, c) = run(&mut w, &s, &Req::new().with("cookie", &format!("x=1; {value}")), 1_000_000 + i);
         assert_eq!(a, first);
         assert_eq!(c, None, "a valid young cookie is not re-sent");
     }
     // late in its life the cookie is renewed
-    let (_, c) = run(
-        &mut w,
-        &s,
-        &Req::new().with("cookie", &value),
-        1_000_000 + 40_000,
-    );
+    let (_, c) = run(&mut w, &s, &Req::new().with("cookie", &value), 1_000_000 + 40_000);
     assert!(c.is_some());
 
     // draining: still honoured
-    let idx = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
-        .iter()
-        .position(|a| *a == first)
-        .unwrap();
+    let idx = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"].iter().position(|a| *a == first).unwrap();
     let mut eps2 = eps;
     eps2[idx].2 = "draining";
     publish(&mut poller, &s, 2, &eps2, &sticky_policy());
-    assert_eq!(
-        run(&mut w, &s, &Req::new().with("cookie", &value), 1_000_100).0,
-        first
-    );
+    w.refresh(&s);
+    assert_eq!(run(&mut w, &s, &Req::new().with("cookie", &value), 1_000_100).0, first);
     // unhealthy: re-picked and re-issued
     eps2[idx].2 = "unhealthy";
     publish(&mut poller, &s, 3, &eps2, &sticky_policy());
+    w.refresh(&s);
     let (a, c) = run(&mut w, &s, &Req::new().with("cookie", &value), 1_000_200);
     assert_ne!(a, first);
     assert!(c.is_some());
@@ -279,11 +180,7 @@ fn sticky_sessions_pin_and_reissue() {
 
 #[test]
 fn tampered_expired_and_garbage_cookies_are_ignored() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[("a", 1, "healthy"), ("b", 1, "healthy")],
-        &sticky_policy(),
-    );
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], &sticky_policy());
     let (_, cookie) = run(&mut w, &s, &Req::new(), 1_000_000);
     let value = cookie.unwrap().split(';').next().unwrap().to_string();
     let (name, v) = value.split_once('=').unwrap();
@@ -293,18 +190,14 @@ fn tampered_expired_and_garbage_cookies_are_ignored() {
         assert!(c.is_some(), "treated as absent: a fresh cookie is issued");
     }
     // expired (ttl 60 s)
-    let (_, c) = run(
-        &mut w,
-        &s,
-        &Req::new().with("cookie", &value),
-        1_000_000 + 61_000,
-    );
+    let (_, c) = run(&mut w, &s, &Req::new().with("cookie", &value), 1_000_000 + 61_000);
     assert!(c.is_some());
 }
 
 #[test]
 fn rate_limit_is_shared_by_workers_and_answers_429() {
-    let cfg = r#"{"service":"av","supervisor":{},"rate_limiting":{"enabled":true,"requests_per_minute":1,"burst_size":4}}"#;
+    let cfg =
+        r#"{"service":"av","supervisor":{},"rate_limiting":{"enabled":true,"requests_per_minute":1,"burst_size":4}}"#;
     let (mut w1, _, s) = setup(cfg, &[("a", 1, "healthy")], "null");
     let mut w2 = Worker::new(Config::parse(cfg.as_bytes()).unwrap(), 8);
     let mut allowed = 0;
@@ -319,63 +212,34 @@ fn rate_limit_is_shared_by_workers_and_answers_429() {
     assert_eq!(allowed, 4);
     let r = reply.unwrap();
     assert_eq!(r.status, 429);
-    assert!(
-        r.headers
-            .iter()
-            .any(|(k, v)| k == "retry-after" && v == "60"),
-        "{:?}",
-        r.headers
-    );
+    assert!(r.headers.iter().any(|(k, v)| k == "retry-after" && v == "60"), "{:?}", r.headers);
     assert!(r.headers.iter().any(|(k, _)| k == "ratelimit-policy"));
     assert!(r.headers.iter().any(|(k, _)| k == "ratelimit"));
     // another client has its own bucket
-    assert!(matches!(
-        w1.on_request(&Req::new().peer("10.9.9.9:1"), 2000, &s),
-        Verdict::Forward(_)
-    ));
+    assert!(matches!(w1.on_request(&Req::new().peer("10.9.9.9:1"), 2000, &s), Verdict::Forward(_)));
 }
 
 #[test]
 fn x_forwarded_for_is_only_trusted_for_configured_hops() {
-    let cfg = r#"{"service":"av","supervisor":{},"rate_limiting":{"enabled":true,"requests_per_minute":1,"burst_size":1}}"#;
+    let cfg =
+        r#"{"service":"av","supervisor":{},"rate_limiting":{"enabled":true,"requests_per_minute":1,"burst_size":1}}"#;
     let (mut w, _, s) = setup(cfg, &[("a", 1, "healthy")], "null");
-    assert!(matches!(
-        w.on_request(&Req::new(), 0, &s),
-        Verdict::Forward(_)
-    ));
+    assert!(matches!(w.on_request(&Req::new(), 0, &s), Verdict::Forward(_)));
     // spoofing X-Forwarded-For does not give a new bucket with 0 trusted hops
     let spoof = Req::new().with("x-forwarded-for", "1.2.3.4, 10.0.0.1");
     assert!(matches!(w.on_request(&spoof, 1, &s), Verdict::Reply(_)));
     let cfg1 = r#"{"service":"av","supervisor":{},"rate_limiting":{"enabled":true,"requests_per_minute":1,"burst_size":1,"xff_trusted_hops":1}}"#;
     let (mut w, _, s) = setup(cfg1, &[("a", 1, "healthy")], "null");
-    let via =
-        |client: &str| Req::new().with("x-forwarded-for", &format!("6.6.6.6, {client}, 10.0.0.1"));
-    assert!(matches!(
-        w.on_request(&via("1.1.1.1"), 0, &s),
-        Verdict::Forward(_)
-    ));
-    assert!(matches!(
-        w.on_request(&via("2.2.2.2"), 0, &s),
-        Verdict::Forward(_)
-    ));
-    assert!(matches!(
-        w.on_request(&via("1.1.1.1"), 0, &s),
-        Verdict::Reply(_)
-    ));
+    let via = |client: &str| Req::new().with("x-forwarded-for", &format!("6.6.6.6, {client}, 10.0.0.1"));
+    assert!(matches!(w.on_request(&via("1.1.1.1"), 0, &s), Verdict::Forward(_)));
+    assert!(matches!(w.on_request(&via("2.2.2.2"), 0, &s), Verdict::Forward(_)));
+    assert!(matches!(w.on_request(&via("1.1.1.1"), 0, &s), Verdict::Reply(_)));
 }
 
 #[test]
 fn a_failed_primary_is_ejected_for_all_workers() {
     let cfg = r#"{"service":"av","supervisor":{},"passive_health":{"base_ejection_time":"10s"}}"#;
-    let (mut w1, _, s) = setup(
-        cfg,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 1, "healthy"),
-            ("c", 1, "healthy"),
-        ],
-        "null",
-    );
+    let (mut w1, _, s) = setup(cfg, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], "null");
     let mut w2 = Worker::new(Config::parse(cfg.as_bytes()).unwrap(), 9);
     // the proxy moved from the primary to the second listed host
     let mut p = loop {
@@ -388,20 +252,12 @@ fn a_failed_primary_is_ejected_for_all_workers() {
     let second = p.upstreams.split(',').nth(1).unwrap().to_string();
     w1.on_response(
         &mut p,
-        ResponseInfo {
-            status: 200,
-            upstream_address: Some(&second),
-            gateway_failure: false,
-        },
+        ResponseInfo { status: 200, upstream_address: Some(&second), gateway_failure: false },
         0,
         &s,
     );
     w1.on_done(&mut p, 1, &s);
-    assert!(
-        w1.take_logs()
-            .iter()
-            .any(|l| l.contains("ejected endpoint b"))
-    );
+    assert!(w1.take_logs().iter().any(|l| l.contains("ejected endpoint b")));
     // the other worker no longer picks it
     let c = spread(&mut w2, &s, 100);
     assert!(!c.contains_key("127.0.0.1:8001"), "{c:?}");
@@ -417,37 +273,16 @@ fn a_failed_primary_is_ejected_for_all_workers() {
 
 #[test]
 fn five_server_errors_in_a_row_eject() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 1, "healthy"),
-            ("c", 1, "healthy"),
-        ],
-        "null",
-    );
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], "null");
     let mut errors = 0;
     for i in 0..100 {
         let mut p = forward(&mut w, &s, &Req::new(), i);
         let primary = p.upstreams.split(',').next().unwrap().to_string();
-        let status = if primary == "127.0.0.1:8002" {
-            503
-        } else {
-            200
-        };
+        let status = if primary == "127.0.0.1:8002" { 503 } else { 200 };
         if status == 503 {
             errors += 1;
         }
-        w.on_response(
-            &mut p,
-            ResponseInfo {
-                status,
-                upstream_address: Some(&primary),
-                gateway_failure: false,
-            },
-            i,
-            &s,
-        );
+        w.on_response(&mut p, ResponseInfo { status, upstream_address: Some(&primary), gateway_failure: false }, i, &s);
         w.on_done(&mut p, i, &s);
     }
     assert_eq!(errors, 5, "ejected after the fifth 5xx");
@@ -455,28 +290,17 @@ fn five_server_errors_in_a_row_eject() {
 
 #[test]
 fn in_flight_is_shared_and_returns_to_zero() {
-    let (mut w, mut poller, s) = setup(
-        CFG,
-        &[("a", 1, "healthy"), ("b", 1, "healthy")],
-        r#"{"algorithm":"least_connections"}"#,
-    );
-    let held: Vec<Pending> = (0..10)
-        .map(|i| forward(&mut w, &s, &Req::new(), i))
-        .collect();
+    let (mut w, mut poller, s) =
+        setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], r#"{"algorithm":"least_connections"}"#);
+    let held: Vec<Pending> = (0..10).map(|i| forward(&mut w, &s, &Req::new(), i)).collect();
     let a = shared::get_i64(&s, &keys::inflight("a"));
     let b = shared::get_i64(&s, &keys::inflight("b"));
     assert_eq!(a + b, 10);
-    assert!(
-        (a - b).abs() <= 2,
-        "least connections keeps them level: {a} {b}"
-    );
+    assert!((a - b).abs() <= 2, "least connections keeps them level: {a} {b}");
     for mut p in held {
         w.on_done(&mut p, 20, &s);
     }
-    assert_eq!(
-        shared::get_i64(&s, &keys::inflight("a")) + shared::get_i64(&s, &keys::inflight("b")),
-        0
-    );
+    assert_eq!(shared::get_i64(&s, &keys::inflight("a")) + shared::get_i64(&s, &keys::inflight("b")), 0);
     w.flush(&s);
     let (report, _, _) = poller.collect(&s, 100);
     assert_eq!(report.endpoints.iter().map(|e| e.requests).sum::<u64>(), 10);
@@ -484,11 +308,8 @@ fn in_flight_is_shared_and_returns_to_zero() {
 
 #[test]
 fn response_time_prefers_the_fast_endpoint() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[("fast", 1, "healthy"), ("slow", 1, "healthy")],
-        r#"{"algorithm":"response_time"}"#,
-    );
+    let (mut w, _, s) =
+        setup(CFG, &[("fast", 1, "healthy"), ("slow", 1, "healthy")], r#"{"algorithm":"response_time"}"#);
     let mut slow_hits = 0;
     for i in 0..400u64 {
         let now = i * 10;
@@ -502,11 +323,7 @@ fn response_time_prefers_the_fast_endpoint() {
         };
         w.on_response(
             &mut p,
-            ResponseInfo {
-                status: 200,
-                upstream_address: Some(&primary),
-                gateway_failure: false,
-            },
+            ResponseInfo { status: 200, upstream_address: Some(&primary), gateway_failure: false },
             now,
             &s,
         );
@@ -518,24 +335,12 @@ fn response_time_prefers_the_fast_endpoint() {
 #[test]
 fn consistent_hash_keeps_keys_on_their_endpoint() {
     let policy = r#"{"algorithm":"consistent_hash","consistent_hash":{"key":"query:q"}}"#;
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 1, "healthy"),
-            ("c", 1, "healthy"),
-        ],
-        policy,
-    );
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], policy);
     let mut owners = HashMap::new();
     for round in 0..3 {
         for k in 0..50 {
-            let (a, _) = run(
-                &mut w,
-                &s,
-                &Req::new().with(":path", &format!("/search?lang=es&q=item{k}")),
-                round * 100 + k,
-            );
+            let (a, _) =
+                run(&mut w, &s, &Req::new().with(":path", &format!("/search?lang=es&q=item{k}")), round * 100 + k);
             let prev = owners.insert(k, a.clone());
             if let Some(prev) = prev {
                 assert_eq!(prev, a);
@@ -548,45 +353,44 @@ fn consistent_hash_keeps_keys_on_their_endpoint() {
 
 #[test]
 fn ip_hash_follows_the_client() {
-    let (mut w, _, s) = setup(
-        CFG,
-        &[
-            ("a", 1, "healthy"),
-            ("b", 1, "healthy"),
-            ("c", 1, "healthy"),
-        ],
-        r#"{"algorithm":"ip_hash"}"#,
-    );
+    let (mut w, _, s) =
+        setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], r#"{"algorithm":"ip_hash"}"#);
     for client in 0..20 {
         let peer = format!("10.1.0.{client}:999");
         let first = run(&mut w, &s, &Req::new().peer(&peer), 0).0;
         for i in 0..5 {
-            assert_eq!(
-                run(
-                    &mut w,
-                    &s,
-                    &Req::new().peer(&format!("10.1.0.{client}:{i}")),
-                    i
-                )
-                .0,
-                first
-            );
+            assert_eq!(run(&mut w, &s, &Req::new().peer(&format!("10.1.0.{client}:{i}")), i).0, first);
         }
     }
 }
 
 #[test]
-fn a_table_change_applies_on_the_next_request() {
+fn a_table_change_applies_on_the_next_tick() {
     let (mut w, mut poller, s) = setup(CFG, &[("a", 1, "healthy")], "null");
-    assert_eq!(run(&mut w, &s, &Req::new(), 0).0, "127.0.0.1:8000");
-    publish(
-        &mut poller,
-        &s,
-        2,
-        &[("a", 1, "unhealthy"), ("b", 1, "healthy")],
-        "null",
-    );
+    assert_eq!(run(&mut w, &s, &Req::new(), 0).0, "127.0.0.1:8000", "the first table is picked up by a request");
+    publish(&mut poller, &s, 2, &[("a", 1, "unhealthy"), ("b", 1, "healthy")], "null");
+    w.refresh(&s);
     assert_eq!(run(&mut w, &s, &Req::new(), 1).0, "127.0.0.1:8001");
+}
+
+#[test]
+fn local_in_flight_counts_reach_the_shared_counter_on_the_tick() {
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], "null");
+    let mut held: Vec<Pending> = (0..6).map(|i| forward(&mut w, &s, &Req::new(), i)).collect();
+    assert_eq!(shared::get_i64(&s, &keys::inflight("a")), 0, "round robin does not pay for shared counts per request");
+    w.flush(&s);
+    assert_eq!(shared::get_i64(&s, &keys::inflight("a")), 3);
+    assert_eq!(shared::get_i64(&s, &keys::inflight("b")), 3);
+    for p in held.iter_mut().take(4) {
+        w.on_done(p, 10, &s);
+    }
+    w.flush(&s);
+    assert_eq!(shared::get_i64(&s, &keys::inflight("a")) + shared::get_i64(&s, &keys::inflight("b")), 2);
+    for p in held.iter_mut().skip(4) {
+        w.on_done(p, 10, &s);
+    }
+    w.flush(&s);
+    assert_eq!(shared::get_i64(&s, &keys::inflight("a")) + shared::get_i64(&s, &keys::inflight("b")), 0);
 }
 
 #[test]
