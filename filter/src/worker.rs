@@ -22,6 +22,7 @@ use crate::shared::{self, SharedStore, keys};
 use crate::snapshot::{Snapshot, remap};
 use crate::table::Table;
 use crate::{cookie, sticky};
+use std::rc::Rc;
 
 /// What the engine needs to know about a request. Lookups are lazy: only the headers a decision needs are read.
 pub trait RequestView {
@@ -51,15 +52,25 @@ pub enum Verdict {
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
     pub upstreams: String,
-    /// (id, address) in listed order.
-    listed: Vec<(String, String)>,
+    /// The snapshot the request was balanced on (the worker may switch tables before it ends).
+    snap: Option<Rc<Snapshot>>,
+    /// Indices into `snap`, in listed order.
+    listed: Vec<usize>,
     start_ms: u64,
-    /// The endpoint whose in-flight count this request holds, and whether it is the shared count.
-    inflight_id: Option<(String, bool)>,
+    /// The endpoint (index into `snap`) whose in-flight count this request holds, and whether it is the shared count.
+    inflight: Option<(usize, bool)>,
     /// The endpoint the client's valid cookie named, and the cookie's expiry.
     pinned: Option<(String, u64)>,
+    /// The response was seen (`on_response` ran).
+    pub responded: bool,
     status: u32,
-    served: Option<String>,
+    served: Option<usize>,
+}
+
+impl Pending {
+    fn id(&self, i: usize) -> Option<&str> {
+        self.snap.as_ref()?.endpoint(i).map(|e| e.id.as_str())
+    }
 }
 
 /// What the proxy tells about the response.
@@ -74,7 +85,7 @@ pub struct ResponseInfo<'a> {
 
 pub struct Worker {
     base: ParsedConfig,
-    snap: Snapshot,
+    snap: Rc<Snapshot>,
     seq: u64,
     swrr: Swrr,
     ewma: Vec<PeakEwma>,
@@ -92,7 +103,7 @@ pub struct Worker {
 impl Worker {
     /// A worker on the static configuration (and its static endpoints, if any). `seed` feeds the random choices.
     pub fn new(base: ParsedConfig, seed: u64) -> Worker {
-        let snap = Snapshot::build(Table::from_static(&base.config), base.config.clone());
+        let snap = Rc::new(Snapshot::build(Table::from_static(&base.config), base.config.clone()));
         let n = snap.endpoints().len();
         Worker {
             base,
@@ -120,8 +131,10 @@ impl Worker {
         std::mem::take(&mut self.logs)
     }
 
-    /// Switches to the table the poller published, if it changed. One small shared read when nothing changed.
+    /// Runs on the worker's tick (and on requests until the first table arrives): picks up the ejections other workers
+    /// made and the table the poller published, if it changed. Two small shared reads when nothing changed.
     pub fn refresh<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        self.load_ejections(store);
         let seq = store.get(keys::TABLE_SEQ).map(|(v, _)| shared::decode_i64(&v) as u64).unwrap_or(0);
         if seq == 0 || seq == self.seq {
             return;
@@ -143,7 +156,7 @@ impl Worker {
             None => self.base.config.clone(),
         };
         self.flush(store);
-        let snap = Snapshot::build(table, config);
+        let snap = Rc::new(Snapshot::build(table, config));
         let mapping = snap.mapping_from(&self.snap);
         self.swrr = self.swrr.remap(&mapping);
         self.ewma = remap(&self.ewma, &mapping);
@@ -180,7 +193,6 @@ impl Worker {
             return Verdict::Reply(reply);
         }
 
-        self.load_ejections(store);
         let ejected: Vec<bool> = match &self.ejections {
             Some((_, ej)) if !ej.entries.is_empty() => {
                 self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect()
@@ -195,7 +207,7 @@ impl Worker {
             candidates = (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i)).collect();
         }
 
-        let mut pending = Pending { start_ms: now_ms, ..Pending::default() };
+        let mut pending = Pending { start_ms: now_ms, snap: Some(self.snap.clone()), ..Pending::default() };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         if let Some(codec) = &self.snap.codec {
@@ -238,12 +250,12 @@ impl Worker {
                     header.push(',');
                 }
                 header.push_str(&e.address);
-                pending.listed.push((e.id.clone(), e.address.clone()));
+                pending.listed.push(i);
             }
         }
         pending.upstreams = header;
-        if let Some(id) = pending.listed.first().map(|(id, _)| id.clone()) {
-            self.acquire_inflight(&mut pending, id, store);
+        if let Some(&primary) = pending.listed.first() {
+            self.acquire_inflight(&mut pending, primary, store);
         }
         Verdict::Forward(pending)
     }
@@ -344,7 +356,8 @@ impl Worker {
         }
     }
 
-    /// Records the response; returns a `Set-Cookie` value when the client must be (re)pinned.
+    /// Records the response; returns a `Set-Cookie` value when the client must be (re)pinned. Without sticky
+    /// sessions the adapter calls it when the request ends, which saves a callback's host calls per request.
     pub fn on_response<S: SharedStore + ?Sized>(
         &mut self,
         p: &mut Pending,
@@ -352,53 +365,61 @@ impl Worker {
         now_ms: u64,
         store: &S,
     ) -> Option<String> {
+        p.responded = true;
         p.status = resp.status;
-        let served_pos = resp.upstream_address.and_then(|a| p.listed.iter().position(|(_, addr)| addr == a));
+        let snap = p.snap.clone()?;
+        let address_of = |i: usize| snap.endpoint(i).map(|e| e.address.as_str());
+        let served_pos = resp.upstream_address.and_then(|a| p.listed.iter().position(|&i| address_of(i) == Some(a)));
         // every listed host before the one that answered failed at the connection level (that is all we retry on)
         let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
         for k in 0..failed_before {
-            if let Some((id, _)) = p.listed.get(k).cloned() {
-                self.passive(&id, Outcome::GatewayFailure, now_ms, store);
+            if let Some(id) = p.listed.get(k).and_then(|&i| p.id(i)) {
+                self.passive(id, Outcome::GatewayFailure, now_ms, store);
             }
         }
-        let served = served_pos.and_then(|k| p.listed.get(k)).map(|(id, _)| id.clone());
-        if let Some(id) = &served {
+        let served = served_pos.and_then(|k| p.listed.get(k).copied());
+        if let Some(i) = served {
             let outcome = if resp.gateway_failure {
-                Outcome::GatewayFailure
+                Some(Outcome::GatewayFailure)
             } else if resp.status >= 500 {
-                Outcome::ServerError
+                Some(Outcome::ServerError)
+            } else if resp.status == 0 {
+                // no response and no upstream failure: the client went away; nothing to learn about the endpoint
+                None
             } else {
-                Outcome::Success
+                Some(Outcome::Success)
             };
-            // the last host's failure is already counted above when it was not the one that answered
-            if served_pos.is_some() {
+            if let (Some(outcome), Some(id)) = (outcome, p.id(i)) {
                 self.passive(id, outcome, now_ms, store);
             }
             // move the in-flight count to the host that actually holds the request
-            if p.inflight_id.as_ref().map(|(held, _)| held) != Some(id) {
+            if p.inflight.map(|(held, _)| held) != Some(i) {
                 self.release_inflight(p, store);
-                self.acquire_inflight(p, id.clone(), store);
+                self.acquire_inflight(p, i, store);
             }
         }
-        p.served = served.clone();
+        p.served = served;
 
-        let codec = self.snap.codec.as_ref()?;
-        let id = served?;
-        if resp.status >= 500 {
+        let codec = snap.codec.as_ref()?;
+        let id = p.id(served?)?;
+        if resp.status >= 500 || resp.status == 0 {
             return None;
         }
-        let ttl_ms = self.snap.config.sticky_sessions.ttl.0;
+        let ttl_ms = snap.config.sticky_sessions.ttl.0;
         let renew = match &p.pinned {
             // same endpoint: renew only in the second half of its life (a sliding session without a cookie per reply)
-            Some((pinned, expires)) if *pinned == id => {
-                expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2)
-            }
+            Some((pinned, expires)) if pinned == id => expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2),
             _ => true,
         };
         renew.then(|| {
             let expires = (now_ms + ttl_ms) / 1000;
-            sticky::set_cookie(&self.snap.config.sticky_sessions, &codec.encode(&id, expires))
+            sticky::set_cookie(&snap.config.sticky_sessions, &codec.encode(id, expires))
         })
+    }
+
+    /// Whether the adapter must call [`Worker::on_response`] at the response headers (to add a cookie).
+    pub fn needs_response_headers(&self) -> bool {
+        self.snap.codec.is_some()
     }
 
     fn passive<S: SharedStore + ?Sized>(&mut self, id: &str, outcome: Outcome, now_ms: u64, store: &S) {
@@ -406,12 +427,8 @@ impl Worker {
         if !cfg.enabled {
             return;
         }
-        let Some(&i) = self.snap.by_id.get(id) else {
-            return;
-        };
-        let Some(streak) = self.streaks.get_mut(i) else {
-            return;
-        };
+        let Some(&i) = self.snap.by_id.get(id) else { return };
+        let Some(streak) = self.streaks.get_mut(i) else { return };
         if !streak.record(outcome, cfg) {
             return;
         }
@@ -420,40 +437,45 @@ impl Worker {
         let ejected = shared::update(store, keys::EJECTIONS, |cur| {
             let mut ej = cur.map(Ejections::decode).unwrap_or_default();
             match ej.eject(id, total, cfg, now_ms) {
-                Some(d) => (Some(ej.encode()), Some(d)),
+                Some(d) => (Some(ej.encode()), Some((d, ej))),
                 None => (None, None),
             }
         });
-        if let Ok(Some(duration)) = ejected {
+        if let Ok(Some((duration, ejections))) = ejected {
+            // this worker stops using it at once; the others on their next tick (cas 0: re-read then)
+            self.ejections = Some((0, ejections));
             self.stats.ejections += 1;
-            self.logs.push(format!("ejected endpoint {id} for {} ms after {:?}", duration, outcome));
+            self.logs.push(format!("ejected endpoint {id} for {duration} ms after {outcome:?}"));
         }
     }
 
-    /// Counts the request as in flight on `id`: directly in shared data when the algorithm balances on it (exact
-    /// across workers), otherwise locally, published on the worker's tick (two host calls per request saved).
-    fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, id: String, store: &S) {
+    /// Counts the request as in flight on endpoint `i` of the request's snapshot: directly in shared data when the
+    /// algorithm balances on it (exact across workers), otherwise locally, published on the worker's tick (four host
+    /// calls per request saved).
+    fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, i: usize, store: &S) {
+        let Some(id) = p.id(i) else { return };
         if self.snap.config.algorithm.balances_on_inflight() {
-            if shared::add_i64(store, &keys::inflight(&id), 1).is_ok() {
-                p.inflight_id = Some((id, true));
+            if shared::add_i64(store, &keys::inflight(id), 1).is_ok() {
+                p.inflight = Some((i, true));
             }
         } else {
-            *self.local_inflight.entry(id.clone()).or_insert(0) += 1;
-            p.inflight_id = Some((id, false));
+            match self.local_inflight.get_mut(id) {
+                Some(n) => *n += 1,
+                None => {
+                    self.local_inflight.insert(id.to_string(), 1);
+                }
+            }
+            p.inflight = Some((i, false));
         }
     }
 
     fn release_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, store: &S) {
-        match p.inflight_id.take() {
-            Some((id, true)) => {
-                let _ = shared::add_i64(store, &keys::inflight(&id), -1);
-            }
-            Some((id, false)) => {
-                if let Some(n) = self.local_inflight.get_mut(&id) {
-                    *n -= 1;
-                }
-            }
-            None => {}
+        let Some((i, shared_count)) = p.inflight.take() else { return };
+        let Some(id) = p.id(i) else { return };
+        if shared_count {
+            let _ = shared::add_i64(store, &keys::inflight(id), -1);
+        } else if let Some(n) = self.local_inflight.get_mut(id) {
+            *n -= 1;
         }
     }
 
@@ -474,12 +496,8 @@ impl Worker {
     /// The request is over (answered, failed or abandoned).
     pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
         self.release_inflight(p, store);
-        let Some(id) = p.served.as_ref().or(p.listed.first().map(|(id, _)| id)) else {
-            return;
-        };
-        let Some(&i) = self.snap.by_id.get(id) else {
-            return;
-        };
+        let Some(id) = p.served.or(p.listed.first().copied()).and_then(|i| p.id(i)) else { return };
+        let Some(&i) = self.snap.by_id.get(id) else { return };
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
         if let Some(a) = self.aggregates.get_mut(i) {

@@ -1,6 +1,9 @@
 //! The filter in real Envoy 1.40 (`--concurrency 2`), with real backends and the table stand-in: the issue's
 //! acceptance scenarios. Each test starts its own processes on kernel-chosen ports.
 
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::{Duration, Instant};
 
 use equilibrio_tests::backend::Backend;
@@ -274,4 +277,28 @@ async fn an_invalid_configuration_is_refused_with_our_message() {
     let (ok, log) = Envoy::start_expecting_failure(&cfg, table.addr()).await.unwrap();
     assert!(!ok, "envoy must refuse the plugin");
     assert!(log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_endpoint_keeps_its_sticky_sessions_only() {
+    let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}});
+    let s = setup(&[100, 100, 100], policy, json!({}), "500ms").await;
+    let first = s.client.get(s.envoy.url("/")).send().await.unwrap();
+    let cookie = first.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let pinned = first.text().await.unwrap();
+    let eps: Vec<Value> = s
+        .backends
+        .iter()
+        .map(|b| endpoint(&b.id, b.addr, 100, if b.id == pinned { "draining" } else { "healthy" }))
+        .collect();
+    s.table.update(Some(eps), None);
+    s.envoy.wait_for_table(3, 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // EDS and the workers' tick
+    for _ in 0..30 {
+        let r = s.client.get(s.envoy.url("/")).header("cookie", &cookie).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), pinned, "a draining endpoint keeps its sessions");
+    }
+    let fresh = load(&s.client, &s.envoy.url("/"), 60, 4).await;
+    let counts = by_body(&fresh);
+    assert!(!counts.contains_key(&pinned), "no new session on a draining endpoint: {counts:?}");
 }

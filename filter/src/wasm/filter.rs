@@ -114,21 +114,14 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(pending) = self.pending.as_mut() else { return Action::Continue };
-        let status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let upstream = host::property_string(&["upstream", "address"]);
-        // the flags only matter for a failure (a 5xx, or no status at all)
-        let failed = status == 0 || status >= 500;
-        let flags = if failed { host::property_u64(&["response", "flags"]).unwrap_or(0) } else { 0 };
-        let info = ResponseInfo {
-            status,
-            upstream_address: upstream.as_deref(),
-            gateway_failure: flags & GATEWAY_FAILURE_FLAGS != 0,
-        };
         let Ok(mut worker) = self.worker.try_borrow_mut() else { return Action::Continue };
-        if let Some(cookie) = worker.on_response(pending, info, host::now_ms(), &HostStore) {
-            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie);
+        // only sticky sessions need the response headers (to add a cookie); the rest waits for the end of the request
+        if worker.needs_response_headers() {
+            if let Some(cookie) = record_response(&mut worker, pending) {
+                let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie);
+            }
+            FilterRoot::log_pending(&mut worker);
         }
-        FilterRoot::log_pending(&mut worker);
         Action::Continue
     }
 
@@ -136,7 +129,26 @@ impl HttpContext for Filter {
         if let Some(mut pending) = self.pending.take()
             && let Ok(mut worker) = self.worker.try_borrow_mut()
         {
+            if !pending.responded {
+                record_response(&mut worker, &mut pending);
+            }
             worker.on_done(&mut pending, host::now_ms(), &HostStore);
+            FilterRoot::log_pending(&mut worker);
         }
     }
+}
+
+/// Reads what the proxy knows about the response and hands it to the worker.
+fn record_response(worker: &mut Worker, pending: &mut Pending) -> Option<String> {
+    let status = host::header(MapType::HttpResponseHeaders, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let upstream = host::property_string(&["upstream", "address"]);
+    // the flags only matter for a failure (a 5xx, or no status at all)
+    let failed = status == 0 || status >= 500;
+    let flags = if failed { host::property_u64(&["response", "flags"]).unwrap_or(0) } else { 0 };
+    let info = ResponseInfo {
+        status,
+        upstream_address: upstream.as_deref(),
+        gateway_failure: flags & GATEWAY_FAILURE_FLAGS != 0,
+    };
+    worker.on_response(pending, info, host::now_ms(), &HostStore)
 }

@@ -1,0 +1,58 @@
+//! Benchmark reference, not a product: the floor of any balancing filter in Envoy. It round-robins over the comma-
+//! separated addresses of its plugin configuration into `x-equilibrio-upstream` and does nothing else, so
+//! `scripts/bench` can tell how much of the filter's cost is Envoy's wasm machinery and how much is ours.
+
+#[cfg(target_arch = "wasm32")]
+mod wasm {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_root_context(|_| Box::new(Root { hosts: Rc::new(Vec::new()), next: Rc::new(Cell::new(0)) }));
+    }}
+
+    struct Root {
+        hosts: Rc<Vec<String>>,
+        next: Rc<Cell<usize>>,
+    }
+
+    impl Context for Root {}
+
+    impl RootContext for Root {
+        fn on_configure(&mut self, _: usize) -> bool {
+            let cfg = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten();
+            let text = cfg.and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+            self.hosts = Rc::new(text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+            true
+        }
+
+        fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+            Some(Box::new(Pick { hosts: self.hosts.clone(), next: self.next.clone() }))
+        }
+
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    struct Pick {
+        hosts: Rc<Vec<String>>,
+        next: Rc<Cell<usize>>,
+    }
+
+    impl Context for Pick {}
+
+    impl HttpContext for Pick {
+        fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+            let n = self.next.get();
+            self.next.set(n.wrapping_add(1));
+            let host = self.hosts.get(n % self.hosts.len().max(1)).map(String::as_str);
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "x-equilibrio-upstream", host);
+            Action::Continue
+        }
+    }
+}
