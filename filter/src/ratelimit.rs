@@ -10,7 +10,7 @@
 //!
 //! Tokens are kept in millionths so refill is exact in integers. Time is an argument.
 
-use crate::shared::{SharedStore, UpdateError, keys, update};
+use crate::shared::{SharedStore, UpdateError, keys, update_from};
 
 /// Slots examined per key.
 pub const PROBES: u32 = 4;
@@ -108,11 +108,14 @@ pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_
     let mut mine = None;
     // (rank, age): empty < full again < least recently used
     let mut victim: Option<(u32, (u8, u64))> = None;
+    let mut read = None;
     for k in 0..PROBES.min(slots) {
         let slot = (home + k) % slots;
-        let rank = match store.get(&keys::bucket(slot)).and_then(|(v, _)| Bucket::decode(&v)) {
+        let current = store.get(&keys::bucket(slot));
+        let rank = match current.as_ref().and_then(|(v, _)| Bucket::decode(v)) {
             Some(b) if b.key == key => {
                 mine = Some(slot);
+                read = Some(current);
                 break;
             }
             None => (0, 0),
@@ -130,7 +133,8 @@ pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_
             return (Decision::Allowed { remaining: 0 }, Outcome { evicted: false, contended: true });
         }
     };
-    let result = update(store, &keys::bucket(slot), |current| {
+    // the common case (the key sits in a probed slot) reuses the read above: one read and one write per request
+    let result = update_from(store, &keys::bucket(slot), read, |current| {
         let mut bucket = match current.and_then(Bucket::decode) {
             Some(b) if b.key == key => b,
             _ => Bucket::full(key, limits, now_ms),

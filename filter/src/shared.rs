@@ -59,10 +59,25 @@ pub enum UpdateError {
 pub fn update<S: SharedStore + ?Sized, T>(
     store: &S,
     key: &str,
+    f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+) -> Result<T, UpdateError> {
+    update_from(store, key, None, f)
+}
+
+/// [`update`] starting from a value the caller has just read (`read`: the value and its cas, `None` for absent), which
+/// saves one shared read when nobody raced.
+pub fn update_from<S: SharedStore + ?Sized, T>(
+    store: &S,
+    key: &str,
+    read: Option<Option<(Vec<u8>, u32)>>,
     mut f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
 ) -> Result<T, UpdateError> {
+    let mut read = read;
     for _ in 0..MAX_CAS_TRIES {
-        let current = store.get(key);
+        let current = match read.take() {
+            Some(current) => current,
+            None => store.get(key),
+        };
         let (new, out) = f(current.as_ref().map(|(v, _)| v.as_slice()));
         let Some(new) = new else { return Ok(out) };
         // An absent key has no cas to compare with; the host treats cas 0 as "no check".
