@@ -1,0 +1,718 @@
+//! The REST API: management for operators, tables for the proxies, reports from them, health and metrics.
+//!
+//! Every call that changes state needs `Authorization: Bearer <token>` (compared in constant time) when a token is
+//! configured; so does the endpoint table, which carries the sticky-session secret. Errors are JSON
+//! `{"error": {"code", "message", "field"}}`. Request bodies are parsed here (not by an extractor) so that a bad field
+//! is named in the error. The OpenAPI document at `/openapi.json` is generated from these handlers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use futures_util::stream::Stream;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::app::{App, now_ms};
+use crate::config::{HealthCheck, InstanceSpec, validate_health, validate_policy};
+use crate::events::Event;
+use crate::metrics::InstanceSample;
+use crate::persist::PersistError;
+use crate::registry::{Instance, InstanceUpdate, RegistryError, Source};
+use crate::reports::{Report, Traffic};
+use crate::table;
+
+type AppState = Arc<App>;
+
+/// Largest request body accepted (Envoy's EDS request carries its whole node description: about 80 KB).
+pub const MAX_BODY: usize = 1 << 20;
+
+// ------------------------------------------------------------------------------------------------ errors
+
+/// The error body: `{"error": {"code", "message", "field"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>, field: Option<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), field }
+    }
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message, Some(field.into()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code.into(), message: self.message, field: self.field } };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, code) = match &e {
+            RegistryError::NoService(_) | RegistryError::NoInstance(..) => (StatusCode::NOT_FOUND, "not_found"),
+            RegistryError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+            RegistryError::AddressTaken(..) => (StatusCode::CONFLICT, "conflict"),
+        };
+        let field = match &e {
+            RegistryError::Exists(_) => Some("id".to_string()),
+            RegistryError::AddressTaken(..) => Some("address".to_string()),
+            _ => None,
+        };
+        ApiError::new(status, code, e.to_string(), field)
+    }
+}
+
+impl From<PersistError> for ApiError {
+    fn from(e: PersistError) -> Self {
+        tracing::error!(error = %e, "state file");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", e.to_string(), None)
+    }
+}
+
+/// Parses a JSON body, naming the offending field on error.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let unknown =
+            inner.to_string().strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
+        let field = match (path.as_str(), unknown) {
+            (".", Some(f)) => Some(f),
+            (".", None) => None,
+            (p, Some(f)) if !p.ends_with(&f) => Some(format!("{p}.{f}")),
+            (p, _) => Some(p.to_string()),
+        };
+        let status = if inner.is_syntax() || inner.is_eof() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        let code = if status == StatusCode::BAD_REQUEST { "invalid_json" } else { "invalid_value" };
+        ApiError::new(status, code, inner.to_string(), field)
+    })
+}
+
+// ------------------------------------------------------------------------------------------------ auth
+
+fn authorized(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &app.config.token else { return Ok(()) };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` is required",
+            None,
+        ))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ views
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub version: u64,
+    pub instances: usize,
+    pub healthy: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub instance: Instance,
+    /// What the proxies see: healthy, draining or unhealthy.
+    pub state: String,
+    pub traffic: Traffic,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceView {
+    pub name: String,
+    pub version: u64,
+    /// The balancing policy (secret redacted).
+    #[schema(value_type = Object)]
+    pub policy: Value,
+    pub health_check: HealthCheck,
+    pub instances: Vec<InstanceView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostInfo {
+    pub environment: crate::config::Environment,
+    pub cpu_cores: usize,
+    pub memory_bytes: u64,
+    pub services: Vec<ServiceSummary>,
+}
+
+fn instance_view(app: &App, service: &str, inst: &Instance, now: u64) -> InstanceView {
+    InstanceView {
+        instance: inst.clone(),
+        state: inst.table_state().to_string(),
+        traffic: app.reports().traffic(service, &inst.spec.id, now),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ handlers
+
+/// The process is alive.
+#[utoipa::path(get, path = "/livez", responses((status = 200, description = "alive")))]
+async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Ready for traffic (fails during shutdown).
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "shutting down")))]
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.is_ready() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+async fn metrics(State(app): State<AppState>) -> Response {
+    let now = now_ms();
+    let samples: Vec<InstanceSample> = {
+        let reg = app.registry();
+        let reports = app.reports();
+        reg.services
+            .values()
+            .flat_map(|svc| {
+                svc.instances.values().map(|i| {
+                    let t = reports.traffic(&svc.name, &i.spec.id, now);
+                    InstanceSample {
+                        service: svc.name.clone(),
+                        instance: i.spec.id.clone(),
+                        state: i.table_state(),
+                        requests_per_second: t.requests_per_second,
+                        error_rate: t.error_rate,
+                        in_flight: t.in_flight,
+                        latency_p95_seconds: t.latency_p95_ms / 1000.0,
+                    }
+                })
+            })
+            .collect()
+    };
+    let body = app.metrics.render(&samples);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+/// The supervisor's host (cores, memory) and its services.
+#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = HostInfo)))]
+async fn list_services(State(app): State<AppState>) -> axum::Json<HostInfo> {
+    let services = app
+        .registry()
+        .services
+        .values()
+        .map(|s| ServiceSummary {
+            name: s.name.clone(),
+            version: s.version,
+            instances: s.instances.len(),
+            healthy: s.instances.values().filter(|i| i.table_state() == "healthy").count(),
+        })
+        .collect();
+    let memory_bytes = sysinfo::System::new().map_or(0, |mut sys| {
+        sys.refresh_memory();
+        sys.total_memory()
+    });
+    let cpu_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    axum::Json(HostInfo { environment: app.config.environment, cpu_cores, memory_bytes, services })
+}
+
+/// One service: policy, health-check settings, instances with their traffic.
+#[utoipa::path(get, path = "/v1/services/{service}", params(("service" = String, Path)),
+    responses((status = 200, body = ServiceView), (status = 404, body = ErrorBody)))]
+async fn get_service(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<axum::Json<ServiceView>, ApiError> {
+    let now = now_ms();
+    let svc = app.registry().service(&service)?.clone();
+    Ok(axum::Json(ServiceView {
+        name: svc.name.clone(),
+        version: svc.version,
+        policy: table::redact(&svc.policy),
+        health_check: svc.health_check.clone(),
+        instances: svc.instances.values().map(|i| instance_view(&app, &service, i, now)).collect(),
+    }))
+}
+
+/// The instances of a service.
+#[utoipa::path(get, path = "/v1/services/{service}/instances", params(("service" = String, Path)),
+    responses((status = 200, body = [InstanceView]), (status = 404, body = ErrorBody)))]
+async fn list_instances(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<axum::Json<Vec<InstanceView>>, ApiError> {
+    let now = now_ms();
+    let svc = app.registry().service(&service)?.clone();
+    Ok(axum::Json(svc.instances.values().map(|i| instance_view(&app, &service, i, now)).collect()))
+}
+
+/// A registration: the instance and an optional heartbeat TTL (seconds or "500ms"...).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    #[serde(flatten)]
+    pub instance: InstanceSpec,
+    /// Without a heartbeat within this time the instance is removed.
+    #[schema(value_type = Option<String>)]
+    pub heartbeat_ttl: Option<equilibrio_filter::config::Millis>,
+}
+
+/// Registers an instance.
+#[utoipa::path(post, path = "/v1/services/{service}/instances", params(("service" = String, Path)), request_body = Object,
+    responses((status = 201, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+async fn register(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorized(&app, &headers)?;
+    // flatten and deny_unknown_fields do not mix in serde: check the keys by hand
+    let raw: Value = parse(&body)?;
+    if let Some(obj) = raw.as_object() {
+        const KNOWN: [&str; 8] =
+            ["id", "address", "weight", "zone", "tags", "version", "capabilities", "heartbeat_ttl"];
+        if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`")));
+        }
+    }
+    let spec: InstanceSpec = parse(&serde_json::to_vec(&without(&raw, "heartbeat_ttl")).unwrap_or_default())?;
+    let ttl = match raw.get("heartbeat_ttl") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            equilibrio_filter::config::parse_duration(v)
+                .ok()
+                .filter(|ms| (1000..=86_400_000).contains(ms))
+                .ok_or_else(|| ApiError::invalid("heartbeat_ttl", "must be a duration between 1s and 24h"))?,
+        ),
+    };
+    spec.validate().map_err(|(f, r)| ApiError::invalid(f, r))?;
+    let id = spec.id.clone();
+    app.change(|reg, now| {
+        reg.register(&service, spec, Source::Api, ttl, now).map(|e| ((), e)).map_err(ApiError::from)
+    })?;
+    let now = now_ms();
+    let view = {
+        let reg = app.registry();
+        let inst = reg.service(&service)?.instances.get(&id).cloned();
+        inst.map(|i| instance_view(&app, &service, &i, now))
+    };
+    Ok((StatusCode::CREATED, axum::Json(view)).into_response())
+}
+
+fn without(v: &Value, key: &str) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove(key);
+    }
+    v
+}
+
+/// Deregisters an instance.
+#[utoipa::path(delete, path = "/v1/services/{service}/instances/{id}", params(("service" = String, Path), ("id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn deregister(
+    State(app): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorized(&app, &headers)?;
+    app.change(|reg, now| {
+        reg.deregister(&service, &id, now, "deregistered through the API").map(|e| ((), e)).map_err(ApiError::from)
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Changes an instance's weight or zone.
+#[utoipa::path(put, path = "/v1/services/{service}/instances/{id}", params(("service" = String, Path), ("id" = String, Path)),
+    request_body = InstanceUpdate,
+    responses((status = 200, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn update_instance(
+    State(app): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<InstanceView>, ApiError> {
+    authorized(&app, &headers)?;
+    let u: InstanceUpdate = parse(&body)?;
+    if let Some(w) = u.weight
+        && w > equilibrio_filter::table::MAX_WEIGHT
+    {
+        return Err(ApiError::invalid("weight", format!("must be at most {}", equilibrio_filter::table::MAX_WEIGHT)));
+    }
+    if let Some(z) = &u.zone
+        && z.len() > 64
+    {
+        return Err(ApiError::invalid("zone", "must be at most 64 characters"));
+    }
+    app.change(|reg, now| reg.update(&service, &id, &u, now).map(|e| ((), e)).map_err(ApiError::from))?;
+    instance(&app, &service, &id)
+}
+
+fn instance(app: &App, service: &str, id: &str) -> Result<axum::Json<InstanceView>, ApiError> {
+    let inst = app
+        .registry()
+        .service(service)?
+        .instances
+        .get(id)
+        .cloned()
+        .ok_or_else(|| RegistryError::NoInstance(service.into(), id.into()))?;
+    Ok(axum::Json(instance_view(app, service, &inst, now_ms())))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Give up waiting for in-flight requests after this (default: the configured `drain_timeout`).
+    #[schema(value_type = Option<String>)]
+    pub timeout: Option<equilibrio_filter::config::Millis>,
+}
+
+/// Drains an instance: no new traffic (its sticky sessions stay until they end); done when nothing is in flight.
+#[utoipa::path(post, path = "/v1/services/{service}/instances/{id}/drain", params(("service" = String, Path), ("id" = String, Path)),
+    request_body = DrainRequest,
+    responses((status = 200, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn drain(
+    State(app): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<InstanceView>, ApiError> {
+    authorized(&app, &headers)?;
+    let req: DrainRequest = if body.is_empty() { DrainRequest::default() } else { parse(&body)? };
+    let timeout = req.timeout.map_or(app.config.drain_timeout_ms, |m| m.0);
+    if !(100..=3_600_000).contains(&timeout) {
+        return Err(ApiError::invalid("timeout", "must be between 100ms and 1h"));
+    }
+    app.change(|reg, now| reg.drain(&service, &id, timeout, now).map(|e| ((), e)).map_err(ApiError::from))?;
+    instance(&app, &service, &id)
+}
+
+/// Renews a heartbeat-TTL registration.
+#[utoipa::path(post, path = "/v1/services/{service}/instances/{id}/heartbeat", params(("service" = String, Path), ("id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn heartbeat(
+    State(app): State<AppState>,
+    Path((service, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorized(&app, &headers)?;
+    app.registry().heartbeat(&service, &id, now_ms())?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The balancing policy (the sticky-session secret is redacted).
+#[utoipa::path(get, path = "/v1/services/{service}/policy", params(("service" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+async fn get_policy(State(app): State<AppState>, Path(service): Path<String>) -> Result<axum::Json<Value>, ApiError> {
+    Ok(axum::Json(table::redact(&app.registry().service(&service)?.policy)))
+}
+
+/// Replaces the balancing policy (`algorithm`, `consistent_hash`, `sticky_sessions`, `rate_limiting`,
+/// `passive_health`), validated as the filter validates it. A `secret` of `<redacted>` keeps the current secret.
+#[utoipa::path(put, path = "/v1/services/{service}/policy", params(("service" = String, Path)), request_body = Object,
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn put_policy(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorized(&app, &headers)?;
+    let mut policy: Value = parse(&body)?;
+    let Some(obj) = policy.as_object() else { return Err(ApiError::invalid("", "expected a JSON object")) };
+    const KEYS: [&str; 5] = equilibrio_filter::config::POLICY_KEYS;
+    if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`: expected one of {}", KEYS.join(", "))));
+    }
+    // a client that read the redacted policy and sends it back keeps the secret it cannot see
+    if policy.pointer("/sticky_sessions/secret").and_then(Value::as_str) == Some("<redacted>") {
+        let current = app.registry().service(&service)?.policy.pointer("/sticky_sessions/secret").cloned();
+        if let Some(slot) = policy.pointer_mut("/sticky_sessions/secret") {
+            *slot = current.unwrap_or(Value::Null);
+        }
+    }
+    validate_policy(&service, &policy).map_err(|e| {
+        let field = e.key.strip_prefix("policy.").unwrap_or(&e.key).to_string();
+        ApiError::invalid(field, e.reason)
+    })?;
+    app.change(|reg, now| reg.set_policy(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    Ok(axum::Json(table::redact(&policy)))
+}
+
+/// Health-check settings as the API takes them (durations in seconds or with a unit).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckUpdate {
+    #[schema(value_type = Option<String>)]
+    pub interval: Option<equilibrio_filter::config::Millis>,
+    #[schema(value_type = Option<String>)]
+    pub timeout: Option<equilibrio_filter::config::Millis>,
+    pub retries: Option<u32>,
+    pub rise: Option<u32>,
+    pub endpoint: Option<String>,
+}
+
+/// The health-check settings.
+#[utoipa::path(get, path = "/v1/services/{service}/health_check", params(("service" = String, Path)),
+    responses((status = 200, body = HealthCheck), (status = 404, body = ErrorBody)))]
+async fn get_health_check(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<axum::Json<HealthCheck>, ApiError> {
+    Ok(axum::Json(app.registry().service(&service)?.health_check.clone()))
+}
+
+/// Changes health-check settings (the keys given; the others stay).
+#[utoipa::path(put, path = "/v1/services/{service}/health_check", params(("service" = String, Path)), request_body = HealthCheckUpdate,
+    responses((status = 200, body = HealthCheck), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn put_health_check(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<HealthCheck>, ApiError> {
+    authorized(&app, &headers)?;
+    let u: HealthCheckUpdate = parse(&body)?;
+    let mut h = app.registry().service(&service)?.health_check.clone();
+    if let Some(v) = u.interval {
+        h.interval_ms = v.0;
+    }
+    if let Some(v) = u.timeout {
+        h.timeout_ms = v.0;
+    }
+    if let Some(v) = u.retries {
+        h.retries = v;
+    }
+    if let Some(v) = u.rise {
+        h.rise = v;
+    }
+    if let Some(v) = u.endpoint {
+        h.endpoint = v;
+    }
+    validate_health(&h).map_err(|(f, r)| ApiError::invalid(f, r))?;
+    app.change(|reg, now| reg.set_health_check(&service, h.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    Ok(axum::Json(h))
+}
+
+/// The endpoint table for the proxies (the filter's wire format), with `ETag`; `If-None-Match` gives 304.
+#[utoipa::path(get, path = "/v1/services/{service}/endpoints", params(("service" = String, Path)),
+    responses((status = 200, body = Object), (status = 304), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn endpoints(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorized(&app, &headers)?;
+    let reg = app.registry();
+    let svc = reg.service(&service)?;
+    let etag = table::etag(svc);
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let body = table::endpoints(svc).to_string();
+    Ok(([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response())
+}
+
+/// Envoy's REST EDS: answers a `DiscoveryRequest` for `ClusterLoadAssignment`s. The cluster named in
+/// `resource_names` is the service of the same name, or the only service when there is one.
+#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = Object,
+    responses((status = 200, body = Object), (status = 304), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    #[derive(Deserialize)]
+    struct DiscoveryRequest {
+        #[serde(default)]
+        version_info: String,
+        #[serde(default)]
+        resource_names: Vec<String>,
+    }
+    let req: DiscoveryRequest = parse(&body)?;
+    let cluster = req.resource_names.first().cloned().unwrap_or_else(|| "backend".into());
+    let reg = app.registry();
+    let svc = match reg.services.get(&cluster) {
+        Some(s) => s,
+        None if reg.services.len() == 1 => {
+            reg.services.values().next().ok_or_else(|| RegistryError::NoService(cluster.clone()))?
+        }
+        None => return Err(RegistryError::NoService(cluster).into()),
+    };
+    if req.version_info == svc.version.to_string() {
+        return Ok(StatusCode::NOT_MODIFIED.into_response());
+    }
+    Ok(axum::Json(table::eds(svc, &cluster)).into_response())
+}
+
+/// Takes a proxy's per-endpoint aggregates.
+#[utoipa::path(post, path = "/v1/reports", request_body = Report,
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+async fn reports(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
+    authorized(&app, &headers)?;
+    let report: Report = parse(&body)?;
+    app.reports().record(&report, now_ms());
+    app.metrics.report();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    service: Option<String>,
+}
+
+/// Server-sent events: the recent history, then every new event as it happens.
+#[utoipa::path(get, path = "/v1/events", params(("service" = Option<String>, Query, description = "only this service")),
+    responses((status = 200, description = "text/event-stream of Event")))]
+async fn events(
+    State(app): State<AppState>,
+    Query(q): Query<EventsQuery>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let live = BroadcastStream::new(app.events.subscribe());
+    let history = app.events.history(q.service.as_deref());
+    let filter = q.service.clone();
+    let to_sse = |e: &Event| SseEvent::default().event("event").json_data(e).unwrap_or_else(|_| SseEvent::default());
+    let past = tokio_stream::iter(history.iter().map(to_sse).map(Ok).collect::<Vec<_>>());
+    let live = live.filter_map(move |item| match item {
+        Ok(e) if filter.as_ref().is_none_or(|s| *s == e.service) => Some(Ok(to_sse(&e))),
+        Ok(_) => None,
+        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+            Some(Ok(SseEvent::default().event("lagged").data(n.to_string())))
+        }
+    });
+    Sse::new(past.chain(live)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Equilibrio supervisor", description = "Instances, health, endpoint tables and balancing policies"),
+    paths(livez, readyz, metrics, list_services, get_service, list_instances, register, deregister, update_instance, drain,
+        heartbeat, get_policy, put_policy, get_health_check, put_health_check, endpoints, eds, reports, events, openapi),
+    components(schemas(ErrorBody, ErrorDetail, ServiceSummary, ServiceView, InstanceView, HostInfo, InstanceSpec, InstanceUpdate,
+        DrainRequest, HealthCheck, HealthCheckUpdate, Report, Traffic, Event)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")))]
+async fn openapi() -> Response {
+    match ApiDoc::openapi().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "openapi", e.to_string(), None).into_response(),
+    }
+}
+
+/// Every route, for the router and for the test that checks the OpenAPI document covers them all.
+pub const ROUTES: [(&str, &str); 20] = [
+    ("get", "/livez"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("get", "/v1/services"),
+    ("get", "/v1/services/{service}"),
+    ("get", "/v1/services/{service}/instances"),
+    ("post", "/v1/services/{service}/instances"),
+    ("delete", "/v1/services/{service}/instances/{id}"),
+    ("put", "/v1/services/{service}/instances/{id}"),
+    ("post", "/v1/services/{service}/instances/{id}/drain"),
+    ("post", "/v1/services/{service}/instances/{id}/heartbeat"),
+    ("get", "/v1/services/{service}/policy"),
+    ("put", "/v1/services/{service}/policy"),
+    ("get", "/v1/services/{service}/health_check"),
+    ("put", "/v1/services/{service}/health_check"),
+    ("get", "/v1/services/{service}/endpoints"),
+    ("post", "/v3/discovery:endpoints"),
+    ("post", "/v1/reports"),
+    ("get", "/v1/events"),
+];
+
+/// The router (no socket: tests call it directly).
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/services", get(list_services))
+        .route("/v1/services/{service}", get(get_service))
+        .route("/v1/services/{service}/instances", get(list_instances).post(register))
+        .route("/v1/services/{service}/instances/{id}", put(update_instance).delete(deregister))
+        .route("/v1/services/{service}/instances/{id}/drain", post(drain))
+        .route("/v1/services/{service}/instances/{id}/heartbeat", post(heartbeat))
+        .route("/v1/services/{service}/policy", get(get_policy).put(put_policy))
+        .route("/v1/services/{service}/health_check", get(get_health_check).put(put_health_check))
+        .route("/v1/services/{service}/endpoints", get(endpoints))
+        .route("/v3/discovery:endpoints", post(eds))
+        .route("/v1/reports", post(reports))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", None) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,372 @@
+//! The supervisor's YAML configuration, in the original plan's vocabulary, and its validation.
+//!
+//! `environment` picks a profile (production, staging, development) that supplies the health-check defaults; every
+//! service may override them. A bad file is a [`ConfigError`] naming the key (a dotted path) and the reason, and the
+//! supervisor refuses to start. Balancing policies are validated by the filter's own validator, so the supervisor can
+//! never hand the proxies a policy they would refuse.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use equilibrio_filter::config::{Config as FilterConfig, Millis, is_id_byte};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    Production,
+    Staging,
+    #[default]
+    Development,
+}
+
+/// Health-check settings of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HealthCheck {
+    /// Between checks of one instance (each check is jittered by up to 10%).
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failures that mark an instance unhealthy.
+    pub retries: u32,
+    /// Consecutive successes that mark it healthy again.
+    pub rise: u32,
+    /// The path checked (a 2xx answer is healthy).
+    pub endpoint: String,
+}
+
+impl Environment {
+    /// Profile defaults. Faster than the plan's 30 s interval (which needs 90 s to notice a dead instance): the plan's
+    /// own failover target is 30 s, and HAProxy's defaults (2 s, fall 3, rise 2) notice in about 6 s.
+    pub fn health_defaults(self) -> HealthCheck {
+        let (interval_ms, timeout_ms, retries, rise) = match self {
+            Environment::Production => (2000, 1000, 3, 2),
+            Environment::Staging => (2000, 1000, 3, 2),
+            Environment::Development => (1000, 500, 2, 1),
+        };
+        HealthCheck { interval_ms, timeout_ms, retries, rise, endpoint: "/health".into() }
+    }
+}
+
+/// An instance as configured or registered: the plan's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    pub id: String,
+    /// `ip:port` where the proxies reach it.
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+impl InstanceSpec {
+    /// Validates the fields; on error gives the field and the reason.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        equilibrio_filter::table::validate_endpoint_fields(&self.id, &self.address, self.weight)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: Option<Millis>,
+    timeout: Option<Millis>,
+    retries: Option<u32>,
+    rise: Option<u32>,
+    endpoint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    load_balancer: Option<Value>,
+    #[serde(default)]
+    health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    instances: Vec<InstanceSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    environment: Environment,
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    state_file: Option<PathBuf>,
+    drain_timeout: Option<Millis>,
+    #[serde(default)]
+    webhooks: Vec<String>,
+    #[serde(default)]
+    services: BTreeMap<String, RawService>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The balancing policy served to the proxies (the filter's policy keys), validated.
+    pub policy: Value,
+    pub health_check: HealthCheck,
+    pub instances: Vec<InstanceSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub environment: Environment,
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub state_file: Option<PathBuf>,
+    pub drain_timeout_ms: u64,
+    pub webhooks: Vec<String>,
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "invalid configuration: {}", self.reason)
+        } else {
+            write!(f, "invalid configuration: `{}`: {}", self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+/// Validates a balancing policy for `service` with the filter's validator; returns the error with its key.
+pub fn validate_policy(service: &str, policy: &Value) -> Result<(), ConfigError> {
+    let base = serde_json::json!({"service": service, "supervisor": {}});
+    FilterConfig::with_policy(&base, policy).map(|_| ()).map_err(|e| err(e.key, e.reason))
+}
+
+/// Validates health-check settings; on error gives the field and the reason.
+pub fn validate_health(h: &HealthCheck) -> Result<(), (&'static str, String)> {
+    if !(100..=3_600_000).contains(&h.interval_ms) {
+        return Err(("interval", "must be between 100ms and 1h".into()));
+    }
+    if h.timeout_ms < 10 || h.timeout_ms > h.interval_ms.max(10) {
+        return Err(("timeout", "must be between 10ms and the interval".into()));
+    }
+    if !(1..=100).contains(&h.retries) {
+        return Err(("retries", "must be between 1 and 100".into()));
+    }
+    if !(1..=100).contains(&h.rise) {
+        return Err(("rise", "must be between 1 and 100".into()));
+    }
+    if !h.endpoint.starts_with('/') || h.endpoint.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(("endpoint", "must be a path starting with `/`".into()));
+    }
+    Ok(())
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+impl Config {
+    /// Parses and validates a YAML document. `env_token` is the `EQUILIBRIO_TOKEN` environment variable, if set.
+    pub fn parse(yaml: &str, env_token: Option<String>) -> Result<Config, ConfigError> {
+        let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| err("", format!("not valid YAML: {e}")))?;
+        let doc = if doc.is_null() { Value::Object(Default::default()) } else { doc };
+        let raw: RawConfig = serde_path_to_error::deserialize(&doc).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let field = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
+            let key = match (path.as_str(), field) {
+                (".", Some(f)) => f,
+                (".", None) => String::new(),
+                (p, Some(f)) if !p.ends_with(&f) => format!("{p}.{f}"),
+                (p, _) => p.to_string(),
+            };
+            err(key, inner)
+        })?;
+        Config::resolve(raw, env_token)
+    }
+
+    fn resolve(raw: RawConfig, env_token: Option<String>) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = raw
+            .listen
+            .as_deref()
+            .unwrap_or("127.0.0.1:9900")
+            .parse()
+            .map_err(|e| err("listen", format!("not an ip:port address ({e})")))?;
+        let token = match (&raw.token_file, env_token.filter(|t| !t.is_empty())) {
+            (_, Some(t)) => Some(t),
+            (Some(path), None) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| err("token_file", format!("cannot read {}: {e}", path.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if let Some(t) = &token
+            && (t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(err("token_file", "the token must be at least 16 printable characters without spaces"));
+        }
+        if token.is_none() && !is_loopback(&listen) {
+            return Err(err(
+                "listen",
+                format!("{listen} is not loopback: set a token (EQUILIBRIO_TOKEN or token_file) to listen there"),
+            ));
+        }
+        let drain_timeout_ms = raw.drain_timeout.map_or(30_000, |m| m.0);
+        if !(100..=3_600_000).contains(&drain_timeout_ms) {
+            return Err(err("drain_timeout", "must be between 100ms and 1h"));
+        }
+        for (i, url) in raw.webhooks.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(err(format!("webhooks[{i}]"), "must be an http:// or https:// URL"));
+            }
+        }
+        let defaults = raw.environment.health_defaults();
+        let mut services = BTreeMap::new();
+        for (name, svc) in raw.services {
+            let key = format!("services.{name}");
+            if name.is_empty() || !name.bytes().all(is_id_byte) {
+                return Err(err(key, "service names are 1 or more of [A-Za-z0-9._-]"));
+            }
+            let policy = svc.load_balancer.unwrap_or_else(|| Value::Object(Default::default()));
+            validate_policy(&name, &policy).map_err(|e| {
+                let inner = e.key.strip_prefix("policy.").unwrap_or(&e.key).to_string();
+                err(format!("{key}.load_balancer.{inner}"), e.reason)
+            })?;
+            let h = svc.health_check.unwrap_or(RawHealthCheck {
+                interval: None,
+                timeout: None,
+                retries: None,
+                rise: None,
+                endpoint: None,
+            });
+            let health_check = HealthCheck {
+                interval_ms: h.interval.map_or(defaults.interval_ms, |m| m.0),
+                timeout_ms: h.timeout.map_or(defaults.timeout_ms, |m| m.0),
+                retries: h.retries.unwrap_or(defaults.retries),
+                rise: h.rise.unwrap_or(defaults.rise),
+                endpoint: h.endpoint.unwrap_or_else(|| defaults.endpoint.clone()),
+            };
+            validate_health(&health_check).map_err(|(f, r)| err(format!("{key}.health_check.{f}"), r))?;
+            let mut ids = std::collections::HashSet::new();
+            for (i, inst) in svc.instances.iter().enumerate() {
+                inst.validate().map_err(|(f, r)| err(format!("{key}.instances[{i}].{f}"), r))?;
+                if !ids.insert(inst.id.clone()) {
+                    return Err(err(format!("{key}.instances[{i}].id"), format!("`{}` appears twice", inst.id)));
+                }
+            }
+            services.insert(name, ServiceConfig { policy, health_check, instances: svc.instances });
+        }
+        Ok(Config {
+            environment: raw.environment,
+            listen,
+            token,
+            state_file: raw.state_file,
+            drain_timeout_ms,
+            webhooks: raw.webhooks,
+            services,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+environment: production
+listen: 127.0.0.1:9900
+services:
+  agente-vendedor:
+    load_balancer:
+      algorithm: weighted_round_robin
+      sticky_sessions: {enabled: true, cookie_name: AGENTE_VENDEDOR_SESSION, ttl: 3600, secret: "0123456789abcdef0123"}
+      rate_limiting: {enabled: true, requests_per_minute: 1000, burst_size: 100}
+    health_check: {interval: 30, timeout: 5, retries: 3, endpoint: /health}
+    instances:
+      - {id: av-1, address: "127.0.0.1:8081", weight: 100, zone: a, tags: [api, rag, cache], version: 1.0.0}
+"#;
+
+    #[test]
+    fn parses_the_plan_vocabulary() {
+        let c = Config::parse(GOOD, None).unwrap();
+        assert_eq!(c.environment, Environment::Production);
+        let s = &c.services["agente-vendedor"];
+        assert_eq!(s.health_check.interval_ms, 30_000);
+        assert_eq!(s.health_check.rise, 2, "from the production profile");
+        assert_eq!(s.instances[0].tags, vec!["api", "rag", "cache"]);
+        assert_eq!(s.policy["rate_limiting"]["burst_size"], 100);
+    }
+
+    #[test]
+    fn durations_take_units() {
+        let y = "services:\n  s:\n    health_check: {interval: 500ms, timeout: 100ms}\n";
+        let c = Config::parse(y, None).unwrap();
+        assert_eq!(c.services["s"].health_check.interval_ms, 500);
+        assert_eq!(c.services["s"].health_check.timeout_ms, 100);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("listen: nowhere\n", "listen"),
+            ("colour: blue\n", "colour"),
+            ("environment: moon\n", "environment"),
+            ("services:\n  s:\n    health_check: {interval: 1, timeout: 5}\n", "services.s.health_check.timeout"),
+            ("services:\n  s:\n    health_check: {intervl: 1}\n", "services.s.health_check.intervl"),
+            ("services:\n  s:\n    load_balancer: {algorithm: fastest}\n", "services.s.load_balancer.algorithm"),
+            (
+                "services:\n  s:\n    load_balancer: {sticky_sessions: {enabled: true}}\n",
+                "services.s.load_balancer.sticky_sessions.secret",
+            ),
+            ("services:\n  s:\n    instances: [{id: a, address: 'x:1'}]\n", "services.s.instances[0].address"),
+            (
+                "services:\n  s:\n    instances: [{id: a, address: '127.0.0.1:1'}, {id: a, address: '127.0.0.1:2'}]\n",
+                "services.s.instances[1].id",
+            ),
+            ("listen: 0.0.0.0:9900\n", "listen"),
+        ];
+        for (yaml, key) in cases {
+            let e = Config::parse(yaml, None).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_token_allows_other_addresses() {
+        let c = Config::parse("listen: 0.0.0.0:9900\n", Some("a-long-enough-token-123".into())).unwrap();
+        assert_eq!(c.token.as_deref(), Some("a-long-enough-token-123"));
+        let e = Config::parse("", Some("short".into())).unwrap_err();
+        assert_eq!(e.key, "token_file");
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_development_supervisor() {
+        let c = Config::parse("", None).unwrap();
+        assert_eq!(c.environment, Environment::Development);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9900");
+    }
+}

@@ -1,0 +1,96 @@
+//! `equilibrio-supervisor --config <file>`: loads the configuration and the state file, starts the health monitor and
+//! the API, and shuts down gracefully on SIGTERM or Ctrl-C (readiness fails first, then in-flight calls finish).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use equilibrio_supervisor::{api, app::App, config::Config, monitor};
+
+#[derive(Parser)]
+#[command(
+    name = "equilibrio-supervisor",
+    version,
+    about = "Registers, health-checks and serves instances to Equilibrio's proxies"
+)]
+struct Args {
+    /// The YAML configuration file.
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Listen here instead of the configuration's `listen`.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EQUILIBRIO_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("equilibrio-supervisor: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let text =
+        std::fs::read_to_string(&args.config).map_err(|e| format!("cannot read {}: {e}", args.config.display()))?;
+    let mut config = Config::parse(&text, std::env::var("EQUILIBRIO_TOKEN").ok())?;
+    if let Some(listen) = args.listen {
+        if config.token.is_none() && !listen.ip().is_loopback() {
+            return Err(format!("invalid configuration: `listen`: {listen} is not loopback: set a token").into());
+        }
+        config.listen = listen;
+    }
+    let listen = config.listen;
+    let app = Arc::new(App::new(config)?);
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, services = app.registry().services.len(), "supervisor started");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let monitor = tokio::spawn(monitor::run(app.clone(), stop_rx.clone()));
+    let shutdown_app = app.clone();
+    let mut api_stop = stop_rx.clone();
+    let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(async move {
+        let _ = api_stop.changed().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: not ready, finishing calls in flight");
+    shutdown_app.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let _ = monitor.await;
+    // SSE streams never end on their own: bound the drain
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

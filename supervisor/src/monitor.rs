@@ -1,0 +1,86 @@
+//! The health monitor: active HTTP checks of every instance on its own schedule, plus the housekeeping that time
+//! drives (drains, heartbeats).
+//!
+//! A scheduler wakes every 50 ms, starts the checks that are due as separate tasks (so a slow instance never delays
+//! another), and never starts a second check of an instance whose previous one is still running. Each instance's next
+//! check is its interval with 10% jitter, so checks of many instances spread out instead of arriving in bursts. A check
+//! is healthy on any 2xx within the timeout.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::app::{App, now_ms};
+
+type Key = (String, String);
+
+pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap_or_default();
+    let mut next: HashMap<Key, Instant> = HashMap::new();
+    let running: Arc<Mutex<HashSet<Key>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let reg = app.registry();
+            let mut present = HashSet::new();
+            for (name, svc) in &reg.services {
+                let interval = Duration::from_millis(svc.health_check.interval_ms);
+                for (id, inst) in &svc.instances {
+                    let key = (name.clone(), id.clone());
+                    present.insert(key.clone());
+                    // first check soon, spread over a tenth of the interval
+                    let at = *next.entry(key.clone()).or_insert_with(|| now + interval.mul_f64(fastrand::f64() * 0.1));
+                    if at <= now && !running.lock().map(|r| r.contains(&key)).unwrap_or(true) {
+                        let url = format!("http://{}{}", inst.spec.address, svc.health_check.endpoint);
+                        due.push((key.clone(), url, Duration::from_millis(svc.health_check.timeout_ms)));
+                        next.insert(key, now + interval.mul_f64(0.9 + fastrand::f64() * 0.2));
+                    }
+                }
+            }
+            next.retain(|k, _| present.contains(k));
+        }
+        for (key, url, timeout) in due {
+            if let Ok(mut r) = running.lock() {
+                r.insert(key.clone());
+            }
+            let (app, client, running) = (app.clone(), client.clone(), running.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let ok = matches!(client.get(&url).timeout(timeout).send().await, Ok(r) if r.status().is_success());
+                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                app.metrics.check(&key.0, ok, latency_ms / 1000.0);
+                let event = app.registry().record_check(&key.0, &key.1, ok, latency_ms, now_ms());
+                if let Some(e) = event {
+                    app.observe(vec![e]);
+                }
+                if let Ok(mut r) = running.lock() {
+                    r.remove(&key);
+                }
+            });
+        }
+        housekeeping(&app);
+    }
+}
+
+/// Drains that finished, heartbeats that expired. Expired heartbeats change what users registered: saved.
+fn housekeeping(app: &App) {
+    let now = now_ms();
+    let drained = {
+        let reports = app.reports();
+        app.registry().advance_drains(|s, id| reports.in_flight(s, id, now), now)
+    };
+    if !drained.is_empty() {
+        app.observe(drained);
+    }
+    let expired = app.change(|reg, now| Ok::<_, crate::persist::PersistError>(((), reg.expire_heartbeats(now))));
+    if let Err(e) = expired {
+        tracing::error!(error = %e, "cannot save the state after expiring heartbeats");
+    }
+}

@@ -1,0 +1,177 @@
+//! Traffic per instance from the proxies' reports (`POST /v1/reports`), kept in a time window.
+//!
+//! Each proxy reports per-endpoint aggregates every poll period. Request and error rates are summed over all proxies
+//! across the window; in flight is the sum of each proxy's latest value; p95 is the largest recent p95 of any proxy
+//! (a conservative merge: quantiles do not add). Pure: reports and time come in.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// The body of `POST /v1/reports` (the filter's `Report`).
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Report {
+    pub service: String,
+    pub proxy: String,
+    #[serde(default)]
+    pub table_version: u64,
+    pub window_ms: u64,
+    #[serde(default)]
+    pub rate_limited: u64,
+    pub endpoints: Vec<EndpointReport>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct EndpointReport {
+    pub id: String,
+    pub requests: u64,
+    pub errors: u64,
+    #[serde(default)]
+    pub latency_sum_ms: f64,
+    #[serde(default)]
+    pub latency_p95_ms: f64,
+    #[serde(default)]
+    pub in_flight: i64,
+    #[serde(default)]
+    pub ejected: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    at_ms: u64,
+    proxy: String,
+    requests: u64,
+    errors: u64,
+    latency_sum_ms: f64,
+    p95_ms: f64,
+    in_flight: i64,
+}
+
+/// What the API and the metrics show per instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Traffic {
+    pub requests_per_second: f64,
+    pub error_rate: f64,
+    pub in_flight: i64,
+    pub latency_p95_ms: f64,
+    pub latency_mean_ms: f64,
+    pub requests_total: u64,
+}
+
+pub struct Reports {
+    window_ms: u64,
+    samples: BTreeMap<(String, String), VecDeque<Sample>>,
+    totals: BTreeMap<(String, String), u64>,
+}
+
+impl Reports {
+    pub fn new(window_ms: u64) -> Reports {
+        Reports { window_ms, samples: BTreeMap::new(), totals: BTreeMap::new() }
+    }
+
+    pub fn record(&mut self, r: &Report, now_ms: u64) {
+        for e in &r.endpoints {
+            let key = (r.service.clone(), e.id.clone());
+            *self.totals.entry(key.clone()).or_default() += e.requests;
+            let q = self.samples.entry(key).or_default();
+            q.push_back(Sample {
+                at_ms: now_ms,
+                proxy: r.proxy.clone(),
+                requests: e.requests,
+                errors: e.errors,
+                latency_sum_ms: e.latency_sum_ms,
+                p95_ms: e.latency_p95_ms,
+                in_flight: e.in_flight,
+            });
+        }
+        self.expire(now_ms);
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        for q in self.samples.values_mut() {
+            while q.front().is_some_and(|s| s.at_ms < horizon) {
+                q.pop_front();
+            }
+        }
+        self.samples.retain(|_, q| !q.is_empty());
+    }
+
+    pub fn traffic(&self, service: &str, id: &str, now_ms: u64) -> Traffic {
+        let key = (service.to_string(), id.to_string());
+        let total = self.totals.get(&key).copied().unwrap_or(0);
+        let Some(q) = self.samples.get(&key) else { return Traffic { requests_total: total, ..Traffic::default() } };
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= horizon).collect();
+        let requests: u64 = recent.iter().map(|s| s.requests).sum();
+        let errors: u64 = recent.iter().map(|s| s.errors).sum();
+        let latency: f64 = recent.iter().map(|s| s.latency_sum_ms).sum();
+        let span_ms = recent.first().map_or(self.window_ms, |s| now_ms.saturating_sub(s.at_ms)).max(1000);
+        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+        for s in &recent {
+            latest.insert(&s.proxy, s.in_flight);
+        }
+        Traffic {
+            requests_per_second: requests as f64 * 1000.0 / span_ms as f64,
+            error_rate: if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
+            in_flight: latest.values().sum(),
+            latency_p95_ms: recent.iter().filter(|s| s.requests > 0).map(|s| s.p95_ms).fold(0.0, f64::max),
+            latency_mean_ms: if requests == 0 { 0.0 } else { latency / requests as f64 },
+            requests_total: total,
+        }
+    }
+
+    /// In flight on an instance as the proxies last reported (`None` if no proxy reported it in the window).
+    pub fn in_flight(&self, service: &str, id: &str, now_ms: u64) -> Option<i64> {
+        let q = self.samples.get(&(service.to_string(), id.to_string()))?;
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
+        for s in q.iter().filter(|s| s.at_ms >= horizon) {
+            latest.insert(&s.proxy, s.in_flight);
+        }
+        (!latest.is_empty()).then(|| latest.values().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(proxy: &str, requests: u64, in_flight: i64) -> Report {
+        Report {
+            service: "av".into(),
+            proxy: proxy.into(),
+            table_version: 1,
+            window_ms: 1000,
+            rate_limited: 0,
+            endpoints: vec![EndpointReport {
+                id: "a".into(),
+                requests,
+                errors: requests / 10,
+                latency_sum_ms: requests as f64 * 2.0,
+                latency_p95_ms: 5.0,
+                in_flight,
+                ejected: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn sums_over_proxies_and_the_window() {
+        let mut r = Reports::new(60_000);
+        for t in 1..=10u64 {
+            r.record(&report("p1", 100, 3), t * 1000);
+            r.record(&report("p2", 50, 2), t * 1000);
+        }
+        let t = r.traffic("av", "a", 10_000);
+        assert!((t.requests_per_second - 1500.0 / 9.0).abs() < 1.0, "{t:?}");
+        assert!((t.error_rate - 0.1).abs() < 0.01);
+        assert_eq!(t.in_flight, 5);
+        assert_eq!(t.latency_p95_ms, 5.0);
+        assert_eq!(t.requests_total, 1500);
+        assert_eq!(r.in_flight("av", "a", 10_000), Some(5));
+        // the window forgets
+        assert_eq!(r.in_flight("av", "a", 200_000), None);
+        assert_eq!(r.traffic("av", "zz", 0), Traffic::default());
+    }
+}

@@ -1,0 +1,109 @@
+//! What the proxies read: the endpoint table in the filter's wire format, and Envoy's REST EDS answer.
+//!
+//! Both come from the same registry state, so Envoy's cluster membership and the filter's choices always agree:
+//! healthy instances are `HEALTHY`, draining ones `DRAINING` (Envoy's `override_host` still reaches them for their
+//! sticky sessions), and unhealthy or not yet checked ones `UNHEALTHY`.
+
+use serde_json::{Value, json};
+
+use crate::registry::Service;
+
+/// `GET /v1/services/{service}/endpoints`.
+pub fn endpoints(svc: &Service) -> Value {
+    let endpoints: Vec<Value> = svc
+        .instances
+        .values()
+        .map(|i| {
+            json!({
+                "id": i.spec.id,
+                "address": i.spec.address,
+                "weight": i.spec.weight,
+                "state": i.table_state(),
+                "zone": i.spec.zone,
+            })
+        })
+        .collect();
+    json!({"service": svc.name, "version": svc.version, "endpoints": endpoints, "policy": svc.policy})
+}
+
+pub fn etag(svc: &Service) -> String {
+    format!("\"{}\"", svc.version)
+}
+
+/// Envoy's REST EDS `DiscoveryResponse` for the `ClusterLoadAssignment` named `cluster` (the same name as the
+/// service: the proxy config names its cluster after the service or lists it in `resource_names`).
+pub fn eds(svc: &Service, cluster: &str) -> Value {
+    let lb_endpoints: Vec<Value> = svc
+        .instances
+        .values()
+        .filter_map(|i| {
+            let addr: std::net::SocketAddr = i.spec.address.parse().ok()?;
+            let health = match i.table_state() {
+                "healthy" => "HEALTHY",
+                "draining" => "DRAINING",
+                _ => "UNHEALTHY",
+            };
+            Some(json!({
+                "endpoint": {"address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}},
+                "health_status": health,
+                "load_balancing_weight": i.spec.weight.max(1),
+            }))
+        })
+        .collect();
+    json!({
+        "version_info": svc.version.to_string(),
+        "type_url": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": cluster,
+            "endpoints": [{"lb_endpoints": lb_endpoints}],
+        }],
+    })
+}
+
+/// A policy fit to show to anyone: the sticky-session secret is replaced.
+pub fn redact(policy: &Value) -> Value {
+    let mut p = policy.clone();
+    if let Some(secret) = p.pointer_mut("/sticky_sessions/secret")
+        && !secret.is_null()
+    {
+        *secret = json!("<redacted>");
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::registry::Registry;
+
+    #[test]
+    fn table_and_eds_agree() {
+        let c = Config::parse(
+            "services:\n  av:\n    instances: [{id: a, address: '127.0.0.1:1'}, {id: b, address: '127.0.0.1:2', weight: 0}]\n",
+            None,
+        )
+        .unwrap();
+        let mut r = Registry::from_config(&c.services, 5);
+        r.record_check("av", "a", true, 1.0, 6);
+        let svc = r.service("av").unwrap();
+        let t = endpoints(svc);
+        assert_eq!(t["endpoints"][0]["state"], "healthy");
+        assert_eq!(t["endpoints"][1]["state"], "unhealthy");
+        let parsed = equilibrio_filter::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
+        assert_eq!(parsed.version, svc.version);
+        let e = eds(svc, "backend");
+        let eps = &e["resources"][0]["endpoints"][0]["lb_endpoints"];
+        assert_eq!(eps[0]["health_status"], "HEALTHY");
+        assert_eq!(eps[1]["health_status"], "UNHEALTHY");
+        assert_eq!(eps[1]["load_balancing_weight"], 1, "EDS weights are at least 1");
+    }
+
+    #[test]
+    fn redacts_the_secret() {
+        let p = json!({"sticky_sessions": {"enabled": true, "secret": "s3cr3t-s3cr3t-s3cr3t"}});
+        assert_eq!(redact(&p)["sticky_sessions"]["secret"], "<redacted>");
+        assert_eq!(redact(&json!({}))["algorithm"], Value::Null);
+    }
+}
