@@ -370,3 +370,21 @@ services:
         assert_eq!(c.listen.to_string(), "127.0.0.1:9900");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy-config/supervisor.yaml");
+        let c = Config::parse(&std::fs::read_to_string(path).unwrap(), None).unwrap();
+        assert!(c.services.contains_key("agente-vendedor"));
+        for env in ["production", "staging", "development"] {
+            let text = std::fs::read_to_string(path)
+                .unwrap()
+                .replace("environment: development", &format!("environment: {env}"));
+            Config::parse(&text, None).unwrap();
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod envoy;
+pub mod supervisor;
 pub mod table_server;
 
 use std::path::PathBuf;

@@ -1,0 +1,167 @@
+//! Runs the real `equilibrio-supervisor` binary (built by `cargo build -p equilibrio-supervisor`) with a test's
+//! configuration, on a free loopback port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::repo_root;
+
+pub const TOKEN: &str = "integration-token-0123456789";
+
+pub struct Supervisor {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    config: PathBuf,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let bin = repo_root().join("target/debug/equilibrio-supervisor");
+    if !bin.exists() {
+        bail!("{} is missing: run `cargo build -p equilibrio-supervisor` (scripts/test does)", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A free loopback port (bound then released: fine for tests on one machine).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Supervisor {
+    /// Writes `yaml` (without `listen`/`state_file`, which the harness sets) and starts the supervisor.
+    pub async fn start(yaml: &str) -> anyhow::Result<Supervisor> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = repo_root().join(format!("target/equilibrio-tests/supervisor-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = dir.join("supervisor.yaml");
+        std::fs::write(&config, format!("listen: {addr}\nstate_file: {}\n{yaml}", dir.join("state.json").display()))?;
+        let mut s = Supervisor { child: None, addr, dir, config };
+        s.restart().await?;
+        Ok(s)
+    }
+
+    /// Starts the process again on the same configuration and state file.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("supervisor.log"))?;
+        let child = Command::new(binary()?)
+            .arg("--config")
+            .arg(&self.config)
+            .env("EQUILIBRIO_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the supervisor")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("supervisor exited ({status}):\n{}", self.log());
+            }
+            if reqwest::get(self.url("/livez")).await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("supervisor did not answer in 15 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: returns whether it exited on its own within `within`.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("supervisor.log")).unwrap_or_default()
+    }
+
+    pub fn client() -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    /// GET with the token, as JSON.
+    pub async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(Self::client().get(self.url(path)).bearer_auth(TOKEN).send().await?.json().await?)
+    }
+
+    /// A call with the token; returns the status and the JSON body (Null when empty).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut req = Self::client().request(method.parse()?, self.url(path)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// Waits until `instance` of `service` has table state `state`; returns how long it took.
+    pub async fn wait_state(
+        &self,
+        service: &str,
+        instance: &str,
+        state: &str,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let v = self.get(&format!("/v1/services/{service}/instances")).await?;
+            let now = v.as_array().and_then(|a| a.iter().find(|i| i["id"] == instance)).map(|i| i["state"].clone());
+            if now.as_ref().and_then(|s| s.as_str()) == Some(state) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                bail!("{instance} is {now:?}, not {state}, after {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,200 @@
+//! The real supervisor binary with real HTTP instances (and real Envoy): health checking, the management API over a
+//! socket, restarts and `kill -9`, graceful shutdown, and the proxies consuming its tables.
+
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use equilibrio_tests::backend::Backend;
+use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::supervisor::{Supervisor, TOKEN, binary};
+use equilibrio_tests::{by_body, load};
+use serde_json::json;
+
+fn service_yaml(backends: &[Backend], health: &str) -> String {
+    let instances: Vec<String> =
+        backends.iter().map(|b| format!("{{id: {}, address: '{}', zone: local}}", b.id, b.addr)).collect();
+    format!(
+        "environment: development\nservices:\n  agente-vendedor:\n    health_check: {health}\n    instances: [{}]\n",
+        instances.join(", ")
+    )
+}
+
+async fn backends(n: usize) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        v.push(Backend::start(&format!("av-{i}")).await.unwrap());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_become_healthy_and_a_dead_one_is_noticed_in_time() {
+    let b = backends(3).await;
+    // interval 200 ms, timeout 100 ms, 2 failures
+    let s =
+        Supervisor::start(&service_yaml(&b, "{interval: 200ms, timeout: 100ms, retries: 2, rise: 1}")).await.unwrap();
+    for x in &b {
+        s.wait_state("agente-vendedor", &x.id, "healthy", Duration::from_secs(5)).await.unwrap();
+    }
+    let killed = Instant::now();
+    b[1].kill();
+    let took = s.wait_state("agente-vendedor", "av-2", "unhealthy", Duration::from_secs(5)).await.unwrap();
+    // within interval x retries + timeout (plus the jitter of one interval and scheduling)
+    assert!(killed.elapsed() <= Duration::from_millis(200 * 2 + 100 + 300), "noticed after {took:?}");
+    // the others stay healthy, and the check latency is recorded
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    let healthy: Vec<_> = v.as_array().unwrap().iter().filter(|i| i["state"] == "healthy").collect();
+    assert_eq!(healthy.len(), 2);
+    assert!(healthy[0]["check_latency_ms"].as_f64().unwrap() < 100.0);
+    // the transition is an event, in the SSE stream
+    let mut resp = Supervisor::client().get(s.url("/v1/events")).send().await.unwrap();
+    let mut text = String::new();
+    while !text.contains("\"unhealthy\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("event: event") && text.contains("\"instance\":\"av-2\""), "{text}");
+    // and a metric
+    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("equilibrio_supervisor_instances{service=\"agente-vendedor\",state=\"unhealthy\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_changes_survive_kill_9_and_a_corrupt_state_file_stops_the_start() {
+    let b = backends(2).await;
+    let mut s = Supervisor::start(&service_yaml(&b[..1], "{interval: 200ms, timeout: 100ms}")).await.unwrap();
+    let (st, v) = s
+        .call(
+            "POST",
+            "/v1/services/agente-vendedor/instances",
+            Some(json!({"id": "av-2", "address": b[1].addr.to_string(), "tags": ["api"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        s.call("PUT", "/v1/services/agente-vendedor/instances/av-1", Some(json!({"weight": 30}))).await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        s.call("PUT", "/v1/services/agente-vendedor/policy", Some(json!({"algorithm": "least_connections"})))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    // without the token: refused
+    let r = Supervisor::client().delete(s.url("/v1/services/agente-vendedor/instances/av-2")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let before = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap();
+
+    s.kill9();
+    s.restart().await.unwrap();
+    s.wait_state("agente-vendedor", "av-2", "healthy", Duration::from_secs(5)).await.unwrap();
+    let after = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap();
+    assert_eq!(after["policy"]["algorithm"], "least_connections");
+    let weight = |t: &serde_json::Value, id: &str| {
+        t["endpoints"].as_array().unwrap().iter().find(|e| e["id"] == id).unwrap()["weight"].clone()
+    };
+    assert_eq!(weight(&after, "av-1"), 30);
+    assert_eq!(after["endpoints"].as_array().unwrap().len(), 2);
+    assert!(after["version"].as_u64() > before["version"].as_u64(), "versions rise across restarts");
+
+    // a corrupt state file: refuses to start, says why, leaves the file alone
+    s.kill9();
+    let state = s.dir.join("state.json");
+    std::fs::write(&state, b"{\"services\": {truncated").unwrap();
+    let err = s.restart().await.unwrap_err().to_string();
+    assert!(err.contains("corrupt") && err.contains("left untouched"), "{err}");
+    assert_eq!(std::fs::read(&state).unwrap(), b"{\"services\": {truncated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_and_refusals_at_start() {
+    let b = backends(1).await;
+    let mut s = Supervisor::start(&service_yaml(&b, "{interval: 1}")).await.unwrap();
+    assert!(s.terminate(Duration::from_secs(10)), "SIGTERM ends it cleanly");
+
+    // a non-loopback listen address without a token is refused, naming the key
+    let dir = std::env::temp_dir().join(format!("eq-sup-refuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("s.yaml");
+    std::fs::write(&cfg, "listen: 0.0.0.0:9999\n").unwrap();
+    let out = std::process::Command::new(binary().unwrap())
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("EQUILIBRIO_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`listen`") && stderr.contains("token"), "{stderr}");
+    // a bad key is named
+    std::fs::write(&cfg, "services:\n  av:\n    health_check: {interval: soon}\n").unwrap();
+    let out = std::process::Command::new(binary().unwrap()).arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("services.av.health_check.interval"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_the_filter_follow_the_supervisor() {
+    let b = backends(3).await;
+    let s =
+        Supervisor::start(&service_yaml(&b, "{interval: 200ms, timeout: 100ms, retries: 2, rise: 1}")).await.unwrap();
+    for x in &b {
+        s.wait_state("agente-vendedor", &x.id, "healthy", Duration::from_secs(5)).await.unwrap();
+    }
+    let filter = json!({"service": "agente-vendedor",
+        "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let envoy = Envoy::start(&filter, s.addr).await.unwrap();
+    let version = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap()["version"].as_u64().unwrap();
+    envoy.wait_for_table(3, version).await.unwrap();
+    let client = reqwest::Client::new();
+    let counts = by_body(&load(&client, &envoy.url("/"), 300, 4).await);
+    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+    for x in &b {
+        let n = counts.get(&x.id).copied().unwrap_or(0);
+        assert!((95..=105).contains(&n), "{counts:?}");
+    }
+    // drain av-3 through the API: no new traffic within two poll periods (plus EDS)
+    let (st, v) = s.call("POST", "/v1/services/agente-vendedor/instances/av-3/drain", None).await.unwrap();
+    assert_eq!((st, v["state"].as_str()), (200, Some("draining")));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = by_body(&load(&client, &envoy.url("/"), 30, 2).await);
+        if !counts.contains_key("av-3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still sending to a draining instance: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the reports arrive: the supervisor sees the traffic per instance
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+        let total: u64 =
+            v.as_array().unwrap().iter().map(|i| i["traffic"]["requests_total"].as_u64().unwrap_or(0)).sum();
+        if total >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reports counted {total} requests");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // and once nothing is in flight the drain completes
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+        let av3 = v.as_array().unwrap().iter().find(|i| i["id"] == "av-3").unwrap().clone();
+        if av3["drain"]["done_ms"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain never completed: {av3}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
