@@ -198,3 +198,70 @@ async fn envoy_and_the_filter_follow_the_supervisor() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_get_events_and_a_slow_instance_delays_no_other() {
+    use axum::routing::post;
+    // a webhook receiver that fails its first two calls: the supervisor must retry
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r2, f2) = (received.clone(), failures.clone());
+    let hook = axum::Router::new().route(
+        "/hook",
+        post(move |body: axum::body::Bytes| {
+            let (r, f) = (r2.clone(), f2.clone());
+            async move {
+                if f.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or_default());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+
+    // a slow instance: accepts connections and never answers
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = slow.accept().await {
+            held.push(sock);
+        }
+    });
+
+    let b = backends(2).await;
+    let yaml = format!(
+        "webhooks: ['http://{hook_addr}/hook']\n{}",
+        service_yaml(&b, "{interval: 200ms, timeout: 150ms, retries: 2, rise: 1}")
+    )
+    .replace("instances: [", &format!("instances: [{{id: slow, address: '{slow_addr}'}}, "));
+    let s = Supervisor::start(&yaml).await.unwrap();
+    s.wait_state("agente-vendedor", "slow", "unhealthy", Duration::from_secs(5)).await.unwrap();
+    for x in &b {
+        s.wait_state("agente-vendedor", &x.id, "healthy", Duration::from_secs(5)).await.unwrap();
+    }
+    // the fast instances keep being checked every interval while the slow one times out
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    for i in v.as_array().unwrap().iter().filter(|i| i["id"] != "slow") {
+        assert!(i["check_latency_ms"].as_f64().unwrap() < 50.0, "{i}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let kinds: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{}:{}", e["kind"].as_str().unwrap_or(""), e["instance"].as_str().unwrap_or("")))
+            .collect();
+        if kinds.contains(&"healthy:av-1".to_string()) && kinds.contains(&"unhealthy:slow".to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "webhook got {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failures.load(std::sync::atomic::Ordering::SeqCst) >= 3, "the failed deliveries were retried");
+}
