@@ -26,4 +26,5 @@ pub mod monitor;
 pub mod persist;
 pub mod registry;
 pub mod reports;
+pub mod scaling;
 pub mod table;

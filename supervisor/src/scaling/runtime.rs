@@ -1,0 +1,247 @@
+//! The container runtime behind a trait: Docker through bollard in production, an in-memory fake in unit tests.
+//!
+//! Managed containers carry labels under one reverse-DNS prefix (`io.equilibrio.*`): the service, the instance id and
+//! `managed-by=equilibrio`. Containers a user starts with just `io.equilibrio.service=<name>` (and optionally
+//! `io.equilibrio.port`) are discovered too, as Traefik's Docker provider does, but never stopped by the autoscaler.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+pub const LABEL_SERVICE: &str = "io.equilibrio.service";
+pub const LABEL_INSTANCE: &str = "io.equilibrio.instance";
+pub const LABEL_MANAGED_BY: &str = "io.equilibrio.managed-by";
+pub const LABEL_PORT: &str = "io.equilibrio.port";
+pub const MANAGED_BY: &str = "equilibrio";
+
+/// How a service's containers are made (`services.<name>.docker` in the configuration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The port the application listens on inside the container.
+    pub port: u16,
+    #[serde(default)]
+    pub labels: HashMap<String, String>,
+    /// CPU limit in cores (e.g. 0.5).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit in MiB.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Reach containers at their address on this user network instead of a port published on 127.0.0.1.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when stopping.
+    #[serde(default = "default_grace")]
+    pub stop_grace: u32,
+}
+
+fn default_grace() -> u32 {
+    10
+}
+
+impl Template {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.image.is_empty() {
+            return Err(("image", "must not be empty".into()));
+        }
+        if self.port == 0 {
+            return Err(("port", "must be a port number".into()));
+        }
+        if let Some(c) = self.cpus
+            && !(0.01..=256.0).contains(&c)
+        {
+            return Err(("cpus", "must be between 0.01 and 256".into()));
+        }
+        if let Some(m) = self.memory_mb
+            && !(6..=1 << 20).contains(&m)
+        {
+            return Err(("memory_mb", "must be between 6 and 1048576".into()));
+        }
+        if self.labels.keys().any(|k| k.starts_with("io.equilibrio.")) {
+            return Err(("labels", "keys under io.equilibrio. are reserved".into()));
+        }
+        if self.stop_grace > 600 {
+            return Err(("stop_grace", "must be at most 600 seconds".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A container as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    /// The instance id (the label, or the container name for discovered containers).
+    pub instance: String,
+    /// Started by the autoscaler (only those are ever stopped by it).
+    pub managed: bool,
+    pub running: bool,
+    /// `ip:port` the proxies reach it at, once known.
+    pub address: Option<String>,
+    pub created_ms: u64,
+    /// Killed by the kernel's OOM killer.
+    pub oom_killed: bool,
+    pub exit_code: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stats {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the container runtime is unreachable: {0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub trait Runtime: Send + Sync + 'static {
+    /// Containers labelled for `service`, running or not.
+    fn list(&self, service: &str) -> impl Future<Output = Result<Vec<Container>, RuntimeError>> + Send;
+    /// Creates and starts a managed container for `instance`.
+    fn create(
+        &self,
+        service: &str,
+        instance: &str,
+        t: &Template,
+    ) -> impl Future<Output = Result<Container, RuntimeError>> + Send;
+    /// SIGTERM, then SIGKILL after `grace` seconds.
+    fn stop(&self, id: &str, grace: u32) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stats(&self, id: &str) -> impl Future<Output = Result<Stats, RuntimeError>> + Send;
+}
+
+/// An in-memory runtime for unit tests: containers are records; tests can kill them or make creation fail.
+#[derive(Default)]
+pub struct FakeRuntime {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    containers: Vec<Container>,
+    next: u32,
+    fail_create: Option<String>,
+    unreachable: bool,
+    stats: Stats,
+}
+
+impl FakeRuntime {
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
+    }
+    pub fn fail_create(&self, message: Option<&str>) {
+        self.with(|s| s.fail_create = message.map(str::to_string));
+    }
+    pub fn set_unreachable(&self, down: bool) {
+        self.with(|s| s.unreachable = down);
+    }
+    pub fn set_stats(&self, stats: Stats) {
+        self.with(|s| s.stats = stats);
+    }
+    /// The container dies (as `docker kill` or an OOM kill).
+    pub fn kill(&self, instance: &str, oom: bool) {
+        self.with(|s| {
+            for c in s.containers.iter_mut().filter(|c| c.instance == instance) {
+                c.running = false;
+                c.oom_killed = oom;
+                c.exit_code = Some(137);
+            }
+        });
+    }
+    /// A container a user started by hand with the service label.
+    pub fn add_unmanaged(&self, service: &str, name: &str, address: &str) {
+        self.with(|s| {
+            s.containers.push(Container {
+                id: format!("user-{name}"),
+                name: name.into(),
+                service: service.into(),
+                instance: name.into(),
+                managed: false,
+                running: true,
+                address: Some(address.into()),
+                created_ms: 0,
+                oom_killed: false,
+                exit_code: None,
+            })
+        });
+    }
+    pub fn running(&self, service: &str) -> usize {
+        self.with(|s| s.containers.iter().filter(|c| c.service == service && c.running).count())
+    }
+    pub fn all(&self) -> Vec<Container> {
+        self.with(|s| s.containers.clone())
+    }
+}
+
+impl Runtime for FakeRuntime {
+    async fn list(&self, service: &str) -> Result<Vec<Container>, RuntimeError> {
+        self.with(|s| {
+            if s.unreachable {
+                return Err(RuntimeError::Unreachable("fake runtime down".into()));
+            }
+            Ok(s.containers.iter().filter(|c| c.service == service).cloned().collect())
+        })
+    }
+
+    async fn create(&self, service: &str, instance: &str, t: &Template) -> Result<Container, RuntimeError> {
+        self.with(|s| {
+            if s.unreachable {
+                return Err(RuntimeError::Unreachable("fake runtime down".into()));
+            }
+            if let Some(m) = &s.fail_create {
+                return Err(RuntimeError::Failed(m.clone()));
+            }
+            s.next += 1;
+            let c = Container {
+                id: format!("c{}", s.next),
+                name: instance.into(),
+                service: service.into(),
+                instance: instance.into(),
+                managed: true,
+                running: true,
+                address: Some(format!("127.0.0.1:{}", 40_000 + s.next + u32::from(t.port % 10))),
+                created_ms: u64::from(s.next),
+                oom_killed: false,
+                exit_code: None,
+            };
+            s.containers.push(c.clone());
+            Ok(c)
+        })
+    }
+
+    async fn stop(&self, id: &str, _grace: u32) -> Result<(), RuntimeError> {
+        self.with(|s| {
+            for c in s.containers.iter_mut().filter(|c| c.id == id) {
+                c.running = false;
+                c.exit_code = Some(0);
+            }
+            Ok(())
+        })
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.with(|s| {
+            s.containers.retain(|c| c.id != id);
+            Ok(())
+        })
+    }
+
+    async fn stats(&self, _id: &str) -> Result<Stats, RuntimeError> {
+        self.with(|s| Ok(s.stats))
+    }
+}
