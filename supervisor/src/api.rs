@@ -237,7 +237,29 @@ async fn metrics(State(app): State<AppState>) -> Response {
             })
             .collect()
     };
-    let body = app.metrics.render(&samples);
+    let scaling: Vec<crate::metrics::ScalingSample> = {
+        let reg = app.registry();
+        let states = app.scaling();
+        states
+            .iter()
+            .map(|(name, st)| {
+                let price =
+                    reg.services.get(name).and_then(|s| s.scaling.as_ref()).map_or(0.0, |p| p.price_per_instance_hour);
+                crate::metrics::ScalingSample {
+                    service: name.clone(),
+                    current: st.current,
+                    desired: st.desired,
+                    cpu_avg: st.cost.cpu_percent_avg,
+                    cpu_peak: st.cost.cpu_percent_peak,
+                    memory_avg: st.cost.memory_percent_avg,
+                    memory_peak: st.cost.memory_percent_peak,
+                    cost_per_request: st.cost.cost_per_request(price),
+                    efficiency: st.cost.efficiency(),
+                }
+            })
+            .collect()
+    };
+    let body = app.metrics.render(&samples, &scaling);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
@@ -633,13 +655,144 @@ async fn events(
     Sse::new(past.chain(live)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
+/// The auto-scaling state of a service: policy, current and desired counts, manual hold, cost figures.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScalingView {
+    pub policy: crate::scaling::policy::ScalingPolicy,
+    pub current: u32,
+    pub desired: u32,
+    /// A manual scale holds the count until then (unix ms).
+    pub hold_until_ms: Option<u64>,
+    pub docker_reachable: bool,
+    pub cost: crate::scaling::controller::CostStats,
+    pub cost_per_request: f64,
+    pub efficiency: f64,
+}
+
+fn scaling_view(app: &App, service: &str) -> Result<ScalingView, ApiError> {
+    let policy = app.registry().service(service)?.scaling.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_scaled",
+            format!("service `{service}` has no container template"),
+            None,
+        )
+    })?;
+    let states = app.scaling();
+    let st = states.get(service);
+    let cost = st.map(|s| s.cost.clone()).unwrap_or_default();
+    Ok(ScalingView {
+        current: st.map_or(0, |s| s.current),
+        desired: st.map_or(0, |s| s.desired),
+        hold_until_ms: st.map(|s| s.hold_until_ms).filter(|t| *t > now_ms()),
+        docker_reachable: app.docker_ok.load(std::sync::atomic::Ordering::SeqCst),
+        cost_per_request: cost.cost_per_request(policy.price_per_instance_hour),
+        efficiency: cost.efficiency(),
+        cost,
+        policy,
+    })
+}
+
+/// The scaling policy and state.
+#[utoipa::path(get, path = "/v1/services/{service}/scaling", params(("service" = String, Path)),
+    responses((status = 200, body = ScalingView), (status = 404, body = ErrorBody)))]
+async fn get_scaling(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<axum::Json<ScalingView>, ApiError> {
+    Ok(axum::Json(scaling_view(&app, &service)?))
+}
+
+/// Changes the scaling policy (the keys given are merged into the current policy, then validated).
+#[utoipa::path(put, path = "/v1/services/{service}/scaling", params(("service" = String, Path)), request_body = Object,
+    responses((status = 200, body = ScalingView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn put_scaling(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<ScalingView>, ApiError> {
+    authorized(&app, &headers)?;
+    let patch: Value = parse(&body)?;
+    let current = scaling_view(&app, &service)?.policy;
+    let policy = current.with_overrides(Some(&patch)).map_err(|(f, r)| ApiError::invalid(f, r))?;
+    app.change(|reg, now| reg.set_scaling(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    Ok(axum::Json(scaling_view(&app, &service)?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    /// The instance count to run (within min_instances and max_instances).
+    pub instances: u32,
+    /// How long the count holds before the autoscaler decides again (default 10 minutes).
+    #[schema(value_type = Option<String>)]
+    pub hold: Option<equilibrio_filter::config::Millis>,
+}
+
+/// Scales by hand: runs `instances` and holds that count for `hold`.
+#[utoipa::path(post, path = "/v1/services/{service}/scale", params(("service" = String, Path)), request_body = ScaleRequest,
+    responses((status = 200, body = ScalingView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn scale(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<ScalingView>, ApiError> {
+    authorized(&app, &headers)?;
+    let req: ScaleRequest = parse(&body)?;
+    let policy = scaling_view(&app, &service)?.policy;
+    if req.instances < policy.min_instances || req.instances > policy.max_instances {
+        return Err(ApiError::invalid(
+            "instances",
+            format!(
+                "must be between min_instances {} and max_instances {}",
+                policy.min_instances, policy.max_instances
+            ),
+        ));
+    }
+    let hold = req.hold.map_or(600_000, |h| h.0);
+    if !(1000..=86_400_000).contains(&hold) {
+        return Err(ApiError::invalid("hold", "must be between 1s and 24h"));
+    }
+    let now = now_ms();
+    if let Some(st) = app.scaling().get_mut(&service) {
+        st.manual_desired = Some(req.instances);
+        st.hold_until_ms = now + hold;
+        let from = st.current;
+        st.record(crate::scaling::controller::ScalingEvent {
+            time_ms: now,
+            kind: "manual".into(),
+            from,
+            to: req.instances,
+            reason: format!("manual scale, held for {} s", hold / 1000),
+        });
+    }
+    Ok(axum::Json(scaling_view(&app, &service)?))
+}
+
+/// Every scaling decision (time, from, to, reason), oldest first.
+#[utoipa::path(get, path = "/v1/services/{service}/scaling/events", params(("service" = String, Path)),
+    responses((status = 200, body = [crate::scaling::controller::ScalingEvent]), (status = 404, body = ErrorBody)))]
+async fn scaling_events(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<axum::Json<Vec<crate::scaling::controller::ScalingEvent>>, ApiError> {
+    scaling_view(&app, &service)?;
+    Ok(axum::Json(app.scaling().get(&service).map(|s| s.events.iter().cloned().collect()).unwrap_or_default()))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Equilibrio supervisor", description = "Instances, health, endpoint tables and balancing policies"),
     paths(livez, readyz, metrics, list_services, get_service, list_instances, register, deregister, update_instance, drain,
-        heartbeat, get_policy, put_policy, get_health_check, put_health_check, endpoints, eds, reports, events, openapi),
+        heartbeat, get_policy, put_policy, get_health_check, put_health_check, endpoints, eds, reports, events, openapi,
+        get_scaling, put_scaling, scale, scaling_events),
     components(schemas(ErrorBody, ErrorDetail, ServiceSummary, ServiceView, InstanceView, HostInfo, InstanceSpec, InstanceUpdate,
-        DrainRequest, HealthCheck, HealthCheckUpdate, Report, Traffic, Event)),
+        DrainRequest, HealthCheck, HealthCheckUpdate, Report, Traffic, Event, ScalingView, ScaleRequest,
+        crate::scaling::policy::ScalingPolicy, crate::scaling::controller::ScalingEvent, crate::scaling::controller::CostStats)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -667,7 +820,7 @@ async fn openapi() -> Response {
 }
 
 /// Every route, for the router and for the test that checks the OpenAPI document covers them all.
-pub const ROUTES: [(&str, &str); 20] = [
+pub const ROUTES: [(&str, &str); 24] = [
     ("get", "/livez"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -688,6 +841,10 @@ pub const ROUTES: [(&str, &str); 20] = [
     ("post", "/v3/discovery:endpoints"),
     ("post", "/v1/reports"),
     ("get", "/v1/events"),
+    ("get", "/v1/services/{service}/scaling"),
+    ("put", "/v1/services/{service}/scaling"),
+    ("post", "/v1/services/{service}/scale"),
+    ("get", "/v1/services/{service}/scaling/events"),
 ];
 
 /// The router (no socket: tests call it directly).
@@ -709,6 +866,9 @@ pub fn router(app: AppState) -> Router {
         .route("/v3/discovery:endpoints", post(eds))
         .route("/v1/reports", post(reports))
         .route("/v1/events", get(events))
+        .route("/v1/services/{service}/scaling", get(get_scaling).put(put_scaling))
+        .route("/v1/services/{service}/scale", post(scale))
+        .route("/v1/services/{service}/scaling/events", get(scaling_events))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", None) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)

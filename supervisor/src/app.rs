@@ -1,6 +1,7 @@
 //! The running supervisor's shared state, and the one path every change takes: mutate the registry under its lock,
 //! save the state file, publish the events.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -10,6 +11,8 @@ use crate::metrics::Metrics;
 use crate::persist;
 use crate::registry::Registry;
 use crate::reports::Reports;
+use crate::scaling::controller::ScalingState;
+use crate::scaling::runtime::Template;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -27,6 +30,9 @@ pub struct App {
     pub metrics: Metrics,
     /// Cleared at shutdown so `/readyz` fails first.
     pub ready: AtomicBool,
+    /// Cleared while Docker is unreachable (the supervisor is then not ready, but keeps serving its tables).
+    pub docker_ok: AtomicBool,
+    scaling: Mutex<BTreeMap<String, ScalingState>>,
 }
 
 impl App {
@@ -40,6 +46,13 @@ impl App {
             registry.restore(saved, now);
         }
         let events = EventBus::new(&config.webhooks);
+        let scaling = Mutex::new(
+            config
+                .services
+                .iter()
+                .filter_map(|(name, s)| s.docker.clone().map(|t| (name.clone(), ScalingState::new(t))))
+                .collect(),
+        );
         Ok(App {
             config,
             registry: Mutex::new(registry),
@@ -47,6 +60,8 @@ impl App {
             reports: Mutex::new(Reports::new(REPORT_WINDOW_MS)),
             metrics: Metrics::default(),
             ready: AtomicBool::new(true),
+            docker_ok: AtomicBool::new(true),
+            scaling,
         })
     }
 
@@ -88,6 +103,15 @@ impl App {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.docker_ok.load(Ordering::SeqCst)
+    }
+
+    /// The autoscaler's state per service (services with a container template).
+    pub fn scaling(&self) -> MutexGuard<'_, BTreeMap<String, ScalingState>> {
+        self.scaling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn scaling_template(&self, service: &str) -> Option<Template> {
+        self.scaling().get(service).map(|s| s.template.clone())
     }
 }

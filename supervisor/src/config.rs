@@ -96,6 +96,10 @@ struct RawService {
     #[serde(default)]
     load_balancer: Option<Value>,
     #[serde(default)]
+    docker: Option<crate::scaling::runtime::Template>,
+    #[serde(default)]
+    scaling: Option<Value>,
+    #[serde(default)]
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     instances: Vec<InstanceSpec>,
@@ -120,6 +124,10 @@ struct RawConfig {
 pub struct ServiceConfig {
     /// The balancing policy served to the proxies (the filter's policy keys), validated.
     pub policy: Value,
+    /// How to run the service's containers; with it, the service is auto-scaled.
+    pub docker: Option<crate::scaling::runtime::Template>,
+    /// The environment's scaling defaults with the service's overrides.
+    pub scaling: crate::scaling::policy::ScalingPolicy,
     pub health_check: HealthCheck,
     pub instances: Vec<InstanceSpec>,
 }
@@ -278,7 +286,16 @@ impl Config {
                     return Err(err(format!("{key}.instances[{i}].id"), format!("`{}` appears twice", inst.id)));
                 }
             }
-            services.insert(name, ServiceConfig { policy, health_check, instances: svc.instances });
+            if let Some(t) = &svc.docker {
+                t.validate().map_err(|(f, r)| err(format!("{key}.docker.{f}"), r))?;
+            }
+            let scaling = crate::scaling::policy::ScalingPolicy::for_environment(raw.environment)
+                .with_overrides(svc.scaling.as_ref())
+                .map_err(|(f, r)| err(format!("{key}.scaling.{f}"), r))?;
+            services.insert(
+                name,
+                ServiceConfig { policy, docker: svc.docker, scaling, health_check, instances: svc.instances },
+            );
         }
         Ok(Config {
             environment: raw.environment,

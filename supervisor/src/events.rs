@@ -25,6 +25,13 @@ pub enum EventKind {
     ZoneChanged,
     PolicyChanged,
     HealthCheckChanged,
+    ScalingPolicyChanged,
+    ScaledUp,
+    ScaledDown,
+    ScalingFailed,
+    InstanceReplaced,
+    DockerUnreachable,
+    DockerReachable,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

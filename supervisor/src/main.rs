@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use equilibrio_supervisor::{api, app::App, config::Config, monitor};
+use equilibrio_supervisor::{api, app::App, config::Config, monitor, scaling};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let monitor = tokio::spawn(monitor::run(app.clone(), stop_rx.clone()));
+    let templates: std::collections::HashMap<_, _> =
+        app.config.services.iter().filter_map(|(n, s)| s.docker.clone().map(|t| (n.clone(), t))).collect();
+    let scaler = (!templates.is_empty()).then(|| {
+        tracing::info!(services = templates.len(), "auto-scaling through the Docker API");
+        let runtime = Arc::new(scaling::docker::DockerRuntime::new(templates));
+        tokio::spawn(scaling::controller::run(app.clone(), runtime, stop_rx.clone()))
+    });
     let shutdown_app = app.clone();
     let mut api_stop = stop_rx.clone();
     let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(async move {
@@ -70,6 +77,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     shutdown_app.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = monitor.await;
+    if let Some(s) = scaler {
+        let _ = s.await;
+    }
     // SSE streams never end on their own: bound the drain
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())

@@ -37,6 +37,27 @@ struct InstanceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceKind {
+    service: String,
+    kind: String,
+}
+
+type ServiceFloat = Family<ServiceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+/// Per-service scaling values for the scrape.
+pub struct ScalingSample {
+    pub service: String,
+    pub current: u32,
+    pub desired: u32,
+    pub cpu_avg: f64,
+    pub cpu_peak: f64,
+    pub memory_avg: f64,
+    pub memory_peak: f64,
+    pub cost_per_request: f64,
+    pub efficiency: f64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -65,6 +86,9 @@ pub struct Metrics {
     errors: FloatFamily,
     in_flight: Family<InstanceLabels, Gauge>,
     p95: FloatFamily,
+    scaling_events: Family<ServiceKind, Counter>,
+    instance_seconds: Family<ServiceLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    scaling_gauges: Vec<(&'static str, ServiceFloat)>,
 }
 
 impl Default for Metrics {
@@ -90,7 +114,33 @@ impl Default for Metrics {
         registry.register("instance_in_flight", "Requests in flight as last reported", in_flight.clone());
         let p95 = FloatFamily::default();
         registry.register("instance_latency_p95_seconds", "p95 latency from proxy reports", p95.clone());
+        let scaling_events = Family::<ServiceKind, Counter>::default();
+        registry.register(
+            "scaling_events",
+            "Scaling decisions by kind (scale_up, scale_down, failed, replaced, manual)",
+            scaling_events.clone(),
+        );
+        let instance_seconds = Family::<ServiceLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("instance_seconds", "Seconds of serving instances (for cost)", instance_seconds.clone());
+        let mut scaling_gauges = Vec::new();
+        for (name, help) in [
+            ("scaling_current_instances", "Instances serving or starting"),
+            ("scaling_desired_instances", "Instances the autoscaler wants"),
+            ("cpu_percent_average", "Mean CPU utilization of the containers' limits"),
+            ("cpu_percent_peak", "Peak CPU utilization"),
+            ("memory_percent_average", "Mean memory utilization"),
+            ("memory_percent_peak", "Peak memory utilization"),
+            ("cost_per_request", "Instance cost per request at the configured price per instance-hour"),
+            ("efficiency_ratio", "Used over allocated capacity"),
+        ] {
+            let f = ServiceFloat::default();
+            registry.register(name, help, f.clone());
+            scaling_gauges.push((name, f));
+        }
         Metrics {
+            scaling_events,
+            instance_seconds,
+            scaling_gauges,
             registry: Mutex::new(registry),
             checks,
             check_seconds,
@@ -117,12 +167,36 @@ impl Metrics {
         self.events.get_or_create(&KindLabel { kind }).inc();
     }
 
+    pub fn scaling_event(&self, service: &str, kind: &str) {
+        self.scaling_events.get_or_create(&ServiceKind { service: service.into(), kind: kind.into() }).inc();
+    }
+
+    pub fn instance_seconds(&self, service: &str, seconds: f64) {
+        self.instance_seconds.get_or_create(&ServiceLabel { service: service.into() }).inc_by(seconds);
+    }
+
     pub fn report(&self) {
         self.reports.inc();
     }
 
     /// The text exposition, with the gauges set from `samples`.
-    pub fn render(&self, samples: &[InstanceSample]) -> String {
+    pub fn render(&self, samples: &[InstanceSample], scaling: &[ScalingSample]) -> String {
+        for (name, family) in &self.scaling_gauges {
+            family.clear();
+            for s in scaling {
+                let v = match *name {
+                    "scaling_current_instances" => f64::from(s.current),
+                    "scaling_desired_instances" => f64::from(s.desired),
+                    "cpu_percent_average" => s.cpu_avg,
+                    "cpu_percent_peak" => s.cpu_peak,
+                    "memory_percent_average" => s.memory_avg,
+                    "memory_percent_peak" => s.memory_peak,
+                    "cost_per_request" => s.cost_per_request,
+                    _ => s.efficiency,
+                };
+                family.get_or_create(&ServiceLabel { service: s.service.clone() }).set(v);
+            }
+        }
         self.instances.clear();
         self.rps.clear();
         self.errors.clear();

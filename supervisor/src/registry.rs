@@ -46,6 +46,12 @@ pub struct Instance {
     pub last_heartbeat_ms: u64,
     /// Latency of the last health check (ms).
     pub check_latency_ms: Option<f64>,
+    /// Since when it is healthy (for slow start).
+    #[serde(default)]
+    pub healthy_since_ms: Option<u64>,
+    /// Set while the weight ramps up after a scale-up (slow start): the weight it ramps to.
+    #[serde(default)]
+    pub full_weight: Option<u32>,
 }
 
 impl Instance {
@@ -59,6 +65,8 @@ impl Instance {
             heartbeat_ttl_ms,
             last_heartbeat_ms: now_ms,
             check_latency_ms: None,
+            healthy_since_ms: None,
+            full_weight: None,
         }
     }
 
@@ -80,6 +88,9 @@ pub struct Service {
     pub instances: BTreeMap<String, Instance>,
     /// Table version: the time of the last change (ms), strictly increasing.
     pub version: u64,
+    /// The auto-scaling policy, when the service has a container template (runtime changes are kept here).
+    #[serde(default)]
+    pub scaling: Option<crate::scaling::policy::ScalingPolicy>,
 }
 
 impl Service {
@@ -135,6 +146,7 @@ impl Registry {
                     health_check: s.health_check.clone(),
                     instances,
                     version: now_ms,
+                    scaling: s.docker.as_ref().map(|_| s.scaling.clone()),
                 },
             );
         }
@@ -148,6 +160,9 @@ impl Registry {
             let Some(svc) = self.services.get_mut(&name) else { continue };
             svc.policy = saved_svc.policy;
             svc.health_check = saved_svc.health_check;
+            if svc.scaling.is_some() && saved_svc.scaling.is_some() {
+                svc.scaling = saved_svc.scaling;
+            }
             for (id, mut inst) in saved_svc.instances {
                 inst.health = HealthState::default();
                 inst.check_latency_ms = None;
@@ -310,6 +325,7 @@ impl Registry {
         let inst = svc.instances.get_mut(id)?;
         inst.check_latency_ms = Some(latency_ms);
         let changed = inst.health.record(ok, thresholds)?;
+        inst.healthy_since_ms = (changed == Health::Healthy).then_some(now_ms);
         svc.bump(now_ms);
         let kind = if changed == Health::Healthy { EventKind::Healthy } else { EventKind::Unhealthy };
         Some(Event::new(now_ms, kind, service, Some(id), serde_json::json!({"check_latency_ms": latency_ms})))
@@ -348,6 +364,40 @@ impl Registry {
         svc.bump(now_ms);
         let shown = crate::table::redact(&svc.policy);
         Ok(vec![Event::new(now_ms, EventKind::PolicyChanged, service, None, shown)])
+    }
+
+    /// Slow start: moves a ramping instance's weight toward its full weight (10% at first, linear over
+    /// `slow_start_ms` from when it became healthy). Returns whether the table changed.
+    pub fn ramp(&mut self, service: &str, id: &str, slow_start_ms: u64, now_ms: u64) -> bool {
+        let Some(svc) = self.services.get_mut(service) else { return false };
+        let Some(inst) = svc.instances.get_mut(id) else { return false };
+        let (Some(full), Some(since)) = (inst.full_weight, inst.healthy_since_ms) else { return false };
+        let share = if slow_start_ms == 0 { 1.0 } else { now_ms.saturating_sub(since) as f64 / slow_start_ms as f64 };
+        let weight = ((f64::from(full) * share.clamp(0.1, 1.0)).round() as u32).clamp(1, full.max(1));
+        if share >= 1.0 {
+            inst.full_weight = None;
+        }
+        if weight == inst.spec.weight {
+            return false;
+        }
+        inst.spec.weight = weight;
+        svc.bump(now_ms);
+        true
+    }
+
+    pub fn set_scaling(
+        &mut self,
+        service: &str,
+        policy: crate::scaling::policy::ScalingPolicy,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RegistryError> {
+        let svc = self.service_mut(service)?;
+        if svc.scaling.as_ref() == Some(&policy) {
+            return Ok(vec![]);
+        }
+        let detail = serde_json::to_value(&policy).unwrap_or_default();
+        svc.scaling = Some(policy);
+        Ok(vec![Event::new(now_ms, EventKind::ScalingPolicyChanged, service, None, detail)])
     }
 
     pub fn set_health_check(

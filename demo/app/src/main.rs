@@ -73,7 +73,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         "/whoami" => text(StatusCode::OK, state.id.clone(), "text/plain"),
         "/search" | "/" => {
             state.in_flight.fetch_add(1, Ordering::SeqCst);
-            let cost = query_param(&query, "cost_ms").and_then(|v| v.parse().ok()).unwrap_or(state.default_cost_ms).min(10_000);
+            let cost = query_param(&query, "cost_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(state.default_cost_ms)
+                .min(10_000);
             let q = query_param(&query, "q").unwrap_or("").replace(['"', '\\'], "");
             let seed = tokio::task::spawn_blocking(move || burn(cost)).await.unwrap_or(0);
             state.in_flight.fetch_sub(1, Ordering::SeqCst);

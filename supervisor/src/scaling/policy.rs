@@ -123,6 +123,33 @@ impl ScalingPolicy {
         }
     }
 
+    /// This policy with `overrides` (a partial policy, as in the configuration or a `PUT`) merged key by key, then
+    /// validated. On error gives the field (dotted) and the reason.
+    pub fn with_overrides(&self, overrides: Option<&serde_json::Value>) -> Result<ScalingPolicy, (String, String)> {
+        let Some(o) = overrides else {
+            self.validate()?;
+            return Ok(self.clone());
+        };
+        if !o.is_object() {
+            return Err((String::new(), "expected an object".into()));
+        }
+        let mut merged = serde_json::to_value(self).map_err(|e| (String::new(), e.to_string()))?;
+        merge(&mut merged, o);
+        let p: ScalingPolicy = serde_path_to_error::deserialize(&merged).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let field = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
+            let key = match (path.as_str(), field) {
+                (".", Some(f)) => f,
+                (p, Some(f)) if !p.ends_with(&f) => format!("{p}.{f}"),
+                (p, _) => p.to_string(),
+            };
+            (key, inner)
+        })?;
+        p.validate()?;
+        Ok(p)
+    }
+
     /// Checks ranges; on error gives the field and the reason.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let e = |f: &str, r: &str| Err((f.to_string(), r.to_string()));
@@ -206,6 +233,17 @@ impl ScalingPolicy {
 impl Default for ScalingPolicy {
     fn default() -> Self {
         ScalingPolicy::for_environment(Environment::Development)
+    }
+}
+
+fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (t, p) => *t = p.clone(),
     }
 }
 

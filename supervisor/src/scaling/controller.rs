@@ -1,0 +1,569 @@
+//! The control loop: every second, for each service with a container template, observe (containers, their stats,
+//! the proxies' reports), decide (policy), plan (planner) and act (runtime and registry), recording every scaling
+//! decision with its reason.
+//!
+//! Faults: when Docker is unreachable the loop keeps the registry and the tables as they are, marks the supervisor
+//! not ready, publishes one event, and retries with backoff (1 s doubling to 30 s); it never exits. A failed create
+//! is a `scaling_failed` event with Docker's message; containers that die on their own are replaced, and a template
+//! that keeps failing is retried with exponential backoff (1 s doubling to 5 min).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::app::{App, now_ms};
+use crate::config::InstanceSpec;
+use crate::events::{Event, EventKind};
+use crate::persist::PersistError;
+use crate::registry::Source;
+use crate::scaling::planner::{self, Action, Known, PlanInput};
+use crate::scaling::policy::{self, History, Sample, ScalingPolicy};
+use crate::scaling::runtime::{Container, Runtime, Template};
+
+/// Evaluation period.
+pub const TICK_MS: u64 = 1000;
+/// A new instance that is not healthy this long after it was registered is replaced.
+pub const START_TIMEOUT_MS: u64 = 60_000;
+const HISTORY_EVENTS: usize = 500;
+
+/// One scaling decision or failure, as `GET /v1/services/{service}/scaling/events` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct ScalingEvent {
+    pub time_ms: u64,
+    /// `scale_up`, `scale_down`, `manual`, `failed`, `replaced`.
+    pub kind: String,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+/// Running totals for the cost and efficiency figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct CostStats {
+    pub instance_seconds: f64,
+    pub cpu_percent_avg: f64,
+    pub cpu_percent_peak: f64,
+    pub memory_percent_avg: f64,
+    pub memory_percent_peak: f64,
+    pub samples: u64,
+    pub requests: u64,
+    pub scale_ups: u64,
+    pub scale_downs: u64,
+    pub failures: u64,
+}
+
+impl CostStats {
+    /// Cost per request at `price` per instance-hour.
+    pub fn cost_per_request(&self, price: f64) -> f64 {
+        if self.requests == 0 { 0.0 } else { self.instance_seconds / 3600.0 * price / self.requests as f64 }
+    }
+    /// Used over allocated capacity: the mean CPU utilization (of the containers' limits).
+    pub fn efficiency(&self) -> f64 {
+        (self.cpu_percent_avg / 100.0).clamp(0.0, 1.0)
+    }
+}
+
+/// The autoscaler's memory for one service.
+pub struct ScalingState {
+    pub template: Template,
+    pub history: History,
+    pub events: VecDeque<ScalingEvent>,
+    pub failures: u32,
+    pub backoff_until_ms: u64,
+    /// A manual scale holds the count until then.
+    pub hold_until_ms: u64,
+    pub manual_desired: Option<u32>,
+    pub current: u32,
+    pub desired: u32,
+    pub cost: CostStats,
+    last_failure_ms: u64,
+}
+
+impl ScalingState {
+    pub fn new(template: Template) -> ScalingState {
+        ScalingState {
+            template,
+            history: History::default(),
+            events: VecDeque::new(),
+            failures: 0,
+            backoff_until_ms: 0,
+            hold_until_ms: 0,
+            manual_desired: None,
+            current: 0,
+            desired: 0,
+            cost: CostStats::default(),
+            last_failure_ms: 0,
+        }
+    }
+
+    pub fn record(&mut self, e: ScalingEvent) {
+        tracing::info!(kind = %e.kind, from = e.from, to = e.to, reason = %e.reason, "scaling");
+        if self.events.len() >= HISTORY_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    fn failed(&mut self, now: u64) {
+        self.failures = self.failures.saturating_add(1);
+        self.cost.failures += 1;
+        self.last_failure_ms = now;
+        let backoff = 1000u64.saturating_mul(1 << self.failures.min(9).saturating_sub(1)).min(300_000);
+        self.backoff_until_ms = now + backoff;
+    }
+}
+
+fn event(now: u64, kind: EventKind, service: &str, instance: Option<&str>, detail: serde_json::Value) -> Event {
+    Event::new(now, kind, service, instance, detail)
+}
+
+/// Runs the loop until `shutdown` changes.
+pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut unreachable_since: Option<u64> = None;
+    let mut retry_at = 0u64;
+    let mut retry_delay = 1000u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = now_ms();
+        if now < retry_at {
+            continue;
+        }
+        match round(&app, runtime.as_ref(), now).await {
+            Ok(()) => {
+                if unreachable_since.take().is_some() {
+                    app.docker_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+                    app.observe(vec![event(now, EventKind::DockerReachable, "-", None, serde_json::json!({}))]);
+                }
+                retry_delay = 1000;
+            }
+            Err(message) => {
+                if unreachable_since.is_none() {
+                    unreachable_since = Some(now);
+                    app.docker_ok.store(false, std::sync::atomic::Ordering::SeqCst);
+                    tracing::error!(%message, "docker unreachable: keeping the current tables, retrying");
+                    app.observe(vec![event(
+                        now,
+                        EventKind::DockerUnreachable,
+                        "-",
+                        None,
+                        serde_json::json!({"message": message}),
+                    )]);
+                }
+                retry_at = now + retry_delay;
+                retry_delay = (retry_delay * 2).min(30_000);
+            }
+        }
+    }
+}
+
+/// One evaluation of every scaled service. `Err` only when the runtime is unreachable.
+pub async fn round<R: Runtime>(app: &App, runtime: &R, now: u64) -> Result<(), String> {
+    let services: Vec<(String, ScalingPolicy)> = {
+        let reg = app.registry();
+        reg.services.values().filter_map(|s| s.scaling.clone().map(|p| (s.name.clone(), p))).collect()
+    };
+    for (service, policy) in services {
+        let containers = match runtime.list(&service).await {
+            Ok(c) => c,
+            Err(crate::scaling::runtime::RuntimeError::Unreachable(m)) => return Err(m),
+            Err(e) => return Err(e.to_string()),
+        };
+        scale_service(app, runtime, &service, &policy, containers, now).await;
+    }
+    Ok(())
+}
+
+async fn scale_service<R: Runtime>(
+    app: &App,
+    runtime: &R,
+    service: &str,
+    policy: &ScalingPolicy,
+    containers: Vec<Container>,
+    now: u64,
+) {
+    // ---- observe
+    let known: BTreeMap<String, Known> = {
+        let reg = app.registry();
+        let reports = app.reports();
+        reg.service(service)
+            .map(|s| {
+                s.instances
+                    .iter()
+                    .filter(|(_, i)| i.source == Source::Docker)
+                    .map(|(id, i)| {
+                        let k = Known {
+                            source: i.source,
+                            healthy: i.table_state() != "unhealthy",
+                            draining: i.drain.is_some(),
+                            drain_done: i.drain.is_some_and(|d| d.done_ms.is_some()),
+                            in_flight: reports.in_flight(service, id, now).unwrap_or(0),
+                            registered_ms: i.started_at_ms,
+                        };
+                        (id.clone(), k)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let serving: Vec<&Container> = containers
+        .iter()
+        .filter(|c| c.running && known.get(&c.instance).is_some_and(|k| k.healthy && !k.draining))
+        .collect();
+    let limit =
+        |c: &Container| if c.managed { app.scaling_template(service).and_then(|t| t.cpus).unwrap_or(1.0) } else { 1.0 };
+    let mut cpu = Vec::new();
+    let mut mem = Vec::new();
+    for c in &serving {
+        if let Ok(s) = runtime.stats(&c.id).await {
+            cpu.push((s.cpu_percent / limit(c)).min(100.0));
+            mem.push(s.memory_percent);
+        }
+    }
+    let avg = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let (rps_sum, p95_max, reported) = {
+        let reports = app.reports();
+        let mut rps = 0.0;
+        let mut p95: f64 = 0.0;
+        let mut any = false;
+        for c in &serving {
+            if reports.in_flight(service, &c.instance, now).is_some() {
+                any = true;
+                let t = reports.traffic(service, &c.instance, now);
+                rps += t.requests_per_second;
+                p95 = p95.max(t.latency_p95_ms);
+            }
+        }
+        (rps, p95, any)
+    };
+    let n = serving.len().max(1) as f64;
+    let sample = Sample {
+        at_ms: now,
+        values: [avg(&cpu), avg(&mem), reported.then_some(rps_sum * 60.0 / n), reported.then_some(p95_max)],
+    };
+    let current = planner::active(&containers, &known);
+    let keep_ms =
+        policy.metrics().iter().map(|(_, m)| (m.measurement_window * 1000.0) as u64).max().unwrap_or(300_000) + 10_000;
+
+    // ---- decide
+    let (desired, reason, plan_input) = {
+        let mut states = app.scaling();
+        let Some(st) = states.get_mut(service) else { return };
+        st.history.record(sample, keep_ms);
+        if let Some(v) = sample.values[0] {
+            let k = st.cost.samples as f64;
+            st.cost.cpu_percent_avg = (st.cost.cpu_percent_avg * k + v) / (k + 1.0);
+            st.cost.cpu_percent_peak = st.cost.cpu_percent_peak.max(v);
+        }
+        if let Some(v) = sample.values[1] {
+            let k = st.cost.samples as f64;
+            st.cost.memory_percent_avg = (st.cost.memory_percent_avg * k + v) / (k + 1.0);
+            st.cost.memory_percent_peak = st.cost.memory_percent_peak.max(v);
+        }
+        st.cost.samples += 1;
+        st.cost.instance_seconds += serving.len() as f64 * TICK_MS as f64 / 1000.0;
+        app.metrics.instance_seconds(service, serving.len() as f64 * TICK_MS as f64 / 1000.0);
+        st.cost.requests += (rps_sum * TICK_MS as f64 / 1000.0).round() as u64;
+        if st.failures > 0 && now.saturating_sub(st.last_failure_ms) > 60_000 && serving.len() as u32 >= current {
+            st.failures = 0;
+        }
+        let (desired, reason) = match st.manual_desired.filter(|_| now < st.hold_until_ms) {
+            Some(d) => (d.clamp(policy.min_instances, policy.max_instances), "manual scale".to_string()),
+            None => {
+                let d = policy::decide(policy, current, &mut st.history, now, TICK_MS);
+                (d.desired, d.reason)
+            }
+        };
+        if desired != st.desired || current != st.current {
+            if desired != current && desired != st.desired {
+                let kind = if desired > current { "scale_up" } else { "scale_down" };
+                if desired > current {
+                    st.cost.scale_ups += 1;
+                } else {
+                    st.cost.scale_downs += 1;
+                }
+                st.record(ScalingEvent {
+                    time_ms: now,
+                    kind: kind.into(),
+                    from: current,
+                    to: desired,
+                    reason: reason.clone(),
+                });
+                app.metrics.scaling_event(service, kind);
+            }
+            st.current = current;
+            st.desired = desired;
+        }
+        (desired, reason, (st.backoff_until_ms, policy.victim))
+    };
+    if desired != current {
+        let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
+        let last = app.scaling().get(service).and_then(|s| s.events.back().cloned());
+        if last.is_some_and(|e| e.time_ms == now) {
+            app.observe(vec![event(
+                now,
+                kind,
+                service,
+                None,
+                serde_json::json!({"from": current, "to": desired, "reason": reason}),
+            )]);
+        }
+    }
+
+    // ---- plan and act
+    let mut counter = 0u32;
+    let actions = planner::plan(
+        PlanInput {
+            desired,
+            containers: &containers,
+            known: &known,
+            now_ms: now,
+            victim: plan_input.1,
+            start_timeout_ms: START_TIMEOUT_MS,
+            backoff_until_ms: plan_input.0,
+        },
+        || {
+            counter += 1;
+            format!("{}-{:x}{:04x}", short(service), now % 0xffff_ffff, fastrand::u16(..) as u32 + counter)
+        },
+    );
+    for action in actions {
+        act(app, runtime, service, policy, action, now).await;
+    }
+    // slow start
+    let ramping: Vec<String> = {
+        let reg = app.registry();
+        reg.service(service)
+            .map(|s| s.instances.values().filter(|i| i.full_weight.is_some()).map(|i| i.spec.id.clone()).collect())
+            .unwrap_or_default()
+    };
+    for id in ramping {
+        app.registry().ramp(service, &id, (policy.slow_start * 1000.0) as u64, now);
+    }
+}
+
+/// A short prefix of the service name for instance ids.
+fn short(service: &str) -> String {
+    let initials: String = service.split(['-', '_', '.']).filter_map(|w| w.chars().next()).collect();
+    if initials.len() >= 2 { initials } else { service.chars().take(8).collect() }
+}
+
+async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &ScalingPolicy, action: Action, now: u64) {
+    let template = app.scaling_template(service);
+    match action {
+        Action::Create { instance } => {
+            let Some(t) = template else { return };
+            match runtime.create(service, &instance, &t).await {
+                Ok(c) => {
+                    tracing::info!(%service, %instance, address = ?c.address, "container started");
+                    if let Some(address) = c.address {
+                        register(app, service, &instance, &address, policy.slow_start > 0.0);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    tracing::error!(%service, %message, "scale-up failed");
+                    if let Some(st) = app.scaling().get_mut(service) {
+                        st.failed(now);
+                        let (from, to) = (st.current, st.desired);
+                        st.record(ScalingEvent {
+                            time_ms: now,
+                            kind: "failed".into(),
+                            from,
+                            to,
+                            reason: message.clone(),
+                        });
+                        app.metrics.scaling_event(service, "failed");
+                    }
+                    app.observe(vec![event(
+                        now,
+                        EventKind::ScalingFailed,
+                        service,
+                        Some(&instance),
+                        serde_json::json!({"message": message}),
+                    )]);
+                }
+            }
+        }
+        Action::Register { instance, address } => register(app, service, &instance, &address, false),
+        Action::Drain { instance } => {
+            let timeout = app.config.drain_timeout_ms;
+            let r = app.change(|reg, now| {
+                reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
+            });
+            if let Err(e) = r {
+                tracing::warn!(%service, %instance, error = %e, "drain");
+            }
+        }
+        Action::Stop { container, instance, reason } => {
+            let grace = template.map_or(10, |t| t.stop_grace);
+            if let Err(e) = runtime.stop(&container, grace).await {
+                tracing::warn!(%service, %instance, error = %e, "stop");
+                return;
+            }
+            let _ = runtime.remove(&container).await;
+            deregister(app, service, &instance, &reason);
+        }
+        Action::Remove { container, instance, failed, reason } => {
+            let _ = runtime.remove(&container).await;
+            deregister(app, service, &instance, &reason);
+            if failed {
+                if let Some(st) = app.scaling().get_mut(service) {
+                    st.failed(now);
+                    let (from, to) = (st.current, st.desired);
+                    st.record(ScalingEvent {
+                        time_ms: now,
+                        kind: "replaced".into(),
+                        from,
+                        to,
+                        reason: format!("{instance} {reason}"),
+                    });
+                    app.metrics.scaling_event(service, "replaced");
+                }
+                app.observe(vec![event(
+                    now,
+                    EventKind::InstanceReplaced,
+                    service,
+                    Some(&instance),
+                    serde_json::json!({"reason": reason}),
+                )]);
+            }
+        }
+        Action::Deregister { instance } => deregister(app, service, &instance, "container gone"),
+    }
+}
+
+/// What a registry change made by the controller can fail with.
+#[derive(Debug, thiserror::Error)]
+enum ActError {
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+}
+
+fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
+    let full = 100;
+    let spec = InstanceSpec {
+        id: instance.into(),
+        address: address.into(),
+        weight: full,
+        zone: "docker".into(),
+        tags: vec!["docker".into()],
+        version: String::new(),
+        capabilities: vec![],
+    };
+    let r = app.change(|reg, now| {
+        let events = reg.register(service, spec, Source::Docker, None, now).map_err(ActError::from)?;
+        if slow_start && let Some(i) = reg.services.get_mut(service).and_then(|s| s.instances.get_mut(instance)) {
+            i.full_weight = Some(full);
+            i.spec.weight = (full / 10).max(1);
+        }
+        Ok::<_, ActError>(((), events))
+    });
+    if let Err(e) = r {
+        tracing::warn!(%service, %instance, error = %e, "register");
+    }
+}
+
+fn deregister(app: &App, service: &str, instance: &str, why: &str) {
+    let r = app.change(|reg, now| match reg.deregister(service, instance, now, why) {
+        Ok(e) => Ok(((), e)),
+        Err(crate::registry::RegistryError::NoInstance(..)) => Ok(((), vec![])),
+        Err(e) => Err(ActError::from(e)),
+    });
+    if let Err(e) = r {
+        tracing::warn!(%service, %instance, error = %e, "deregister");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::scaling::runtime::{FakeRuntime, Stats};
+
+    fn app(extra: &str) -> App {
+        let yaml = format!(
+            "environment: development\nservices:\n  av:\n    docker: {{image: 'equilibrio/agente-vendedor:dev', port: 8080}}\n    scaling: {{min_instances: 1, max_instances: 3, slow_start: 0{extra}}}\n"
+        );
+        App::new(Config::parse(&yaml, None).unwrap()).unwrap()
+    }
+
+    /// Marks every registered instance healthy, as passing health checks would.
+    fn all_healthy(app: &App, now: u64) {
+        let ids: Vec<String> = app.registry().service("av").unwrap().instances.keys().cloned().collect();
+        for id in ids {
+            app.registry().record_check("av", &id, true, 1.0, now);
+        }
+    }
+
+    #[tokio::test]
+    async fn starts_the_minimum_and_registers_it() {
+        let (a, rt) = (app(""), FakeRuntime::default());
+        round(&a, &rt, 1000).await.unwrap();
+        assert_eq!(rt.running("av"), 1);
+        let reg = a.registry();
+        let inst = reg.service("av").unwrap().instances.values().next().unwrap().clone();
+        assert_eq!(inst.source, Source::Docker);
+        assert_eq!(inst.table_state(), "unhealthy", "no traffic before the health check passes");
+    }
+
+    #[tokio::test]
+    async fn scales_up_on_cpu_and_respects_max() {
+        let (a, rt) = (app(""), FakeRuntime::default());
+        rt.set_stats(Stats { cpu_percent: 100.0, memory_percent: 10.0 });
+        let mut now = 1000;
+        for _ in 0..40 {
+            round(&a, &rt, now).await.unwrap();
+            all_healthy(&a, now);
+            now += 1000;
+        }
+        assert_eq!(rt.running("av"), 3, "max_instances holds");
+        let events = a.scaling().get("av").unwrap().events.clone();
+        let up = events.iter().find(|e| e.kind == "scale_up" && e.from >= 1).unwrap();
+        assert!(up.reason.contains("cpu_utilization"), "{}", up.reason);
+    }
+
+    #[tokio::test]
+    async fn a_killed_container_is_replaced_and_adoption_makes_no_duplicates() {
+        let (a, rt) = (app(""), FakeRuntime::default());
+        rt.set_stats(Stats { cpu_percent: 50.0, memory_percent: 10.0 });
+        round(&a, &rt, 1000).await.unwrap();
+        all_healthy(&a, 1000);
+        let first = rt.all()[0].instance.clone();
+        rt.kill(&first, true);
+        round(&a, &rt, 2000).await.unwrap();
+        round(&a, &rt, 3000).await.unwrap();
+        assert_eq!(rt.running("av"), 1);
+        assert!(!a.registry().service("av").unwrap().instances.contains_key(&first));
+        let events = a.scaling().get("av").unwrap().events.clone();
+        assert!(events.iter().any(|e| e.kind == "replaced" && e.reason.contains("OOM")), "{events:?}");
+        // a new supervisor (empty registry) over the same containers adopts them
+        let b = app("");
+        round(&b, &rt, 10_000).await.unwrap();
+        assert_eq!(rt.running("av"), 1, "no duplicate");
+        assert_eq!(b.registry().service("av").unwrap().instances.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn docker_down_is_an_error_and_failed_creates_are_events() {
+        let (a, rt) = (app(""), FakeRuntime::default());
+        rt.set_unreachable(true);
+        assert!(round(&a, &rt, 1000).await.is_err());
+        rt.set_unreachable(false);
+        rt.fail_create(Some("No such image: equilibrio/agente-vendedor:dev"));
+        round(&a, &rt, 2000).await.unwrap();
+        let events = a.scaling().get("av").unwrap().events.clone();
+        assert!(events.iter().any(|e| e.kind == "failed" && e.reason.contains("No such image")), "{events:?}");
+        // backed off: no new attempt right away
+        round(&a, &rt, 2500).await.unwrap();
+        assert_eq!(a.scaling().get("av").unwrap().events.iter().filter(|e| e.kind == "failed").count(), 1);
+    }
+}

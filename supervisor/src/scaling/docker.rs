@@ -1,0 +1,247 @@
+//! The Docker runtime, through bollard: the only module that talks to the Docker API. It moves data in and out and
+//! decides nothing. Every call has a timeout; a daemon that does not answer is [`RuntimeError::Unreachable`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, StatsOptions, StopContainerOptions,
+};
+use futures_util::StreamExt;
+
+use super::runtime::{
+    Container, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_PORT, LABEL_SERVICE, MANAGED_BY, Runtime, RuntimeError, Stats,
+    Template,
+};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct DockerRuntime {
+    /// Connected and version-negotiated on first use, and again after the daemon was unreachable (Debian's
+    /// dockerd speaks API 1.41, older than bollard's default).
+    docker: tokio::sync::Mutex<Option<Docker>>,
+    /// The template per service, to know the container port and network when reading addresses.
+    templates: HashMap<String, Template>,
+}
+
+fn failed(e: bollard::errors::Error) -> RuntimeError {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, message } => {
+            RuntimeError::Failed(format!("docker answered {status_code}: {message}"))
+        }
+        other => RuntimeError::Unreachable(other.to_string()),
+    }
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, RuntimeError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(failed),
+        Err(_) => Err(RuntimeError::Unreachable(format!("no answer in {} s", CALL_TIMEOUT.as_secs()))),
+    }
+}
+
+impl DockerRuntime {
+    /// The local daemon (`DOCKER_HOST`, or the unix socket `/var/run/docker.sock`); connects lazily.
+    pub fn new(templates: HashMap<String, Template>) -> DockerRuntime {
+        DockerRuntime { docker: tokio::sync::Mutex::new(None), templates }
+    }
+
+    async fn client(&self) -> Result<Docker, RuntimeError> {
+        let mut guard = self.docker.lock().await;
+        if let Some(d) = guard.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = Docker::connect_with_local_defaults().map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        let d = match tokio::time::timeout(CALL_TIMEOUT, d.negotiate_version()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return Err(RuntimeError::Unreachable(e.to_string())),
+            Err(_) => return Err(RuntimeError::Unreachable("no answer to the version negotiation".into())),
+        };
+        *guard = Some(d.clone());
+        Ok(d)
+    }
+
+    /// After a failure that may mean the daemon went away: connect and negotiate again next time.
+    async fn forget_on_unreachable<T>(&self, r: Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+        if matches!(r, Err(RuntimeError::Unreachable(_))) {
+            *self.docker.lock().await = None;
+        }
+        r
+    }
+
+    fn address(&self, service: &str, c: &ContainerSummary) -> Option<String> {
+        let labels = c.labels.as_ref();
+        let template = self.templates.get(service);
+        let port =
+            labels.and_then(|l| l.get(LABEL_PORT)).and_then(|p| p.parse::<u16>().ok()).or(template.map(|t| t.port));
+        if let Some(net) = template.and_then(|t| t.network.as_ref()) {
+            let ip = c.network_settings.as_ref()?.networks.as_ref()?.get(net)?.ip_address.clone()?;
+            let port = port?;
+            return (!ip.is_empty()).then(|| format!("{ip}:{port}"));
+        }
+        let ports = c.ports.as_ref()?;
+        ports.iter().filter(|p| port.is_none_or(|want| p.private_port == want)).find_map(|p| {
+            match (p.ip.as_deref(), p.public_port) {
+                (Some("127.0.0.1") | Some("0.0.0.0") | None, Some(public)) => Some(format!("127.0.0.1:{public}")),
+                _ => None,
+            }
+        })
+    }
+}
+
+impl Runtime for DockerRuntime {
+    async fn list(&self, service: &str) -> Result<Vec<Container>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_SERVICE}={service}")])]);
+        let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let docker = self.client().await?;
+        let list = self.forget_on_unreachable(timed(docker.list_containers(Some(opts))).await).await?;
+        let mut out = Vec::new();
+        for c in list {
+            let Some(id) = c.id.clone() else { continue };
+            let labels = c.labels.clone().unwrap_or_default();
+            let name = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            let managed = labels.get(LABEL_MANAGED_BY).is_some_and(|m| m == MANAGED_BY);
+            let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_else(|| name.clone());
+            let running = matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING));
+            let (mut oom_killed, mut exit_code) = (false, None);
+            if !running && matches!(c.state, Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD))
+            {
+                if let Ok(info) = timed(docker.inspect_container(&id, None::<InspectContainerOptions>)).await
+                    && let Some(state) = info.state
+                {
+                    oom_killed = state.oom_killed.unwrap_or(false);
+                    exit_code = state.exit_code;
+                }
+            } else if !running {
+                // created or restarting: not serving, not finished either; leave it out of this round
+                continue;
+            }
+            out.push(Container {
+                address: if running { self.address(service, &c) } else { None },
+                id,
+                name,
+                service: service.to_string(),
+                instance,
+                managed,
+                running,
+                created_ms: c.created.unwrap_or(0).max(0) as u64 * 1000,
+                oom_killed,
+                exit_code,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, service: &str, instance: &str, t: &Template) -> Result<Container, RuntimeError> {
+        let mut labels = t.labels.clone();
+        labels.insert(LABEL_SERVICE.into(), service.into());
+        labels.insert(LABEL_INSTANCE.into(), instance.into());
+        labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+        labels.insert(LABEL_PORT.into(), t.port.to_string());
+        let port_key = format!("{}/tcp", t.port);
+        let mut env = t.env.clone();
+        env.push(format!("INSTANCE_ID={instance}"));
+        let host_config = HostConfig {
+            // published on loopback only, on a port the kernel picks (unless a user network is used)
+            port_bindings: t.network.is_none().then(|| {
+                HashMap::from([(
+                    port_key.clone(),
+                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
+                )])
+            }),
+            nano_cpus: t.cpus.map(|c| (c * 1e9) as i64),
+            memory: t.memory_mb.map(|m| (m * 1024 * 1024) as i64),
+            network_mode: t.network.clone(),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(t.image.clone()),
+            cmd: (!t.command.is_empty()).then(|| t.command.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: Some(vec![port_key]),
+            host_config: Some(host_config),
+            stop_timeout: Some(i64::from(t.stop_grace)),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(format!("{service}-{instance}")), ..Default::default() };
+        let docker = self.client().await?;
+        let created = self.forget_on_unreachable(timed(docker.create_container(Some(opts), body)).await).await?;
+        if let Err(e) = timed(docker.start_container(&created.id, None::<StartContainerOptions>)).await {
+            let _ = self.remove(&created.id).await;
+            return Err(e);
+        }
+        // read back the published port
+        let listed = self.list(service).await?;
+        listed
+            .into_iter()
+            .find(|c| c.id == created.id)
+            .ok_or_else(|| RuntimeError::Failed("container vanished after start".into()))
+    }
+
+    async fn stop(&self, id: &str, grace: u32) -> Result<(), RuntimeError> {
+        let opts = StopContainerOptions { t: Some(grace as i32), signal: None };
+        let docker = self.client().await?;
+        match tokio::time::timeout(
+            CALL_TIMEOUT + Duration::from_secs(u64::from(grace)),
+            docker.stop_container(id, Some(opts)),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            // already stopped
+            Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. })) => Ok(()),
+            Ok(Err(e)) => Err(failed(e)),
+            Err(_) => Err(RuntimeError::Unreachable("stop did not finish".into())),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveContainerOptions { force: true, ..Default::default() };
+        let docker = self.client().await?;
+        match timed(docker.remove_container(id, Some(opts))).await {
+            Ok(()) => Ok(()),
+            Err(RuntimeError::Failed(m)) if m.contains("404") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
+        let opts = StatsOptions { stream: false, one_shot: false };
+        let docker = self.client().await?;
+        let mut stream = docker.stats(id, Some(opts));
+        let s = match tokio::time::timeout(CALL_TIMEOUT, stream.next()).await {
+            Ok(Some(Ok(s))) => s,
+            Ok(Some(Err(e))) => return Err(failed(e)),
+            Ok(None) => return Err(RuntimeError::Failed("no stats".into())),
+            Err(_) => return Err(RuntimeError::Unreachable("stats did not answer".into())),
+        };
+        let total = |c: &Option<bollard::models::ContainerCpuStats>| {
+            c.as_ref().and_then(|c| c.cpu_usage.as_ref()).and_then(|u| u.total_usage).unwrap_or(0)
+        };
+        let system =
+            |c: &Option<bollard::models::ContainerCpuStats>| c.as_ref().and_then(|c| c.system_cpu_usage).unwrap_or(0);
+        let cpus = s.cpu_stats.as_ref().and_then(|c| c.online_cpus).unwrap_or(1).max(1);
+        let cpu_delta = total(&s.cpu_stats).saturating_sub(total(&s.precpu_stats)) as f64;
+        let system_delta = system(&s.cpu_stats).saturating_sub(system(&s.precpu_stats)) as f64;
+        // percent of one core, as `docker stats` shows it
+        let of_one_core = if system_delta > 0.0 { cpu_delta / system_delta * f64::from(cpus) * 100.0 } else { 0.0 };
+        let mem = s.memory_stats.as_ref();
+        let usage = mem.and_then(|m| m.usage).unwrap_or(0);
+        let cache = mem
+            .and_then(|m| m.stats.as_ref())
+            .and_then(|st| st.get("inactive_file").or(st.get("cache")).copied())
+            .unwrap_or(0);
+        let limit = mem.and_then(|m| m.limit).unwrap_or(0);
+        let memory_percent = if limit > 0 { usage.saturating_sub(cache) as f64 / limit as f64 * 100.0 } else { 0.0 };
+        Ok(Stats { cpu_percent: of_one_core, memory_percent })
+    }
+}
