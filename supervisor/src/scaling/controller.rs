@@ -218,10 +218,12 @@ async fn scale_service<R: Runtime>(
         .collect();
     let limit =
         |c: &Container| if c.managed { app.scaling_template(service).and_then(|t| t.cpus).unwrap_or(1.0) } else { 1.0 };
+    // concurrently: each stats call takes about a second (Docker measures over an interval)
+    let stats = futures_util::future::join_all(serving.iter().map(|c| runtime.stats(&c.id))).await;
     let mut cpu = Vec::new();
     let mut mem = Vec::new();
-    for c in &serving {
-        if let Ok(s) = runtime.stats(&c.id).await {
+    for (c, s) in serving.iter().zip(stats) {
+        if let Ok(s) = s {
             cpu.push((s.cpu_percent / limit(c)).min(100.0));
             mem.push(s.memory_percent);
         }

@@ -1,0 +1,203 @@
+//! The autoscaler with the real dockerd (started by `scripts/docker-up`) and the demo image (built by
+//! `scripts/build-demo-image`): scaling up under load and back down without a failed request, a killed container
+//! replaced, a restarted supervisor adopting what runs, min and max holding.
+
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use serde_json::json;
+
+const IMAGE: &str = "equilibrio/agente-vendedor:dev";
+
+/// Removes the test's containers (by service label) when dropped.
+struct Containers(String);
+
+impl Containers {
+    fn ids(&self, running_only: bool) -> Vec<String> {
+        let mut args = vec!["ps", "-q", "--filter"];
+        let label = format!("label=io.equilibrio.service={}", self.0);
+        args.push(&label);
+        if !running_only {
+            args.push("-a");
+        }
+        let out = Command::new("docker").args(&args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for id in self.ids(false) {
+            let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+        }
+    }
+}
+
+fn docker_ready() {
+    let ok =
+        Command::new("docker").args(["image", "inspect", IMAGE]).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "{IMAGE} is missing: run scripts/build-demo-image (scripts/test does; it also starts dockerd)");
+}
+
+fn service_name(test: &str) -> String {
+    format!("av-{test}-{}", std::process::id())
+}
+
+fn yaml(service: &str, scaling: &str) -> String {
+    format!(
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
+    )
+}
+
+async fn wait_running(c: &Containers, n: usize, within: Duration) -> Duration {
+    let start = Instant::now();
+    while c.ids(true).len() != n {
+        assert!(start.elapsed() < within, "{} containers running, want {n}", c.ids(true).len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    start.elapsed()
+}
+
+async fn healthy(s: &Supervisor, service: &str) -> usize {
+    let v = s.get(&format!("/v1/services/{service}/instances")).await.unwrap();
+    v.as_array().map_or(0, |a| a.iter().filter(|i| i["state"] == "healthy").count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_up_under_load_and_back_down_without_failing_a_request() {
+    docker_ready();
+    let service = service_name("load");
+    let containers = Containers(service.clone());
+    // CPU and request rate (from the filter's reports; on two cores the CPU of the containers competes with Envoy and
+    // the load generator), short windows so the test takes a minute, not the plan's minutes
+    let scaling = "{min_instances: 1, max_instances: 3, target_cpu_percent: 50, slow_start: 2, scale_down_stabilization: 10, scale_down_cooldown: 5, scale_up_cooldown: 3, \
+        cpu_utilization: {weight: 0.5, scale_up_threshold: 60, scale_down_threshold: 20, measurement_window: 8}, \
+        memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
+        request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
+        response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
+    let s = Supervisor::start(&yaml(&service, scaling)).await.unwrap();
+    wait_running(&containers, 1, Duration::from_secs(20)).await;
+    let start = Instant::now();
+    while healthy(&s, &service).await < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the first instance never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let envoy = Envoy::start(&filter, s.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // steady load: 6 clients, each request 20 ms of CPU on containers limited to half a core
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), envoy.url("/search?q=zapatos"));
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+    let start = Instant::now();
+    while containers.ids(true).len() < 3 {
+        if start.elapsed() > Duration::from_secs(45) {
+            let view = s.get(&format!("/v1/services/{service}/scaling")).await.unwrap();
+            let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+            panic!("did not reach 3 instances: {view}\n{events}\n{}", s.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let up = start.elapsed();
+    let start = Instant::now();
+    while healthy(&s, &service).await < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "new instances never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    // back down to the minimum after the load, through drains
+    let down = wait_running(&containers, 1, Duration::from_secs(90)).await;
+    let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"scale_up") && kinds.contains(&"scale_down"), "{events}");
+    let up_event =
+        events.as_array().unwrap().iter().find(|e| e["kind"] == "scale_up" && e["from"].as_u64() >= Some(1)).unwrap();
+    let reason = up_event["reason"].as_str().unwrap();
+    assert!(reason.contains("cpu_utilization") || reason.contains("request_rate"), "{up_event}");
+    let failed = failed.load(Ordering::SeqCst);
+    let ok = ok.load(Ordering::SeqCst);
+    eprintln!("scale-up to 3 in {up:?}, down to 1 in {down:?}; {ok} requests, {failed} failed");
+    assert!(ok > 100);
+    assert_eq!(failed, 0, "no failed request while scaling");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_container_is_replaced_and_a_restart_adopts_without_duplicates() {
+    docker_ready();
+    let service = service_name("replace");
+    let containers = Containers(service.clone());
+    let mut s = Supervisor::start(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await.unwrap();
+    wait_running(&containers, 2, Duration::from_secs(20)).await;
+    let before = containers.ids(true);
+    // killed: replaced
+    Command::new("docker").args(["kill", &before[0]]).output().unwrap();
+    let start = Instant::now();
+    loop {
+        let now = containers.ids(true);
+        if now.len() == 2 && !now.contains(&before[0]) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "not replaced: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+    assert!(events.as_array().unwrap().iter().any(|e| e["kind"] == "replaced"), "{events}");
+    // kill -9 the supervisor, start it again: it adopts the two containers, starts none
+    let running = containers.ids(true);
+    s.kill9();
+    s.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut after = containers.ids(true);
+    let mut expected = running.clone();
+    after.sort();
+    expected.sort();
+    assert_eq!(after, expected, "same containers, no duplicates, no orphans");
+    let start = Instant::now();
+    while healthy(&s, &service).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "adopted instances are not serving");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // min and max hold for a manual scale too
+    let (st, e) =
+        s.call("POST", &format!("/v1/services/{service}/scale"), Some(json!({"instances": 9}))).await.unwrap();
+    assert_eq!((st, e["error"]["field"].as_str()), (422, Some("instances")));
+    let (st, _) = s
+        .call("POST", &format!("/v1/services/{service}/scale"), Some(json!({"instances": 3, "hold": "1m"})))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    wait_running(&containers, 3, Duration::from_secs(20)).await;
+    // the scaling policy is readable and changeable at runtime, validated
+    let (st, e) =
+        s.call("PUT", &format!("/v1/services/{service}/scaling"), Some(json!({"max_instances": 0}))).await.unwrap();
+    assert_eq!((st, e["error"]["field"].as_str()), (422, Some("max_instances")));
+    let (st, v) = s
+        .call("PUT", &format!("/v1/services/{service}/scaling"), Some(json!({"scale_down_stabilization": 60})))
+        .await
+        .unwrap();
+    assert_eq!((st, v["policy"]["scale_down_stabilization"].as_f64()), (200, Some(60.0)));
+}
