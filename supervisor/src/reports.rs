@@ -98,15 +98,22 @@ impl Reports {
     }
 
     pub fn traffic(&self, service: &str, id: &str, now_ms: u64) -> Traffic {
+        self.traffic_over(service, id, now_ms, self.window_ms)
+    }
+
+    /// Traffic over the last `window_ms` only (the autoscaler samples a few seconds and averages over its own
+    /// measurement windows).
+    pub fn traffic_over(&self, service: &str, id: &str, now_ms: u64, window_ms: u64) -> Traffic {
         let key = (service.to_string(), id.to_string());
         let total = self.totals.get(&key).copied().unwrap_or(0);
         let Some(q) = self.samples.get(&key) else { return Traffic { requests_total: total, ..Traffic::default() } };
-        let horizon = now_ms.saturating_sub(self.window_ms);
+        let window_ms = window_ms.min(self.window_ms);
+        let horizon = now_ms.saturating_sub(window_ms);
         let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= horizon).collect();
         let requests: u64 = recent.iter().map(|s| s.requests).sum();
         let errors: u64 = recent.iter().map(|s| s.errors).sum();
         let latency: f64 = recent.iter().map(|s| s.latency_sum_ms).sum();
-        let span_ms = recent.first().map_or(self.window_ms, |s| now_ms.saturating_sub(s.at_ms)).max(1000);
+        let span_ms = recent.first().map_or(window_ms, |s| now_ms.saturating_sub(s.at_ms)).max(1000);
         let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
         for s in &recent {
             latest.insert(&s.proxy, s.in_flight);

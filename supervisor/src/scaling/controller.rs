@@ -24,6 +24,9 @@ use crate::scaling::runtime::{Container, Runtime, Template};
 
 /// Evaluation period.
 pub const TICK_MS: u64 = 1000;
+/// Request rate and latency of a sample: the proxies' reports of the last few seconds (the policy's measurement
+/// windows do the averaging).
+const SAMPLE_TRAFFIC_MS: u64 = 3000;
 /// A new instance that is not healthy this long after it was registered is replaced.
 pub const START_TIMEOUT_MS: u64 = 60_000;
 const HISTORY_EVENTS: usize = 500;
@@ -237,7 +240,7 @@ async fn scale_service<R: Runtime>(
         for c in &serving {
             if reports.in_flight(service, &c.instance, now).is_some() {
                 any = true;
-                let t = reports.traffic(service, &c.instance, now);
+                let t = reports.traffic_over(service, &c.instance, now, SAMPLE_TRAFFIC_MS);
                 rps += t.requests_per_second;
                 p95 = p95.max(t.latency_p95_ms);
             }
