@@ -664,6 +664,9 @@ pub struct ScalingView {
     /// A manual scale holds the count until then (unix ms).
     pub hold_until_ms: Option<u64>,
     pub docker_reachable: bool,
+    /// The supervisor host's CPU and memory use (%), from sysinfo.
+    pub host_cpu_percent: f64,
+    pub host_memory_percent: f64,
     pub cost: crate::scaling::controller::CostStats,
     pub cost_per_request: f64,
     pub efficiency: f64,
@@ -686,6 +689,8 @@ fn scaling_view(app: &App, service: &str) -> Result<ScalingView, ApiError> {
         desired: st.map_or(0, |s| s.desired),
         hold_until_ms: st.map(|s| s.hold_until_ms).filter(|t| *t > now_ms()),
         docker_reachable: app.docker_ok.load(std::sync::atomic::Ordering::SeqCst),
+        host_cpu_percent: app.host_usage().0,
+        host_memory_percent: app.host_usage().1,
         cost_per_request: cost.cost_per_request(policy.price_per_instance_hour),
         efficiency: cost.efficiency(),
         cost,

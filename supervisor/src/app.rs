@@ -33,6 +33,8 @@ pub struct App {
     /// Cleared while Docker is unreachable (the supervisor is then not ready, but keeps serving its tables).
     pub docker_ok: AtomicBool,
     scaling: Mutex<BTreeMap<String, ScalingState>>,
+    /// The host's CPU and memory use (%), from sysinfo, sampled by the autoscaler.
+    host_usage: Mutex<(f64, f64)>,
 }
 
 impl App {
@@ -62,6 +64,7 @@ impl App {
             ready: AtomicBool::new(true),
             docker_ok: AtomicBool::new(true),
             scaling,
+            host_usage: Mutex::new((0.0, 0.0)),
         })
     }
 
@@ -109,6 +112,15 @@ impl App {
     /// The autoscaler's state per service (services with a container template).
     pub fn scaling(&self) -> MutexGuard<'_, BTreeMap<String, ScalingState>> {
         self.scaling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_host_usage(&self, cpu_percent: f64, memory_percent: f64) {
+        *self.host_usage.lock().unwrap_or_else(|p| p.into_inner()) = (cpu_percent, memory_percent);
+    }
+
+    /// The host's (CPU %, memory %).
+    pub fn host_usage(&self) -> (f64, f64) {
+        *self.host_usage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn scaling_template(&self, service: &str) -> Option<Template> {

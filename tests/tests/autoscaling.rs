@@ -201,3 +201,47 @@ async fn a_killed_container_is_replaced_and_a_restart_adopts_without_duplicates(
         .unwrap();
     assert_eq!((st, v["policy"]["scale_down_stabilization"].as_f64()), (200, Some(60.0)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_discovered() {
+    docker_ready();
+    let service = service_name("faults");
+    let containers = Containers(service.clone());
+    // a container a user starts by hand with the service label: discovered and registered, never stopped by us
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--label",
+            &format!("io.equilibrio.service={service}"),
+            "--label",
+            "io.equilibrio.port=8080",
+        ])
+        .args(["-p", "127.0.0.1::8080", "--name", &format!("{service}-by-hand"), IMAGE])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml = yaml(&service, "{min_instances: 2, max_instances: 3}").replace(IMAGE, "equilibrio/does-not-exist:1");
+    let s = Supervisor::start(&yaml).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+        let failed = events.as_array().unwrap().iter().find(|e| e["kind"] == "failed").cloned();
+        if let Some(f) = failed {
+            let reason = f["reason"].as_str().unwrap();
+            assert!(reason.contains("No such image") || reason.contains("not found"), "Docker's message: {reason}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "no failed-scaling event: {events}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let start = Instant::now();
+    while healthy(&s, &service).await < 1 {
+        assert!(start.elapsed() < Duration::from_secs(15), "the user's container was not discovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = s.get(&format!("/v1/services/{service}/instances")).await.unwrap();
+    assert_eq!(v[0]["id"], format!("{service}-by-hand"));
+    assert_eq!(v[0]["source"], "docker");
+    assert_eq!(containers.ids(true).len(), 1, "still running, and nothing else could start");
+}

@@ -122,19 +122,49 @@ fn event(now: u64, kind: EventKind, service: &str, instance: Option<&str>, detai
     Event::new(now, kind, service, instance, detail)
 }
 
+/// Follows the runtime's events (reconnecting with backoff) and wakes the loop on each.
+async fn watch<R: Runtime>(runtime: Arc<R>, wake: Arc<tokio::sync::Notify>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        if let Err(e) = runtime.watch(&wake).await {
+            tracing::debug!(error = %e, "container events stream ended");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = Duration::from_secs(1);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Runs the loop until `shutdown` changes.
 pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let watcher = tokio::spawn(watch(runtime.clone(), wake.clone()));
+    let mut host = sysinfo::System::new().ok();
     let mut unreachable_since: Option<u64> = None;
     let mut retry_at = 0u64;
     let mut retry_delay = 1000u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = wake.notified() => {}
+            _ = shutdown.changed() => {
+                watcher.abort();
+                return;
+            }
         }
         let now = now_ms();
+        if let Some(h) = host.as_mut() {
+            h.refresh_cpu_usage();
+            h.refresh_memory();
+            let memory =
+                if h.total_memory() > 0 { h.used_memory() as f64 / h.total_memory() as f64 * 100.0 } else { 0.0 };
+            app.set_host_usage(f64::from(h.global_cpu_usage()), memory);
+        }
         if now < retry_at {
             continue;
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
     StartContainerOptions, StatsOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
@@ -212,6 +212,28 @@ impl Runtime for DockerRuntime {
             Err(RuntimeError::Failed(m)) if m.contains("404") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    async fn watch(&self, wake: &tokio::sync::Notify) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("label".to_string(), vec![LABEL_SERVICE.to_string()]),
+        ]);
+        let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+        while let Some(e) = events.next().await {
+            match e {
+                Ok(m) => {
+                    let action = m.action.unwrap_or_default();
+                    if matches!(action.as_str(), "start" | "die" | "oom" | "kill" | "stop" | "destroy") {
+                        tracing::debug!(%action, "docker event");
+                        wake.notify_one();
+                    }
+                }
+                Err(e) => return self.forget_on_unreachable(Err(failed(e))).await,
+            }
+        }
+        Ok(())
     }
 
     async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {

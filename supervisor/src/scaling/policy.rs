@@ -8,10 +8,12 @@
 //!
 //! Asymmetric on purpose: scale-up looks at the last few seconds (`scale_up_window`) and acts after a short
 //! stabilization, at most +100% or +4 instances per step (the larger), doubling when CPU or memory is saturated (a
-//! saturated reading hides the real demand); scale-down needs every metric's mean over its `measurement_window` (the
-//! plan's 3-5 minutes) below its `scale_down_threshold`, no metric missing, and the highest recommendation of the last
-//! `scale_down_stabilization` (120 s) to be lower. Cooldowns after each action,
-//! and `min_instances` / `max_instances` always hold.
+//! saturated reading hides the real demand). Scale-down needs every weighted metric calm now (below its
+//! `scale_down_threshold`), the highest recommendation of the last `scale_down_stabilization` (120 s) lower than the
+//! current count, and a gate: each metric's mean over its `measurement_window` (the plan's 3-5 minutes) below its
+//! `scale_down_threshold`, none missing. The stabilization and the windows run at the same time, so a burst is
+//! forgotten after the longest window (3 minutes for request rate), well inside the plan's 5 minutes. Cooldowns after
+//! each action, and `min_instances` / `max_instances` always hold.
 
 use std::collections::VecDeque;
 
@@ -360,40 +362,67 @@ pub fn decide(p: &ScalingPolicy, current: u32, h: &mut History, now_ms: u64, tic
         }
     }
 
-    // ---- recommendation for going down: whole windows, all calm, nothing missing
+    // ---- recommendation for going down: from recent values, like the one for going up; it must hold over the
+    // stabilization window, and a gate must be open: every weighted metric's mean over its measurement_window below
+    // its scale_down_threshold, none missing. The two run at the same time, so a short burst is forgotten after the
+    // longest window, not after the window plus the stabilization.
     let mut down = current;
-    let mut calm = true;
-    let mut down_weighted = 0.0;
-    let mut down_weights = 0.0;
-    let mut missing = None;
+    // calm now: every weighted metric's recent value below its scale_down_threshold
+    let calm_now = metrics
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, m))| m.weight > 0.0)
+        .all(|(i, (_, m))| mean(&h.samples, i, up_since).is_some_and(|v| v < m.scale_down_threshold));
+    let missing_now = metrics
+        .iter()
+        .enumerate()
+        .find(|(i, (_, m))| m.weight > 0.0 && mean(&h.samples, *i, up_since).is_none())
+        .map(|(_, (name, _))| *name);
+    if let Some(name) = missing_now
+        && up == current
+    {
+        reason = format!("no scale-down: {name} has no data over its measurement_window");
+    }
+    if weights > 0.0 && up == current && calm_now {
+        let utilization = weighted / weights;
+        if utilization < 1.0 - p.tolerance {
+            down = ((cur * utilization).ceil() as u32).max(1).min(current);
+        }
+    }
+    let history_ms = h.samples.front().map_or(0, |s| now_ms.saturating_sub(s.at_ms));
+    let mut gate: Result<f64, String> = Ok(0.0);
+    let mut gate_weights = 0.0;
     for (i, (name, m)) in metrics.iter().enumerate() {
         if m.weight == 0.0 {
             continue;
         }
         let since = now_ms.saturating_sub(secs(m.measurement_window));
-        match mean(&h.samples, i, since) {
-            Some(v) if covers(&h.samples, i, since, tick_ms) => {
-                if v >= m.scale_down_threshold {
-                    calm = false;
-                }
-                down_weighted += m.weight * v / p.target(i);
-                down_weights += m.weight;
+        // enough data: the whole window, or (after a restart) at least the stabilization window of it
+        let enough = covers(&h.samples, i, since, tick_ms) || history_ms + tick_ms >= secs(p.scale_down_stabilization);
+        gate = match (gate, mean(&h.samples, i, since)) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(v)) if !enough => Err(format!("{name} has {v:.1} over only part of its measurement_window")),
+            (Ok(_), None) => Err(format!("{name} has no data over its measurement_window")),
+            (Ok(_), Some(v)) if v >= m.scale_down_threshold => {
+                Err(format!("{name} {v:.1} not below scale_down_threshold {} over its window", m.scale_down_threshold))
             }
-            _ => missing = missing.or(Some(*name)),
-        }
+            (Ok(acc), Some(v)) => {
+                gate_weights += m.weight;
+                Ok(acc + m.weight * v / p.target(i))
+            }
+        };
     }
-    if calm && missing.is_none() && down_weights > 0.0 && up == current {
-        let utilization = down_weighted / down_weights;
-        if utilization < 1.0 - p.tolerance {
-            down = ((cur * utilization).ceil() as u32).max(1).min(current);
-            if down < current {
-                reason = format!("every metric below its scale_down_threshold; weighted utilization {utilization:.2}");
+    if down < current {
+        match &gate {
+            Ok(sum) if gate_weights > 0.0 => {
+                reason = format!(
+                    "every metric below its scale_down_threshold; weighted utilization {:.2}",
+                    sum / gate_weights
+                );
             }
+            Ok(_) => {}
+            Err(why) => reason = format!("no scale-down: {why}"),
         }
-    } else if let Some(name) = missing
-        && up == current
-    {
-        reason = format!("no scale-down: {name} has no data over its measurement_window");
     }
 
     let recommended = clamp(if up > current { up } else { down });
@@ -421,9 +450,11 @@ pub fn decide(p: &ScalingPolicy, current: u32, h: &mut History, now_ms: u64, tic
         let since = now_ms.saturating_sub(secs(p.scale_down_stabilization));
         let highest = h.recommendations.iter().filter(|(t, _)| *t >= since).map(|(_, r)| *r).max().unwrap_or(current);
         let cooled = h.last_scale_ms.is_none_or(|t| now_ms.saturating_sub(t) >= secs(p.scale_down_cooldown));
-        if highest < current && cooled {
+        // the stabilization must cover its whole window (a fresh history does not count as stable)
+        let stable_long_enough = history_ms + tick_ms >= secs(p.scale_down_stabilization);
+        if highest < current && cooled && stable_long_enough && gate.is_ok() {
             desired = clamp(highest);
-        } else {
+        } else if gate.is_ok() {
             reason = format!("{reason}; waiting for the scale-down stabilization window");
         }
     }

@@ -122,6 +122,9 @@ pub trait Runtime: Send + Sync + 'static {
     fn stop(&self, id: &str, grace: u32) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn stats(&self, id: &str) -> impl Future<Output = Result<Stats, RuntimeError>> + Send;
+    /// Follows the runtime's container events (start, die, OOM...) of Equilibrio's services, calling `wake` for
+    /// each, so the loop reacts at once instead of at its next tick. Returns when the stream ends or fails.
+    fn watch(&self, wake: &tokio::sync::Notify) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
 
 /// An in-memory runtime for unit tests: containers are records; tests can kill them or make creation fail.
@@ -243,5 +246,9 @@ impl Runtime for FakeRuntime {
 
     async fn stats(&self, _id: &str) -> Result<Stats, RuntimeError> {
         self.with(|s| Ok(s.stats))
+    }
+
+    async fn watch(&self, _wake: &tokio::sync::Notify) -> Result<(), RuntimeError> {
+        std::future::pending().await
     }
 }
