@@ -196,6 +196,12 @@ fn instance_view(app: &App, service: &str, inst: &Instance, now: u64) -> Instanc
 
 // ------------------------------------------------------------------------------------------------ handlers
 
+/// The dashboard: services, instances, traffic, scaling and events, live (SSE). One file, served by the binary.
+#[utoipa::path(get, path = "/", responses((status = 200, description = "text/html")))]
+async fn dashboard() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard.html")).into_response()
+}
+
 /// The process is alive.
 #[utoipa::path(get, path = "/livez", responses((status = 200, description = "alive")))]
 async fn livez() -> &'static str {
@@ -792,7 +798,7 @@ async fn scaling_events(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Equilibrio supervisor", description = "Instances, health, endpoint tables and balancing policies"),
-    paths(livez, readyz, metrics, list_services, get_service, list_instances, register, deregister, update_instance, drain,
+    paths(dashboard, livez, readyz, metrics, list_services, get_service, list_instances, register, deregister, update_instance, drain,
         heartbeat, get_policy, put_policy, get_health_check, put_health_check, endpoints, eds, reports, events, openapi,
         get_scaling, put_scaling, scale, scaling_events),
     components(schemas(ErrorBody, ErrorDetail, ServiceSummary, ServiceView, InstanceView, HostInfo, InstanceSpec, InstanceUpdate,
@@ -825,7 +831,8 @@ async fn openapi() -> Response {
 }
 
 /// Every route, for the router and for the test that checks the OpenAPI document covers them all.
-pub const ROUTES: [(&str, &str); 24] = [
+pub const ROUTES: [(&str, &str); 25] = [
+    ("get", "/"),
     ("get", "/livez"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -855,6 +862,7 @@ pub const ROUTES: [(&str, &str); 24] = [
 /// The router (no socket: tests call it directly).
 pub fn router(app: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

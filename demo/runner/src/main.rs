@@ -1,0 +1,205 @@
+//! `equilibrio-demo` (run by `scripts/demo`): starts the supervisor with the demo service (auto-scaled Docker
+//! containers of `equilibrio/agente-vendedor:dev`), a proxy running the filter, and a load ramp (low, high, low), and
+//! narrates: instances and their state, each one's share of the traffic, p95 latency, and every scaling event, up and
+//! back down. Stops everything it started at the end or on Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+
+const SERVICE: &str = "agente-vendedor";
+const IMAGE: &str = "equilibrio/agente-vendedor:dev";
+const QUIET_PACE_MS: usize = 4000;
+
+#[derive(Parser)]
+#[command(about = "Equilibrio's demo: balance and scale agente-vendedor's stand-in under a load ramp")]
+struct Args {
+    /// The proxy: `envoy` (the bundled proxy comes with its own issue).
+    #[arg(long, default_value = "envoy")]
+    proxy: String,
+    /// Seconds of demo (the load ramp is scaled to it).
+    #[arg(long, default_value_t = 150)]
+    duration: u64,
+    /// Clients at the peak of the ramp.
+    #[arg(long, default_value_t = 8)]
+    peak_clients: usize,
+}
+
+fn cleanup_containers() {
+    if let Ok(o) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=io.equilibrio.service={SERVICE}")])
+        .output()
+    {
+        for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Window {
+    by_instance: BTreeMap<String, usize>,
+    latencies_ms: Vec<f64>,
+    failed: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.proxy == "envoy", "--proxy {} is not available yet: use --proxy envoy", args.proxy);
+    cleanup_containers();
+    let yaml = format!(
+        "environment: development\ndrain_timeout: 10\nservices:\n  {SERVICE}:\n    load_balancer: {{algorithm: least_connections}}\n    health_check: {{interval: 500ms, timeout: 300ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=15'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {{measurement_window: 20}}, memory_utilization: {{measurement_window: 20}}, request_rate: {{measurement_window: 20}}, response_time: {{measurement_window: 20}}}}\n"
+    );
+    let s = Supervisor::start(&yaml).await?;
+    println!("\n  Dashboard: http://{}/   (token for changes: {TOKEN})", s.addr);
+    println!("  Supervisor API: http://{}/openapi.json\n", s.addr);
+    let start = Instant::now();
+    while !instances(&s).await.iter().any(|(_, st)| st == "healthy") {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "the first container never became healthy:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let filter = serde_json::json!({"service": SERVICE,
+        "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let envoy = Envoy::start(&filter, s.addr).await?;
+    println!("  Proxy (Envoy 1.40 + the filter): {}\n", envoy.url("/search?q=zapatos"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let wanted = Arc::new(AtomicUsize::new(1));
+    // between requests of a client: the quiet phases are a trickle (under the plan's 20 requests per minute per
+    // instance, so the service can scale back down), the peak is as fast as the clients go
+    let pace_ms = Arc::new(AtomicUsize::new(QUIET_PACE_MS));
+    let window: Arc<Mutex<Window>> = Arc::default();
+    let mut clients = Vec::new();
+    for n in 0..args.peak_clients {
+        let (stop, wanted, window, url, pace_ms) =
+            (stop.clone(), wanted.clone(), window.clone(), envoy.url("/search?q=zapatos"), pace_ms.clone());
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                if n >= wanted.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                let pace = pace_ms.load(Ordering::SeqCst);
+                if pace > 0 {
+                    tokio::time::sleep(Duration::from_millis(pace as u64)).await;
+                }
+                let t = Instant::now();
+                let r = client.get(&url).send().await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                let body = match r {
+                    Ok(r) if r.status() == 200 => r.text().await.ok(),
+                    _ => None,
+                };
+                let id = body
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["instance"].as_str().map(str::to_string));
+                if let Ok(mut w) = window.lock() {
+                    match id {
+                        Some(id) => {
+                            *w.by_instance.entry(id).or_default() += 1;
+                            w.latencies_ms.push(ms);
+                        }
+                        None => w.failed += 1,
+                    }
+                }
+            }
+        }));
+    }
+
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let began = Instant::now();
+    let mut seen_events = 0usize;
+    let (mut total, mut failed_total) = (0usize, 0usize);
+    println!("  {:>5}  {:>7}  {:>6}  {:>7}  instances (state: share of traffic)", "time", "clients", "req/s", "p95 ms");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = &mut ctrl_c => { println!("\n  Ctrl-C: stopping"); break; }
+        }
+        let t = began.elapsed().as_secs();
+        if t >= args.duration {
+            break;
+        }
+        // the ramp: low for the first fifth, peak until three fifths, then low again
+        let phase = t * 5 / args.duration.max(5);
+        let peak = (1..3).contains(&phase);
+        wanted.store(if peak { args.peak_clients } else { 1 }, Ordering::SeqCst);
+        pace_ms.store(if peak { 0 } else { QUIET_PACE_MS }, Ordering::SeqCst);
+        let w = window.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default();
+        let n: usize = w.by_instance.values().sum();
+        total += n;
+        failed_total += w.failed;
+        let mut lat = w.latencies_ms.clone();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let p95 = lat.get(((lat.len() as f64) * 0.95) as usize).copied().unwrap_or(0.0);
+        let states = instances(&s).await;
+        let line: Vec<String> = states
+            .iter()
+            .map(|(id, st)| {
+                let share = w.by_instance.get(id).map_or(0.0, |c| *c as f64 * 100.0 / n.max(1) as f64);
+                format!("{id} ({st}: {share:.0}%)")
+            })
+            .collect();
+        println!(
+            "  {:>4}s  {:>7}  {:>6.1}  {:>7.1}  {}",
+            t,
+            wanted.load(Ordering::SeqCst),
+            n as f64 / 2.0,
+            p95,
+            line.join("  ")
+        );
+        if let Ok(events) = s.get(&format!("/v1/services/{SERVICE}/scaling/events")).await
+            && let Some(list) = events.as_array()
+        {
+            for e in list.iter().skip(seen_events) {
+                println!(
+                    "  >> scaling {}: {} -> {} ({})",
+                    e["kind"].as_str().unwrap_or(""),
+                    e["from"],
+                    e["to"],
+                    e["reason"].as_str().unwrap_or("")
+                );
+            }
+            seen_events = list.len();
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let _ = c.await;
+    }
+    println!("\n  {total} requests, {failed_total} failed. Stopping the proxy, the supervisor and the containers.");
+    drop(envoy);
+    drop(s);
+    cleanup_containers();
+    Ok(())
+}
+
+/// (instance id, table state) of the demo service.
+async fn instances(s: &Supervisor) -> Vec<(String, String)> {
+    match s.get(&format!("/v1/services/{SERVICE}/instances")).await {
+        Ok(v) => v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| {
+                        (i["id"].as_str().unwrap_or("").to_string(), i["state"].as_str().unwrap_or("").to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Err(_) => vec![],
+    }
+}
