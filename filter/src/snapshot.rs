@@ -23,6 +23,9 @@ pub struct Snapshot {
     pub limits: Limits,
     pub inflight_keys: Vec<String>,
     pub aggregate_keys: Vec<String>,
+    /// The endpoints that take new sessions (healthy, weight above 0), in table order: the candidates of every
+    /// request while nothing is ejected.
+    pub new_session_candidates: Vec<usize>,
 }
 
 impl Snapshot {
@@ -48,7 +51,15 @@ impl Snapshot {
         };
         let inflight_keys = table.endpoints.iter().map(|e| keys::inflight(&e.id)).collect();
         let aggregate_keys = table.endpoints.iter().map(|e| keys::aggregate(&e.id)).collect();
+        let new_session_candidates = table
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.state == EndpointState::Healthy && e.weight > 0)
+            .map(|(i, _)| i)
+            .collect();
         Snapshot {
+            new_session_candidates,
             table,
             config,
             by_id,

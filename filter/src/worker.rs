@@ -193,18 +193,22 @@ impl Worker {
             return Verdict::Reply(reply);
         }
 
-        let ejected: Vec<bool> = match &self.ejections {
-            Some((_, ej)) if !ej.entries.is_empty() => {
-                self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect()
-            }
-            _ => vec![false; self.snap.endpoints().len()],
+        // the common case (nothing ejected) borrows the snapshot's candidate list: no work per request
+        let ejections = self.ejections.as_ref().map(|(_, e)| e).filter(|e| e.active(now_ms) > 0);
+        let ejected: Vec<bool> = match ejections {
+            Some(ej) => self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect(),
+            None => Vec::new(),
         };
         let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
-        let mut candidates: Vec<usize> =
-            (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i) && !is_ejected(i)).collect();
+        let snap = self.snap.clone();
+        let mut candidates: std::borrow::Cow<'_, [usize]> = if ejected.is_empty() {
+            std::borrow::Cow::Borrowed(&snap.new_session_candidates)
+        } else {
+            std::borrow::Cow::Owned(snap.new_session_candidates.iter().copied().filter(|&i| !is_ejected(i)).collect())
+        };
         if candidates.is_empty() {
             // panic mode: every endpoint that may take traffic is ejected; passive health must not empty the pool
-            candidates = (0..self.snap.endpoints().len()).filter(|&i| self.snap.takes_new(i)).collect();
+            candidates = std::borrow::Cow::Borrowed(&snap.new_session_candidates);
         }
 
         let mut pending = Pending { start_ms: now_ms, snap: Some(self.snap.clone()), ..Pending::default() };
@@ -373,8 +377,8 @@ impl Worker {
         // every listed host before the one that answered failed at the connection level (that is all we retry on)
         let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
         for k in 0..failed_before {
-            if let Some(id) = p.listed.get(k).and_then(|&i| p.id(i)) {
-                self.passive(id, Outcome::GatewayFailure, now_ms, store);
+            if let Some(i) = p.listed.get(k).and_then(|&i| self.current_index(p, i)) {
+                self.passive(i, Outcome::GatewayFailure, now_ms, store);
             }
         }
         let served = served_pos.and_then(|k| p.listed.get(k).copied());
@@ -389,8 +393,8 @@ impl Worker {
             } else {
                 Some(Outcome::Success)
             };
-            if let (Some(outcome), Some(id)) = (outcome, p.id(i)) {
-                self.passive(id, outcome, now_ms, store);
+            if let (Some(outcome), Some(current)) = (outcome, self.current_index(p, i)) {
+                self.passive(current, outcome, now_ms, store);
             }
             // move the in-flight count to the host that actually holds the request
             if p.inflight.map(|(held, _)| held) != Some(i) {
@@ -422,21 +426,31 @@ impl Worker {
         self.snap.codec.is_some()
     }
 
-    fn passive<S: SharedStore + ?Sized>(&mut self, id: &str, outcome: Outcome, now_ms: u64, store: &S) {
+    /// The index in the current snapshot of endpoint `i` of the request's snapshot (the same when the table did not
+    /// change during the request, which saves a lookup by id).
+    fn current_index(&self, p: &Pending, i: usize) -> Option<usize> {
+        match &p.snap {
+            Some(snap) if Rc::ptr_eq(snap, &self.snap) => Some(i),
+            _ => p.id(i).and_then(|id| self.snap.by_id.get(id).copied()),
+        }
+    }
+
+    /// Records an outcome for endpoint `i` of the current snapshot; ejects it when its streak calls for it.
+    fn passive<S: SharedStore + ?Sized>(&mut self, i: usize, outcome: Outcome, now_ms: u64, store: &S) {
         let cfg = &self.snap.config.passive_health;
         if !cfg.enabled {
             return;
         }
-        let Some(&i) = self.snap.by_id.get(id) else { return };
         let Some(streak) = self.streaks.get_mut(i) else { return };
         if !streak.record(outcome, cfg) {
             return;
         }
         *streak = Streak::default();
+        let Some(id) = self.snap.endpoint(i).map(|e| e.id.clone()) else { return };
         let total = self.snap.endpoints().len();
         let ejected = shared::update(store, keys::EJECTIONS, |cur| {
             let mut ej = cur.map(Ejections::decode).unwrap_or_default();
-            match ej.eject(id, total, cfg, now_ms) {
+            match ej.eject(&id, total, cfg, now_ms) {
                 Some(d) => (Some(ej.encode()), Some((d, ej))),
                 None => (None, None),
             }
@@ -496,14 +510,16 @@ impl Worker {
     /// The request is over (answered, failed or abandoned).
     pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
         self.release_inflight(p, store);
-        let Some(id) = p.served.or(p.listed.first().copied()).and_then(|i| p.id(i)) else { return };
-        let Some(&i) = self.snap.by_id.get(id) else { return };
+        let Some(i) = p.served.or(p.listed.first().copied()).and_then(|i| self.current_index(p, i)) else { return };
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
         if let Some(a) = self.aggregates.get_mut(i) {
             a.record(latency_ms.saturating_mul(1000), error);
         }
-        if let Some(e) = self.ewma.get_mut(i) {
+        // only the response-time balancer reads the latency average
+        if self.snap.config.algorithm == Algorithm::ResponseTime
+            && let Some(e) = self.ewma.get_mut(i)
+        {
             e.observe(latency_ms as f64, now_ms);
         }
     }
