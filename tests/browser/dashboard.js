@@ -1,0 +1,40 @@
+// Loads the supervisor's dashboard in headless Chromium, checks it shows the instances, drains one with the token
+// and sees its state change, and saves a screenshot. Usage: node dashboard.js <dashboard url> <token> <instance> <png>
+"use strict";
+const { chromium } = require("playwright-core");
+
+async function main() {
+  const [url, token, instance, png] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(String(e)));
+    await page.goto(url);
+    const row = `tr[data-id="${instance}"]`;
+    await page.waitForSelector(`${row} .state-healthy`, { timeout: 15000 });
+    const rows = await page.locator("#instances tbody tr").count();
+    if (rows < 2) throw new Error(`expected the instances, saw ${rows} rows`);
+    // a drain without the token is refused, and says so
+    await page.click(`${row} button.drain`);
+    await page.waitForFunction(() => document.getElementById("msg").textContent.length > 0, null, { timeout: 5000 });
+    await page.fill("#token", token);
+    await page.dispatchEvent("#token", "change");
+    await page.click(`${row} button.drain`);
+    await page.waitForSelector(`${row} .state-draining`, { timeout: 10000 });
+    // the event reached the timeline over SSE
+    await page.waitForFunction((id) => document.getElementById("timeline").textContent.includes("draining") &&
+      document.getElementById("timeline").textContent.includes(id), instance, { timeout: 10000 });
+    if (png) await page.screenshot({ path: png, fullPage: true });
+    if (errors.length) throw new Error("page errors: " + errors.join("; "));
+    console.log("dashboard: instances shown, drain applied, event received");
+  } finally {
+    await browser.close();
+  }
+}
+
+main().catch((e) => { console.error("dashboard test failed:", e.message); process.exit(1); });
