@@ -381,15 +381,8 @@ impl Config {
         }
         let config: Config = serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." { String::new() } else { path };
             let inner = e.into_inner().to_string();
-            // serde names the unknown field in its message; put it into the key too.
-            let key = match inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-                Some(field) if key.is_empty() => field.to_string(),
-                Some(field) if !key.ends_with(field) => format!("{key}.{field}"),
-                _ => key,
-            };
-            err(&key, inner)
+            err(&error_key(&path, &inner), inner)
         })?;
         config.validate()?;
         Ok(config)
@@ -515,8 +508,19 @@ pub fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
 }
 
+/// The dotted key a `serde_path_to_error` failure is about: its path (`.` for the document itself), completed with
+/// the field serde names in an "unknown field" message. Empty when it is about the whole document.
+pub fn error_key(path: &str, message: &str) -> String {
+    let key = if path == "." { "" } else { path };
+    match message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        Some(field) if key.is_empty() => field.to_string(),
+        Some(field) if !key.ends_with(field) => format!("{key}.{field}"),
+        _ => key.to_string(),
+    }
+}
+
 /// Recursive JSON merge: objects merge key by key, anything else replaces.
-fn merge(target: &mut Value, patch: &Value) {
+pub fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
             for (k, v) in p {

@@ -109,14 +109,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let unknown =
-            inner.to_string().strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
-        let field = match (path.as_str(), unknown) {
-            (".", Some(f)) => Some(f),
-            (".", None) => None,
-            (p, Some(f)) if !p.ends_with(&f) => Some(format!("{p}.{f}")),
-            (p, _) => Some(p.to_string()),
-        };
+        let field = Some(equilibrio_filter::config::error_key(&path, &inner.to_string())).filter(|k| !k.is_empty());
         let status = if inner.is_syntax() || inner.is_eof() {
             StatusCode::BAD_REQUEST
         } else {

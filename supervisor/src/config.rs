@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use equilibrio_filter::config::{Config as FilterConfig, Millis, is_id_byte};
+use equilibrio_filter::config::{Config as FilterConfig, Millis, error_key, is_id_byte};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -203,14 +203,7 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(&doc).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            let field = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
-            let key = match (path.as_str(), field) {
-                (".", Some(f)) => f,
-                (".", None) => String::new(),
-                (p, Some(f)) if !p.ends_with(&f) => format!("{p}.{f}"),
-                (p, _) => p.to_string(),
-            };
-            err(key, inner)
+            err(error_key(&path, &inner), inner)
         })?;
         Config::resolve(raw, env_token)
     }

@@ -136,17 +136,11 @@ impl ScalingPolicy {
             return Err((String::new(), "expected an object".into()));
         }
         let mut merged = serde_json::to_value(self).map_err(|e| (String::new(), e.to_string()))?;
-        merge(&mut merged, o);
+        equilibrio_filter::config::merge(&mut merged, o);
         let p: ScalingPolicy = serde_path_to_error::deserialize(&merged).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            let field = inner.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(str::to_string);
-            let key = match (path.as_str(), field) {
-                (".", Some(f)) => f,
-                (p, Some(f)) if !p.ends_with(&f) => format!("{p}.{f}"),
-                (p, _) => p.to_string(),
-            };
-            (key, inner)
+            (equilibrio_filter::config::error_key(&path, &inner), inner)
         })?;
         p.validate()?;
         Ok(p)
@@ -235,17 +229,6 @@ impl ScalingPolicy {
 impl Default for ScalingPolicy {
     fn default() -> Self {
         ScalingPolicy::for_environment(Environment::Development)
-    }
-}
-
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (t, p) => *t = p.clone(),
     }
 }
 
