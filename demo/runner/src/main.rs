@@ -4,17 +4,14 @@
 //! back down. Stops everything it started at the end or on Ctrl-C.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use equilibrio_tests::envoy::Envoy;
-use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use equilibrio_demo::{SERVICE, cleanup_containers, instances};
+use equilibrio_tests::supervisor::TOKEN;
 
-const SERVICE: &str = "agente-vendedor";
-const IMAGE: &str = "equilibrio/agente-vendedor:dev";
 const QUIET_PACE_MS: usize = 4000;
 
 #[derive(Parser)]
@@ -31,17 +28,6 @@ struct Args {
     peak_clients: usize,
 }
 
-fn cleanup_containers() {
-    if let Ok(o) = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=io.equilibrio.service={SERVICE}")])
-        .output()
-    {
-        for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", id]).output();
-        }
-    }
-}
-
 #[derive(Default)]
 struct Window {
     by_instance: BTreeMap<String, usize>,
@@ -53,25 +39,13 @@ struct Window {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.proxy == "envoy", "--proxy {} is not available yet: use --proxy envoy", args.proxy);
-    cleanup_containers();
-    let yaml = format!(
-        "environment: development\ndrain_timeout: 10\nservices:\n  {SERVICE}:\n    load_balancer: {{algorithm: least_connections}}\n    health_check: {{interval: 500ms, timeout: 300ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=15'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {{measurement_window: 20}}, memory_utilization: {{measurement_window: 20}}, request_rate: {{measurement_window: 20}}, response_time: {{measurement_window: 20}}}}\n"
-    );
-    let s = Supervisor::start(&yaml).await?;
+    let (s, envoy) = equilibrio_demo::start(
+        "{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {measurement_window: 20}, memory_utilization: {measurement_window: 20}, request_rate: {measurement_window: 20}, response_time: {measurement_window: 20}}",
+        15,
+    )
+    .await?;
     println!("\n  Dashboard: http://{}/   (token for changes: {TOKEN})", s.addr);
     println!("  Supervisor API: http://{}/openapi.json\n", s.addr);
-    let start = Instant::now();
-    while !instances(&s).await.iter().any(|(_, st)| st == "healthy") {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "the first container never became healthy:\n{}",
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let filter = serde_json::json!({"service": SERVICE,
-        "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
-    let envoy = Envoy::start(&filter, s.addr).await?;
     println!("  Proxy (Envoy 1.40 + the filter): {}\n", envoy.url("/search?q=zapatos"));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -185,21 +159,4 @@ async fn main() -> anyhow::Result<()> {
     drop(s);
     cleanup_containers();
     Ok(())
-}
-
-/// (instance id, table state) of the demo service.
-async fn instances(s: &Supervisor) -> Vec<(String, String)> {
-    match s.get(&format!("/v1/services/{SERVICE}/instances")).await {
-        Ok(v) => v
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|i| {
-                        (i["id"].as_str().unwrap_or("").to_string(), i["state"].as_str().unwrap_or("").to_string())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        Err(_) => vec![],
-    }
 }
