@@ -301,14 +301,10 @@ impl Default for SupervisorConfig {
 pub struct StaticEndpoint {
     pub id: String,
     pub address: String,
-    #[serde(default = "default_weight")]
+    #[serde(default = "crate::table::default_weight")]
     pub weight: u32,
     #[serde(default)]
     pub zone: String,
-}
-
-fn default_weight() -> u32 {
-    100
 }
 
 /// The whole validated configuration.

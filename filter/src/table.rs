@@ -33,8 +33,12 @@ pub struct Endpoint {
     pub zone: String,
 }
 
-fn default_weight() -> u32 {
-    100
+/// The weight of an endpoint that names none.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// For `#[serde(default = ...)]`, wherever an endpoint or instance is described.
+pub fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -57,7 +57,7 @@ pub struct InstanceSpec {
     pub id: String,
     /// `ip:port` where the proxies reach it.
     pub address: String,
-    #[serde(default = "default_weight")]
+    #[serde(default = "equilibrio_filter::table::default_weight")]
     pub weight: u32,
     #[serde(default)]
     pub zone: String,
@@ -67,10 +67,6 @@ pub struct InstanceSpec {
     pub version: String,
     #[serde(default)]
     pub capabilities: Vec<String>,
-}
-
-fn default_weight() -> u32 {
-    100
 }
 
 impl InstanceSpec {

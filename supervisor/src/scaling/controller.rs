@@ -287,7 +287,7 @@ async fn scale_service<R: Runtime>(
         policy.metrics().iter().map(|(_, m)| (m.measurement_window * 1000.0) as u64).max().unwrap_or(300_000) + 10_000;
 
     // ---- decide
-    let (desired, reason, plan_input) = {
+    let (desired, reason, decided, plan_input) = {
         let mut states = app.scaling();
         let Some(st) = states.get_mut(service) else { return };
         st.history.record(sample, keep_ms);
@@ -302,8 +302,9 @@ async fn scale_service<R: Runtime>(
             st.cost.memory_percent_peak = st.cost.memory_percent_peak.max(v);
         }
         st.cost.samples += 1;
-        st.cost.instance_seconds += serving.len() as f64 * TICK_MS as f64 / 1000.0;
-        app.metrics.instance_seconds(service, serving.len() as f64 * TICK_MS as f64 / 1000.0);
+        let instance_seconds = serving.len() as f64 * TICK_MS as f64 / 1000.0;
+        st.cost.instance_seconds += instance_seconds;
+        app.metrics.instance_seconds(service, instance_seconds);
         st.cost.requests += (rps_sum * TICK_MS as f64 / 1000.0).round() as u64;
         if st.failures > 0 && now.saturating_sub(st.last_failure_ms) > 60_000 && serving.len() as u32 >= current {
             st.failures = 0;
@@ -315,8 +316,10 @@ async fn scale_service<R: Runtime>(
                 (d.desired, d.reason)
             }
         };
+        // a new decision (not the one already under way) is recorded and published once
+        let decided = desired != current && desired != st.desired;
         if desired != st.desired || current != st.current {
-            if desired != current && desired != st.desired {
+            if decided {
                 let kind = if desired > current { "scale_up" } else { "scale_down" };
                 if desired > current {
                     st.cost.scale_ups += 1;
@@ -335,20 +338,12 @@ async fn scale_service<R: Runtime>(
             st.current = current;
             st.desired = desired;
         }
-        (desired, reason, (st.backoff_until_ms, policy.victim))
+        (desired, reason, decided, (st.backoff_until_ms, policy.victim))
     };
-    if desired != current {
+    if decided {
         let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
-        let last = app.scaling().get(service).and_then(|s| s.events.back().cloned());
-        if last.is_some_and(|e| e.time_ms == now) {
-            app.observe(vec![event(
-                now,
-                kind,
-                service,
-                None,
-                serde_json::json!({"from": current, "to": desired, "reason": reason}),
-            )]);
-        }
+        let detail = serde_json::json!({"from": current, "to": desired, "reason": reason});
+        app.observe(vec![event(now, kind, service, None, detail)]);
     }
 
     // ---- plan and act
@@ -484,7 +479,7 @@ enum ActError {
 }
 
 fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
-    let full = 100;
+    let full = equilibrio_filter::table::DEFAULT_WEIGHT;
     let spec = InstanceSpec {
         id: instance.into(),
         address: address.into(),
