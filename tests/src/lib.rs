@@ -1,5 +1,6 @@
-//! Harness for the cross-component tests: real HTTP backends, a stand-in for the supervisor's table and EDS, and a
-//! real Envoy 1.40 running the built filter with the shipped `proxy-config/envoy.yaml`.
+//! Harness for the cross-component tests: real HTTP backends, a stand-in for the supervisor's table and EDS, and the
+//! built filter running in real Envoy 1.40 (`proxy-config/envoy.yaml`) or in the bundled proxy
+//! (`proxy-config/host.yaml`).
 //!
 //! Everything listens on 127.0.0.1 with ports chosen by the kernel. Envoy and the filter must have been installed and
 //! built (`scripts/setup`, `cargo build --release --target wasm32-wasip1 -p equilibrio-filter`); a missing piece is a
@@ -7,6 +8,8 @@
 
 pub mod backend;
 pub mod envoy;
+pub mod host;
+pub mod proxy;
 pub mod supervisor;
 pub mod table_server;
 

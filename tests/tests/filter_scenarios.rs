@@ -1,5 +1,6 @@
-//! The filter in real Envoy 1.40 (`--concurrency 2`), with real backends and the table stand-in: the issue's
-//! acceptance scenarios. Each test starts its own processes on kernel-chosen ports.
+//! The filter's acceptance scenarios, each run against both proxies with the same `.wasm` and the same filter
+//! configuration: real Envoy 1.40 (`--concurrency 2`) and the bundled proxy (`equilibrio-host`, 2 workers), with
+//! real backends and the table stand-in. Each test starts its own processes on kernel-chosen ports.
 
 // test code: a failed unwrap is a failed test
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -7,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use equilibrio_tests::backend::Backend;
-use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::proxy::{Kind, Proxy};
 use equilibrio_tests::table_server::{TableServer, endpoint};
 use equilibrio_tests::{by_body, load};
 use serde_json::{Value, json};
@@ -29,32 +30,31 @@ fn filter_config(table: &TableServer, poll: &str, extra: Value) -> Value {
 struct Setup {
     backends: Vec<Backend>,
     table: TableServer,
-    envoy: Envoy,
+    proxy: Proxy,
     client: reqwest::Client,
 }
 
-async fn setup(weights: &[u32], policy: Value, extra: Value, poll: &str) -> Setup {
+async fn setup(kind: Kind, weights: &[u32], policy: Value, extra: Value, poll: &str) -> Setup {
     let mut backends = Vec::new();
     for (i, _) in weights.iter().enumerate() {
         backends.push(Backend::start(&format!("av-{}", i + 1)).await.unwrap());
     }
     let eps = backends.iter().zip(weights).map(|(b, w)| endpoint(&b.id, b.addr, *w, "healthy")).collect();
     let table = TableServer::start(SERVICE, eps, policy).await.unwrap();
-    let envoy = Envoy::start(&filter_config(&table, poll, extra), table.addr()).await.unwrap();
-    envoy.wait_for_table(weights.len(), 1).await.unwrap();
-    // connection pooling on, several connections so that both Envoy workers serve
+    let proxy = Proxy::start(kind, &filter_config(&table, poll, extra), table.addr()).await.unwrap();
+    proxy.wait_for_table(weights.len(), 1).await.unwrap();
+    // connection pooling on, several connections so that both workers serve
     let client = reqwest::Client::builder().pool_max_idle_per_host(16).build().unwrap();
-    Setup { backends, table, envoy, client }
+    Setup { backends, table, proxy, client }
 }
 
 fn share(counts: &std::collections::BTreeMap<String, usize>, id: &str, total: usize) -> f64 {
     *counts.get(id).unwrap_or(&0) as f64 / total as f64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn equal_weights_spread_within_two_percent() {
-    let s = setup(&[100, 100, 100], Value::Null, json!({}), "500ms").await;
-    let results = load(&s.client, &s.envoy.url("/search?q=x"), 3000, 8).await;
+async fn equal_weights_spread_within_two_percent(kind: Kind) {
+    let s = setup(kind, &[100, 100, 100], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.proxy.url("/search?q=x"), 3000, 8).await;
     let counts = by_body(&results);
     assert_eq!(results.iter().filter(|(st, _)| *st == 200).count(), 3000, "{counts:?}");
     for b in &s.backends {
@@ -62,14 +62,13 @@ async fn equal_weights_spread_within_two_percent() {
         assert!((got - 1.0 / 3.0).abs() <= 0.02, "{} got {got:.3}: {counts:?}", b.id);
     }
     // both workers served (the spread is the sum of two exact per-worker sequences)
-    let per_worker = s.envoy.worker_connections().await;
+    let per_worker = s.proxy.worker_connections().await;
     assert!(per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0), "both workers serve: {per_worker:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weights_one_two_three_within_three_percent() {
-    let s = setup(&[1, 2, 3], Value::Null, json!({}), "500ms").await;
-    let results = load(&s.client, &s.envoy.url("/"), 3000, 8).await;
+async fn weights_one_two_three_within_three_percent(kind: Kind) {
+    let s = setup(kind, &[1, 2, 3], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.proxy.url("/"), 3000, 8).await;
     let counts = by_body(&results);
     for (b, want) in s.backends.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
         let got = share(&counts, &b.id, 3000);
@@ -77,13 +76,12 @@ async fn weights_one_two_three_within_three_percent() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_cannot_pick_the_upstream() {
-    let s = setup(&[100, 100, 100], Value::Null, json!({}), "500ms").await;
+async fn a_client_cannot_pick_the_upstream(kind: Kind) {
+    let s = setup(kind, &[100, 100, 100], Value::Null, json!({}), "500ms").await;
     let target = s.backends[2].addr.to_string();
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..300 {
-        let r = s.client.get(s.envoy.url("/")).header("x-equilibrio-upstream", &target).send().await.unwrap();
+        let r = s.client.get(s.proxy.url("/")).header("x-equilibrio-upstream", &target).send().await.unwrap();
         assert_eq!(r.status(), 200);
         *counts.entry(r.text().await.unwrap()).or_insert(0usize) += 1;
     }
@@ -93,11 +91,10 @@ async fn a_client_cannot_pick_the_upstream() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
+async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored(kind: Kind) {
     let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "ttl": 600, "secure": false}});
-    let s = setup(&[100, 100, 100], policy, json!({}), "500ms").await;
-    let first = s.client.get(s.envoy.url("/")).send().await.unwrap();
+    let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
+    let first = s.client.get(s.proxy.url("/")).send().await.unwrap();
     let set = first.headers().get("set-cookie").expect("a new session gets a cookie").to_str().unwrap().to_string();
     let pinned = first.text().await.unwrap();
     assert!(set.starts_with("AGENTE_VENDEDOR_SESSION="), "{set}");
@@ -113,7 +110,7 @@ async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
     // pinned across connections (and so across workers)
     for _ in 0..30 {
         let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        let r = fresh.get(s.envoy.url("/")).header("cookie", &cookie).send().await.unwrap();
+        let r = fresh.get(s.proxy.url("/")).header("cookie", &cookie).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), pinned);
     }
     // tampered: flip the last character of the signature; the request is served normally and re-issued
@@ -122,27 +119,26 @@ async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored() {
     forged.push(if last == 'A' { 'B' } else { 'A' });
     let mut served = std::collections::BTreeSet::new();
     for _ in 0..9 {
-        let r = s.client.get(s.envoy.url("/")).header("cookie", &forged).send().await.unwrap();
+        let r = s.client.get(s.proxy.url("/")).header("cookie", &forged).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert!(r.headers().get("set-cookie").is_some(), "a tampered cookie is treated as absent");
         served.insert(r.text().await.unwrap());
     }
     assert!(served.len() > 1, "a forged cookie does not pin: {served:?}");
     // garbage cookie: never an error
-    let r = s.client.get(s.envoy.url("/")).header("cookie", "AGENTE_VENDEDOR_SESSION=%%%garbage").send().await.unwrap();
+    let r = s.client.get(s.proxy.url("/")).header("cookie", "AGENTE_VENDEDOR_SESSION=%%%garbage").send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
+async fn rate_limit_answers_429_after_the_burst_for_both_workers(kind: Kind) {
     let policy = json!({"rate_limiting": {"enabled": true, "requests_per_minute": 1, "burst_size": 5}});
-    let s = setup(&[100, 100], policy, json!({}), "500ms").await;
+    let s = setup(kind, &[100, 100], policy, json!({}), "500ms").await;
     let mut ok = 0;
     let mut limited = None;
     for _ in 0..20 {
         // a new connection each time, spread over both workers
         let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        let r = fresh.get(s.envoy.url("/")).send().await.unwrap();
+        let r = fresh.get(s.proxy.url("/")).send().await.unwrap();
         match r.status().as_u16() {
             200 => ok += 1,
             429 => limited = Some(r),
@@ -155,20 +151,20 @@ async fn rate_limit_answers_429_after_the_burst_for_both_workers() {
     assert_eq!(h.get("retry-after").unwrap(), "60");
     assert_eq!(h.get("ratelimit-policy").unwrap(), "\"default\";q=1;w=60");
     assert!(h.get("ratelimit").unwrap().to_str().unwrap().starts_with("\"default\";r=0;t="));
-    let per_worker = s.envoy.worker_connections().await;
+    let per_worker = s.proxy.worker_connections().await;
     assert!(per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0), "both workers serve: {per_worker:?}");
     // counted in the filter's metric once the poller has flushed
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s.envoy.stat("wasmcustom.equilibrio_rate_limited_total").await.unwrap_or(0) < 15 {
+    while s.proxy.stat("wasmcustom.equilibrio_rate_limited_total").await.unwrap_or(0) < 15 {
         assert!(Instant::now() < deadline, "rate-limited metric not updated");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_backend_costs_no_request_and_is_ejected() {
-    let s = setup(&[100, 100, 100], Value::Null, json!({"passive_health": {"base_ejection_time": 30}}), "500ms").await;
-    let url = s.envoy.url("/");
+async fn a_killed_backend_costs_no_request_and_is_ejected(kind: Kind) {
+    let s = setup(kind, &[100, 100, 100], Value::Null, json!({"passive_health": {"base_ejection_time": 30}}), "500ms")
+        .await;
+    let url = s.proxy.url("/");
     let client = s.client.clone();
     let traffic = tokio::spawn(async move { load(&client, &url, 3000, 8).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -179,24 +175,23 @@ async fn a_killed_backend_costs_no_request_and_is_ejected() {
     // ejected: the metric says so, and new traffic avoids it without retries
     let name = "wasmcustom.equilibrio_endpoint_av_2_ejected";
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s.envoy.stat(name).await != Some(1) {
+    while s.proxy.stat(name).await != Some(1) {
         assert!(Instant::now() < deadline, "av-2 not reported as ejected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let retries_before = s.envoy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0);
-    let after = load(&s.client, &s.envoy.url("/"), 300, 4).await;
+    let retries_before = s.proxy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0);
+    let after = load(&s.client, &s.proxy.url("/"), 300, 4).await;
     assert!(after.iter().all(|(st, _)| *st == 200));
     assert_eq!(
-        s.envoy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0),
+        s.proxy.stat("cluster.backend.upstream_rq_retry").await.unwrap_or(0),
         retries_before,
         "no more retries: ejected"
     );
-    assert!(s.envoy.log().contains("ejected endpoint av-2"));
+    assert!(s.proxy.log().contains("ejected endpoint av-2"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_change_applies_within_two_poll_periods() {
-    let s = setup(&[100, 100, 100], Value::Null, json!({}), "1s").await;
+async fn a_table_change_applies_within_two_poll_periods(kind: Kind) {
+    let s = setup(kind, &[100, 100, 100], Value::Null, json!({}), "1s").await;
     let eps: Vec<Value> = s
         .backends
         .iter()
@@ -205,7 +200,7 @@ async fn a_table_change_applies_within_two_poll_periods() {
     let changed = Instant::now();
     s.table.update(Some(eps), None);
     let applied = loop {
-        let results = load(&s.client, &s.envoy.url("/"), 20, 2).await;
+        let results = load(&s.client, &s.proxy.url("/"), 20, 2).await;
         if !by_body(&results).contains_key("av-3") {
             break changed.elapsed();
         }
@@ -214,22 +209,21 @@ async fn a_table_change_applies_within_two_poll_periods() {
     };
     assert!(applied <= Duration::from_secs(2), "applied after {applied:?}");
     // and it stays applied
-    let results = load(&s.client, &s.envoy.url("/"), 300, 4).await;
+    let results = load(&s.client, &s.proxy.url("/"), 300, 4).await;
     assert!(!by_body(&results).contains_key("av-3"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_table_keeps_the_last_good_one_and_is_counted() {
-    let s = setup(&[100, 100], Value::Null, json!({}), "500ms").await;
+async fn a_bad_table_keeps_the_last_good_one_and_is_counted(kind: Kind) {
+    let s = setup(kind, &[100, 100], Value::Null, json!({}), "500ms").await;
     s.table.set_bad_answer(Some((200, "{not json".into())));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s.envoy.stat("wasmcustom.equilibrio_table_errors_malformed_total").await.unwrap_or(0) < 2 {
+    while s.proxy.stat("wasmcustom.equilibrio_table_errors_malformed_total").await.unwrap_or(0) < 2 {
         assert!(Instant::now() < deadline, "malformed answers not counted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.table.set_bad_answer(Some((503, "down".into())));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let results = load(&s.client, &s.envoy.url("/"), 200, 4).await;
+    let results = load(&s.client, &s.proxy.url("/"), 200, 4).await;
     let counts = by_body(&results);
     // each worker's sequence is exact; two workers may each be one pick apart
     let av1 = counts.get("av-1").copied().unwrap_or(0);
@@ -237,16 +231,15 @@ async fn a_bad_table_keeps_the_last_good_one_and_is_counted() {
         (98..=102).contains(&av1) && av1 + counts.get("av-2").copied().unwrap_or(0) == 200,
         "still balanced on the last good table: {counts:?}"
     );
-    assert!(s.envoy.stat("wasmcustom.equilibrio_table_errors_http_status_total").await.unwrap_or(0) >= 1);
+    assert!(s.proxy.stat("wasmcustom.equilibrio_table_errors_http_status_total").await.unwrap_or(0) >= 1);
     // logged once per change of condition, not once per poll
-    let log = s.envoy.log();
+    let log = s.proxy.log();
     assert_eq!(log.matches("endpoint table refused (malformed)").count(), 1, "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_reach_the_supervisor() {
-    let s = setup(&[100, 100], Value::Null, json!({}), "500ms").await;
-    let results = load(&s.client, &s.envoy.url("/"), 400, 4).await;
+async fn reports_reach_the_supervisor(kind: Kind) {
+    let s = setup(kind, &[100, 100], Value::Null, json!({}), "500ms").await;
+    let results = load(&s.client, &s.proxy.url("/"), 400, 4).await;
     assert_eq!(results.len(), 400);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -265,25 +258,23 @@ async fn reports_reach_the_supervisor() {
         assert!(Instant::now() < deadline, "reports counted {total} of 400 requests");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let prom = s.envoy.prometheus().await;
+    let prom = s.proxy.prometheus().await;
     assert!(prom.contains("equilibrio_endpoint_av_1_requests_total"), "per-endpoint metrics exposed");
     assert!(prom.contains("equilibrio_table_version"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_configuration_is_refused_with_our_message() {
+async fn an_invalid_configuration_is_refused_with_our_message(kind: Kind) {
     let table = TableServer::start(SERVICE, vec![], Value::Null).await.unwrap();
     let cfg = filter_config(&table, "500ms", json!({"sticky_sessions": {"ttl": "forever"}}));
-    let (ok, log) = Envoy::start_expecting_failure(&cfg, table.addr()).await.unwrap();
-    assert!(!ok, "envoy must refuse the plugin");
+    let (ok, log) = Proxy::start_expecting_failure(kind, &cfg, table.addr()).await.unwrap();
+    assert!(!ok, "the proxy must refuse the plugin");
     assert!(log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_endpoint_keeps_its_sticky_sessions_only() {
+async fn a_draining_endpoint_keeps_its_sticky_sessions_only(kind: Kind) {
     let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}});
-    let s = setup(&[100, 100, 100], policy, json!({}), "500ms").await;
-    let first = s.client.get(s.envoy.url("/")).send().await.unwrap();
+    let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
+    let first = s.client.get(s.proxy.url("/")).send().await.unwrap();
     let cookie = first.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
     let pinned = first.text().await.unwrap();
     let eps: Vec<Value> = s
@@ -292,13 +283,45 @@ async fn a_draining_endpoint_keeps_its_sticky_sessions_only() {
         .map(|b| endpoint(&b.id, b.addr, 100, if b.id == pinned { "draining" } else { "healthy" }))
         .collect();
     s.table.update(Some(eps), None);
-    s.envoy.wait_for_table(3, 2).await.unwrap();
+    s.proxy.wait_for_table(3, 2).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await; // EDS and the workers' tick
     for _ in 0..30 {
-        let r = s.client.get(s.envoy.url("/")).header("cookie", &cookie).send().await.unwrap();
+        let r = s.client.get(s.proxy.url("/")).header("cookie", &cookie).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), pinned, "a draining endpoint keeps its sessions");
     }
-    let fresh = load(&s.client, &s.envoy.url("/"), 60, 4).await;
+    let fresh = load(&s.client, &s.proxy.url("/"), 60, 4).await;
     let counts = by_body(&fresh);
     assert!(!counts.contains_key(&pinned), "no new session on a draining endpoint: {counts:?}");
 }
+
+/// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
+macro_rules! on_both_proxies {
+    ($($name:ident),* $(,)?) => {
+        mod envoy {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Kind::Envoy).await
+            })*
+        }
+        mod host {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Kind::Host).await
+            })*
+        }
+    };
+}
+
+on_both_proxies!(
+    equal_weights_spread_within_two_percent,
+    weights_one_two_three_within_three_percent,
+    a_client_cannot_pick_the_upstream,
+    sticky_sessions_pin_and_a_tampered_cookie_is_ignored,
+    rate_limit_answers_429_after_the_burst_for_both_workers,
+    a_killed_backend_costs_no_request_and_is_ejected,
+    a_table_change_applies_within_two_poll_periods,
+    a_bad_table_keeps_the_last_good_one_and_is_counted,
+    reports_reach_the_supervisor,
+    an_invalid_configuration_is_refused_with_our_message,
+    a_draining_endpoint_keeps_its_sticky_sessions_only,
+);

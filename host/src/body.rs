@@ -1,0 +1,101 @@
+//! The body of a response the proxy sends: the upstream's, streamed through, or a local reply's. It carries what
+//! must happen when the response ends: the upstream connection goes back to the pool (only after a complete body),
+//! and the filters get `proxy_on_log` and their contexts are deleted (when the body is dropped, complete or not).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::stream_end::StreamGuard;
+use crate::upstream::{Pool, Sender};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// Gives the upstream connection back to the pool.
+pub struct Release {
+    pub pool: Rc<Pool>,
+    pub addr: SocketAddr,
+    pub sender: Sender,
+}
+
+pub struct ProxyBody {
+    inner: Inner,
+    release: Option<Release>,
+    _guard: Option<StreamGuard>,
+}
+
+impl ProxyBody {
+    pub fn upstream(body: Incoming, release: Release, guard: StreamGuard) -> ProxyBody {
+        let mut b = ProxyBody { inner: Inner::Upstream(body), release: Some(release), _guard: Some(guard) };
+        b.release_if_done();
+        b
+    }
+
+    pub fn full(bytes: Bytes, guard: Option<StreamGuard>) -> ProxyBody {
+        let data = if bytes.is_empty() { None } else { Some(bytes) };
+        ProxyBody { inner: Inner::Full(data), release: None, _guard: guard }
+    }
+
+    fn release_if_done(&mut self) {
+        if let Inner::Upstream(b) = &self.inner
+            && b.is_end_stream()
+            && let Some(r) = self.release.take()
+        {
+            r.pool.put(r.addr, r.sender);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Upstream(body) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match polled {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        this.release_if_done();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        this.release_if_done();
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        this.release = None;
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(data) => data.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}

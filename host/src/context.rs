@@ -1,0 +1,181 @@
+//! What a VM's host functions can see: the plugin, the process-wide stores, and, during a stream callback, the
+//! stream (request and response heads, addresses, flags). Host functions also leave effects here (a new tick
+//! period, HTTP calls to make, streams to resume) that the driver applies after the call returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{request, response};
+use wasmtime::{Memory, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use crate::config::LogLevel;
+use crate::headers::Pairs;
+use crate::shared_data::Scope;
+use crate::stats::{Metric, Stats};
+
+/// A plugin's identity and configuration, as the guest reads them.
+pub struct PluginInfo {
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+}
+
+/// Process-wide services every VM uses.
+pub struct Env {
+    pub stats: Arc<Stats>,
+    pub shared: Arc<crate::shared_data::SharedData>,
+    pub log_level: LogLevel,
+    /// Cluster names a filter may call with `dispatch_http_call`.
+    pub clusters: Vec<String>,
+    /// The route's cluster (the `cluster_name` property).
+    pub route_cluster: String,
+}
+
+/// A reply the filter asked for (`proxy_send_local_response`).
+#[derive(Debug, Clone)]
+pub struct LocalReply {
+    pub status: u16,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: Pairs,
+}
+
+/// One HTTP request/response as the filters see it.
+pub struct Stream {
+    pub request: request::Parts,
+    pub response: Option<response::Parts>,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub upstream: Option<SocketAddr>,
+    /// Envoy response-flag bits (`response.flags`).
+    pub flags: u64,
+    pub details: &'static str,
+    pub local_reply: Option<LocalReply>,
+    /// Set by `proxy_close_stream`: the proxy resets the stream.
+    pub closed: bool,
+    pub filter_state: Pairs,
+    pub started: Instant,
+    pub started_wall: std::time::SystemTime,
+}
+
+impl Stream {
+    pub fn new(request: request::Parts, source: SocketAddr, destination: SocketAddr) -> Stream {
+        Stream {
+            request,
+            response: None,
+            source,
+            destination,
+            upstream: None,
+            flags: 0,
+            details: "",
+            local_reply: None,
+            closed: false,
+            filter_state: vec![],
+            started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
+        }
+    }
+}
+
+/// An HTTP call a filter dispatched (`proxy_http_call`), to be made by the driver.
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    pub token: u32,
+    pub context_id: u32,
+    pub cluster: String,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+}
+
+/// The answer to an HTTP call, readable during `proxy_on_http_call_response`.
+#[derive(Debug, Clone, Default)]
+pub struct CallResponse {
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+}
+
+/// What host functions ask of the driver.
+#[derive(Default)]
+pub struct Effects {
+    pub tick_period_ms: Option<u32>,
+    pub http_calls: Vec<HttpCall>,
+    /// Streams (context ids) a filter resumed with `proxy_continue_stream`.
+    pub resumed: Vec<u32>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.tick_period_ms.is_none() && self.http_calls.is_empty() && self.resumed.is_empty()
+    }
+}
+
+/// The store data of one VM.
+pub struct HostState {
+    pub wasi: WasiP1Ctx,
+    pub plugin: Arc<PluginInfo>,
+    pub env: Arc<Env>,
+    pub shared: Arc<Scope>,
+    pub memory: Option<Memory>,
+    pub malloc: Option<TypedFunc<i32, i32>>,
+    /// Metric handles by id, cached so that the hot path takes no lock.
+    pub metrics: Vec<Option<Arc<Metric>>>,
+    pub stream: Option<Box<Stream>>,
+    pub call_response: Option<CallResponse>,
+    pub effects: Effects,
+    pub effective_context: u32,
+    pub next_token: u32,
+    /// A line of guest stdout/stderr not yet ended by a newline.
+    pub stdio_line: Vec<u8>,
+}
+
+impl HostState {
+    pub fn new(plugin: Arc<PluginInfo>, env: Arc<Env>) -> HostState {
+        let shared = env.shared.scope(&plugin.vm_id);
+        HostState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
+            plugin,
+            env,
+            shared,
+            memory: None,
+            malloc: None,
+            metrics: vec![],
+            stream: None,
+            call_response: None,
+            effects: Effects::default(),
+            effective_context: 0,
+            next_token: 1,
+            stdio_line: vec![],
+        }
+    }
+
+    pub fn metric(&mut self, id: u32) -> Option<Arc<Metric>> {
+        let i = id as usize;
+        if let Some(Some(m)) = self.metrics.get(i) {
+            return Some(m.clone());
+        }
+        let m = self.env.stats.get(id)?;
+        if self.metrics.len() <= i {
+            self.metrics.resize(i + 1, None);
+        }
+        self.metrics[i] = Some(m.clone());
+        Some(m)
+    }
+
+    /// Emits one line of guest output to the proxy's log, as Envoy does with a filter's stdout and stderr.
+    pub fn log_line(&self, level: i32, message: &str) {
+        let plugin = &self.plugin.name;
+        match level {
+            0 => tracing::trace!(target: "wasm", "wasm log {plugin}: {message}"),
+            1 => tracing::debug!(target: "wasm", "wasm log {plugin}: {message}"),
+            2 => tracing::info!(target: "wasm", "wasm log {plugin}: {message}"),
+            3 => tracing::warn!(target: "wasm", "wasm log {plugin}: {message}"),
+            _ => tracing::error!(target: "wasm", "wasm log {plugin}: {message}"),
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The end of a stream for the filters: when the response is done (or abandoned), each filter that saw the stream
+//! gets `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`, with the request and response heads still readable.
+
+use std::rc::Rc;
+
+use crate::context::Stream;
+use crate::driver::VmSlot;
+
+pub struct StreamGuard {
+    filters: Vec<(Rc<VmSlot>, u32, u64)>,
+    pub stream: Option<Box<Stream>>,
+}
+
+impl StreamGuard {
+    pub fn new() -> StreamGuard {
+        StreamGuard { filters: Vec::with_capacity(1), stream: None }
+    }
+
+    /// A filter created `context` for this stream in VM generation `generation`.
+    pub fn push(&mut self, slot: Rc<VmSlot>, context: u32, generation: u64) {
+        self.filters.push((slot, context, generation));
+    }
+
+    pub fn contexts(&self) -> &[(Rc<VmSlot>, u32, u64)] {
+        &self.filters
+    }
+}
+
+impl Default for StreamGuard {
+    fn default() -> Self {
+        StreamGuard::new()
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        for (slot, context, generation) in std::mem::take(&mut self.filters) {
+            // a context of a VM that trapped since is gone with it
+            if slot.generation() == generation && self.stream.is_some() {
+                let _ = slot.call(|vm| vm.finish_stream(context, &mut self.stream));
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Worker threads, as in Envoy: each has its own event loop (a current-thread Tokio runtime), its own listening
+//! socket on the shared port (`SO_REUSEPORT`, so the kernel spreads connections), its own filter VMs and upstream
+//! pool. Nothing on the request path crosses threads except shared data and counters. The service thread runs the
+//! singleton plugins the same way, without a listener.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+use wasmtime::Engine;
+
+use crate::abi::types::MetricKind;
+use crate::config::{ClusterConfig, Config};
+use crate::context::Env;
+use crate::driver::VmSlot;
+use crate::proxy::{ProxyStats, Worker};
+use crate::stats::Stats;
+use crate::upstream::Pool;
+use crate::vm::Plugin;
+
+/// What every thread shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub engine: Engine,
+    pub filters: Vec<Arc<Plugin>>,
+    pub services: Vec<Arc<Plugin>>,
+    pub env: Arc<Env>,
+    pub stats: Arc<Stats>,
+    pub clusters: Arc<BTreeMap<String, ClusterConfig>>,
+    /// Open client connections, all workers together (for `max_connections`).
+    pub connections: AtomicUsize,
+}
+
+/// Runs futures that need not be `Send` on the current thread (hyper's HTTP/2 streams).
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: std::future::Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// Binds one listening socket per worker on the same address (the first one picks the port if it is 0).
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+fn start_slots(shared: &Shared, plugins: &[Arc<Plugin>]) -> Result<Vec<Rc<VmSlot>>, String> {
+    plugins
+        .iter()
+        .map(|p| {
+            VmSlot::start(&shared.engine, p.clone(), shared.env.clone(), shared.clusters.clone())
+                .map_err(|e| format!("plugin `{}`: {e}", p.info.name))
+        })
+        .collect()
+}
+
+/// The singleton plugins' thread: their VMs, ticks and HTTP calls, until shutdown.
+pub fn spawn_services(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("wasm-services".into()).spawn(move || {
+        let rt = match runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("runtime: {e}")));
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let slots = match start_slots(&shared, &shared.services) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            for slot in &slots {
+                tokio::task::spawn_local(slot.clone().run_ticks());
+            }
+            let _ = ready.send(Ok(()));
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        });
+    })
+}
+
+pub fn spawn_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
+        let rt = match runtime() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(format!("runtime: {e}")));
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, run_worker(index, listener, shared, shutdown, ready));
+    })
+}
+
+async fn run_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let setup = async {
+        let filters = start_slots(&shared, &shared.filters)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| format!("listener: {e}"))?;
+        let local = listener.local_addr().map_err(|e| format!("listener: {e}"))?;
+        Ok::<_, String>((filters, listener, local))
+    };
+    let (filters, listener, local) = match setup.await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    for slot in &filters {
+        tokio::task::spawn_local(slot.clone().run_ticks());
+    }
+    let config = &shared.config;
+    let route_cluster = shared.clusters.get(&config.route.cluster).cloned().unwrap_or_default();
+    let stats = &shared.stats;
+    let counter = |name: &str| stats.handle(MetricKind::Counter, name);
+    let cluster = &config.route.cluster;
+    let worker = Rc::new(Worker {
+        filters,
+        pool: Rc::new(Pool::new(
+            route_cluster.max_idle_per_host,
+            Duration::from_millis(route_cluster.idle_timeout.0),
+            Duration::from_millis(route_cluster.connect_timeout.0),
+        )),
+        route: config.route.clone(),
+        fallback: route_cluster.endpoints.clone(),
+        next_fallback: Cell::new(index),
+        local,
+        stats: ProxyStats {
+            downstream_rq_total: counter("http.ingress.downstream_rq_total"),
+            upstream_rq_total: counter(&format!("cluster.{cluster}.upstream_rq_total")),
+            upstream_rq_retry: counter(&format!("cluster.{cluster}.upstream_rq_retry")),
+            upstream_cx_connect_fail: counter(&format!("cluster.{cluster}.upstream_cx_connect_fail")),
+            upstream_rq_timeout: counter(&format!("cluster.{cluster}.upstream_rq_timeout")),
+            upstream_rq_5xx: counter(&format!("cluster.{cluster}.upstream_rq_5xx")),
+            no_healthy_upstream: counter(&format!("cluster.{cluster}.upstream_cx_none_healthy")),
+            local_replies: counter("http.ingress.local_replies"),
+        },
+    });
+    let listener_name = format!("listener.{}_{}", local.ip(), local.port());
+    let cx_total = counter(&format!("{listener_name}.worker_{index}.downstream_cx_total"));
+    let cx_overflow = counter(&format!("{listener_name}.downstream_cx_overflow"));
+    let cx_active = stats.handle(MetricKind::Gauge, &format!("{listener_name}.downstream_cx_active"));
+    let _ = ready.send(Ok(()));
+
+    let mut builder = auto::Builder::new(LocalExec);
+    let header_bytes = config.listener.max_request_headers_kb * 1024;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(config.listener.header_read_timeout.0))
+        .max_buf_size(header_bytes.max(8192));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
+    let builder = Rc::new(if config.listener.http2 { builder } else { builder.http1_only() });
+
+    let open = Rc::new(Cell::new(0usize));
+    let all_closed = Rc::new(tokio::sync::Notify::new());
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // out of file descriptors, usually: back off instead of spinning
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shared.connections.fetch_add(1, Ordering::Relaxed) >= config.listener.max_connections {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            cx_overflow.inc();
+            drop(tcp);
+            continue;
+        }
+        cx_total.inc();
+        cx_active.increment(1);
+        let _ = tcp.set_nodelay(true);
+        let (worker, builder, shared, cx_active) = (worker.clone(), builder.clone(), shared.clone(), cx_active.clone());
+        let (open, all_closed, mut stop) = (open.clone(), all_closed.clone(), shutdown.clone());
+        open.set(open.get() + 1);
+        tokio::task::spawn_local(async move {
+            let service = hyper::service::service_fn(move |req| crate::proxy::handle(worker.clone(), peer, req));
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection from {peer}: {e}");
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            cx_active.increment(-1);
+            open.set(open.get() - 1);
+            if open.get() == 0 {
+                all_closed.notify_one();
+            }
+        });
+    }
+    drop(listener);
+    let drain = Duration::from_millis(config.listener.drain_timeout.0);
+    let waited = tokio::time::timeout(drain, async {
+        while open.get() > 0 {
+            all_closed.notified().await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!("worker {index}: {} connections still open after the drain timeout; closing them", open.get());
+    }
+}

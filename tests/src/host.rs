@@ -1,0 +1,169 @@
+//! Runs the bundled proxy (`target/release/equilibrio-host`) with the shipped `proxy-config/host.yaml`, rewritten
+//! only where a test must differ, exactly as [`crate::envoy`] does for Envoy: kernel-chosen ports, the supervisor's
+//! address, the absolute path of the built filter, and the filter's JSON.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::envoy::filter_wasm;
+use crate::repo_root;
+
+pub struct Host {
+    child: Child,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+    dir: PathBuf,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn host_binary() -> anyhow::Result<PathBuf> {
+    let bin = repo_root().join("target/release/equilibrio-host");
+    if !bin.exists() {
+        bail!("{} is missing: run `cargo build --release -p equilibrio-host` (scripts/test does)", bin.display());
+    }
+    Ok(bin)
+}
+
+/// The shipped host config with this test's ports, paths and filter configuration.
+pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::Result<String> {
+    let template = std::fs::read_to_string(repo_root().join("proxy-config/host.yaml"))?;
+    let wasm = filter_wasm()?;
+    let json = filter_config.to_string().replace('\'', "''");
+    let mut out = String::new();
+    for line in template.lines() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        let line = if trimmed.starts_with("configuration: '{") {
+            format!("{indent}configuration: '{json}'")
+        } else if trimmed.starts_with("file: ") && trimmed.ends_with("equilibrio_filter.wasm") {
+            format!("{indent}file: {}", wasm.display())
+        } else {
+            line.replace("127.0.0.1:10000", "127.0.0.1:0")
+                .replace("127.0.0.1:9901", "127.0.0.1:0")
+                .replace("[127.0.0.1:9900]", &format!("[{supervisor}]"))
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn work_dir() -> anyhow::Result<PathBuf> {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = repo_root().join(format!("target/equilibrio-tests/host-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> {
+    let cfg = dir.join("host.yaml");
+    std::fs::write(&cfg, config)?;
+    let log = std::fs::File::create(dir.join("host.log"))?;
+    Command::new(host_binary()?)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--concurrency", &concurrency.to_string()])
+        .arg("--admin-address-path")
+        .arg(dir.join("admin"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting equilibrio-host")
+}
+
+impl Host {
+    /// Starts the proxy with 2 workers and waits until its admin answers.
+    pub async fn start(filter_config: &Value, supervisor: SocketAddr) -> anyhow::Result<Host> {
+        Host::start_with(&render_config(filter_config, supervisor)?, 2).await
+    }
+
+    /// Starts the proxy with a complete configuration.
+    pub async fn start_with(config: &str, workers: usize) -> anyhow::Result<Host> {
+        let dir = work_dir()?;
+        let mut child = spawn(&dir, config, workers)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        let admin = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("equilibrio-host exited at start ({status}):\n{}", tail(&dir.join("host.log")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("equilibrio-host did not start in 30 s:\n{}", tail(&dir.join("host.log")));
+            }
+            if let Ok(text) = std::fs::read_to_string(dir.join("admin"))
+                && let Ok(addr) = text.trim().parse::<SocketAddr>()
+                && let Ok(r) = client.get(format!("http://{addr}/ready")).send().await
+                && r.status().is_success()
+            {
+                break addr;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let listeners: Value = client.get(format!("http://{admin}/listeners?format=json")).send().await?.json().await?;
+        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .context("listener port in /listeners")?;
+        let listener = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        Ok(Host { child, admin, listener, dir })
+    }
+
+    /// Runs the proxy with a configuration that must be refused: returns its exit status and log.
+    pub async fn start_expecting_failure(config: &str) -> anyhow::Result<(bool, String)> {
+        let dir = work_dir()?;
+        let mut child = spawn(&dir, config, 1)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status.success(), std::fs::read_to_string(dir.join("host.log"))?));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok((true, std::fs::read_to_string(dir.join("host.log"))?));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit (after a signal) for up to `timeout`; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("host.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
