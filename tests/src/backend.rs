@@ -1,5 +1,6 @@
 //! A real HTTP backend: answers every request with its id (body and `x-backend` header), counts requests, and can be
-//! killed like a crashed process (listener and every open connection closed at once).
+//! killed like a crashed process (listener and every open connection closed at once). `/echo-headers` answers with
+//! the request headers it received (JSON); `/slow?ms=N` answers after N milliseconds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::IntoResponse;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -27,10 +28,27 @@ pub struct Backend {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn answer(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
+async fn answer(State(s): State<Shared>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
     s.hits.fetch_add(1, Ordering::SeqCst);
     let upstream_header = headers.get("x-equilibrio-upstream").is_some();
-    ([("x-backend", s.id.clone()), ("x-saw-upstream-header", upstream_header.to_string())], s.id.clone())
+    let body = match uri.path() {
+        // the request headers as received, as a JSON object (a header sent twice keeps its last value)
+        "/echo-headers" => {
+            let map: serde_json::Map<String, serde_json::Value> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+                .collect();
+            serde_json::Value::Object(map).to_string()
+        }
+        // answers after `ms` milliseconds
+        "/slow" => {
+            let ms = uri.query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(1000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            s.id.clone()
+        }
+        _ => s.id.clone(),
+    };
+    ([("x-backend", s.id.clone()), ("x-saw-upstream-header", upstream_header.to_string())], body)
 }
 
 impl Backend {

@@ -1,0 +1,237 @@
+//! The bundled proxy's own behaviour, beyond the filter scenarios it shares with Envoy: configuration and module
+//! errors, a trapping filter, unsupported host calls, the properties it gives, what forwarding changes, limits, HTTP/2,
+//! retries on the next listed host, and draining on SIGTERM. Uses the probe filter (`tests/probe-filter`).
+
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use equilibrio_tests::backend::Backend;
+use equilibrio_tests::host::Host;
+use equilibrio_tests::repo_root;
+use serde_json::Value;
+
+fn probe_wasm() -> String {
+    let path = repo_root().join("target/wasm32-wasip1/release/equilibrio_probe_filter.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --target wasm32-wasip1 -p equilibrio-probe-filter` (scripts/test does)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+/// A host config with the probe filter routing to `upstreams`, and `listener` keys added.
+fn config(upstreams: &str, listener: &str) -> String {
+    format!(
+        r#"
+listener: {{address: 127.0.0.1:0, drain_timeout: 5s{listener}}}
+admin: {{address: 127.0.0.1:0}}
+route: {{cluster: backend, timeout: 5s, retries: 2}}
+clusters: {{backend: {{connect_timeout: 1s}}}}
+http_filters:
+- name: probe
+  root_id: probe
+  vm_id: probe
+  file: {}
+  configuration: "{upstreams}"
+"#,
+        probe_wasm()
+    )
+}
+
+async fn stat(host: &Host, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://{}/stats", host.admin)).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+}
+
+fn url(host: &Host, path: &str) -> String {
+    format!("http://{}{path}", host.listener)
+}
+
+#[tokio::test]
+async fn bad_configuration_module_or_filter_stops_the_start_with_a_message() {
+    let (ok, log) =
+        Host::start_expecting_failure("listener: {adress: 127.0.0.1:0}\nclusters: {backend: {}}").await.unwrap();
+    assert!(!ok);
+    assert!(log.contains("invalid configuration: `listener.adress`: unknown field"), "{log}");
+
+    let dir = repo_root().join("target/equilibrio-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("not-a-module.wasm");
+    std::fs::write(&junk, "this is not wasm").unwrap();
+    let (ok, log) = Host::start_expecting_failure(&config("", "").replace(&probe_wasm(), &junk.display().to_string()))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(log.contains("`http_filters[0].file`") && log.contains("is not a valid wasm module"), "{log}");
+
+    let (ok, log) = Host::start_expecting_failure(&config("refuse", "")).await.unwrap();
+    assert!(!ok);
+    assert!(log.contains("probe: refusing configuration `refuse`"), "the filter's own log line: {log}");
+    assert!(log.contains("plugin `probe`: the filter refused its configuration"), "{log}");
+}
+
+#[tokio::test]
+async fn a_trapping_filter_costs_that_request_a_503_and_is_recreated() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host = Host::start_with(&config(&b.addr.to_string(), ""), 1).await.unwrap();
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(url(&host, "/")).send().await.unwrap().text().await.unwrap(), "av-1");
+    let r = client.get(url(&host, "/")).header("x-probe", "trap").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    for _ in 0..5 {
+        let r = client.get(url(&host, "/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the proxy stays up and the filter is back");
+        assert_eq!(r.headers()["x-probe-response-status"], "200");
+    }
+    assert_eq!(stat(&host, "wasm.probe.vm_restarts").await, Some(1));
+    let log = host.log();
+    assert!(log.contains("trapped") && log.contains("re-created"), "{log}");
+}
+
+#[tokio::test]
+async fn host_calls_it_does_not_support_answer_unimplemented() {
+    let host = Host::start_with(&config("", ""), 1).await.unwrap();
+    let r = reqwest::Client::new().get(url(&host, "/")).header("x-probe", "unsupported").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // the spec's Unimplemented is 12
+    for h in ["x-grpc-status", "x-queue-status", "x-future-status"] {
+        assert_eq!(r.headers()[h], "12", "{h}");
+    }
+}
+
+#[tokio::test]
+async fn properties_are_the_ones_envoy_gives() {
+    let host = Host::start_with(&config("", ""), 1).await.unwrap();
+    let r = reqwest::Client::new().get(url(&host, "/p?x=1")).header("x-probe", "properties").send().await.unwrap();
+    let body = r.text().await.unwrap();
+    let props: std::collections::BTreeMap<&str, &str> = body.lines().filter_map(|l| l.split_once('=')).collect();
+    assert!(props["source.address"].starts_with("127.0.0.1:"), "{body}");
+    assert_eq!(props["destination.address"], host.listener.to_string());
+    assert_eq!(props["request.path"], "/p?x=1");
+    assert_eq!(props["request.method"], "GET");
+    assert_eq!(props["request.host"], host.listener.to_string());
+    assert_eq!(props["request.protocol"], "HTTP/1.1");
+    assert_eq!(props["plugin_name"], "probe");
+    assert_eq!(props["plugin_root_id"], "probe");
+    assert_eq!(props["plugin_vm_id"], "probe");
+    assert_eq!(props["no.such.property"], "<none>");
+}
+
+#[tokio::test]
+async fn forwarding_sets_forwarded_headers_and_drops_hop_by_hop_and_client_routing() {
+    let a = Backend::start("av-1").await.unwrap();
+    let other = Backend::start("av-2").await.unwrap();
+    let host = Host::start_with(&config(&a.addr.to_string(), ""), 1).await.unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .get(url(&host, "/echo-headers"))
+        .header("connection", "x-secret")
+        .header("x-secret", "1")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("x-equilibrio-upstream", other.addr.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-backend"], "av-1", "a client's x-equilibrio-upstream never routes");
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert!(seen.get("x-secret").is_none() && seen.get("connection").is_none(), "hop-by-hop removed: {seen}");
+    assert!(seen.get("x-equilibrio-upstream").is_none(), "the routing header is not forwarded: {seen}");
+    assert_eq!(other.hits(), 0);
+
+    // a filter's local reply, through the response phase
+    let r = client.get(url(&host, "/")).header("x-probe", "reply").send().await.unwrap();
+    assert_eq!(r.status(), 418);
+    assert_eq!(r.headers()["x-probe-reply"], "yes");
+    assert_eq!(r.headers()["x-probe-response-status"], "418");
+    assert_eq!(r.text().await.unwrap(), "short and stout");
+}
+
+#[tokio::test]
+async fn a_dead_host_moves_the_request_to_the_next_listed_one() {
+    let live = Backend::start("av-1").await.unwrap();
+    // nothing listens on the first address
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let host = Host::start_with(&config(&format!("{dead},{}", live.addr), ""), 1).await.unwrap();
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let r = client.post(url(&host, "/")).body("a body").send().await.unwrap();
+        assert_eq!(r.status(), 200, "a connect failure is retried, body and all");
+    }
+    assert!(stat(&host, "cluster.backend.upstream_rq_retry").await.unwrap() >= 10);
+    assert!(stat(&host, "cluster.backend.upstream_cx_connect_fail").await.unwrap() >= 10);
+
+    // no host at all answers: 503 with Envoy's wording
+    let host = Host::start_with(&config(&dead.to_string(), ""), 1).await.unwrap();
+    let r = client.get(url(&host, "/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-probe-response-status"], "503", "the filter sees the failure");
+    assert!(r.text().await.unwrap().starts_with("upstream connect error"));
+}
+
+// blocking sockets below: the backend needs another runtime thread
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431_and_extra_connections_are_closed() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host = Host::start_with(&config(&b.addr.to_string(), ", max_request_headers_kb: 8, max_connections: 3"), 1)
+        .await
+        .unwrap();
+    let r = reqwest::Client::new().get(url(&host, "/")).header("x-big", "a".repeat(10_000)).send().await.unwrap();
+    assert_eq!(r.status(), 431);
+
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = std::net::TcpStream::connect(host.listener).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(request).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        open.push(c);
+    }
+    let mut extra = std::net::TcpStream::connect(host.listener).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = extra.write_all(request);
+    let mut buf = [0u8; 64];
+    assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)), "the 4th connection is closed unanswered");
+    assert_eq!(
+        stat(&host, &format!("listener.127.0.0.1_{}.downstream_cx_overflow", host.listener.port())).await,
+        Some(1)
+    );
+    drop(open);
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host = Host::start_with(&config(&b.addr.to_string(), ""), 1).await.unwrap();
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for _ in 0..10 {
+        let r = client.get(url(&host, "/")).send().await.unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.text().await.unwrap(), "av-1");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_and_drains_in_flight_requests() {
+    let b = Backend::start("av-1").await.unwrap();
+    let mut host = Host::start_with(&config(&b.addr.to_string(), ""), 2).await.unwrap();
+    let slow = tokio::spawn(reqwest::get(url(&host, "/slow?ms=1500")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill").args(["-TERM", &host.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(std::net::TcpStream::connect(host.listener).is_err(), "no new connections once draining");
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "av-1", "the in-flight request completes");
+    let exit = host.wait_exit(Duration::from_secs(10)).await.expect("exits after draining");
+    assert!(exit.success(), "{exit}");
+}
