@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::conn_timer::ConnState;
 use crate::stream_end::StreamGuard;
 use crate::upstream::{Pool, Sender};
 
@@ -31,18 +32,33 @@ pub struct ProxyBody {
     inner: Inner,
     release: Option<Release>,
     _guard: Option<StreamGuard>,
+    conn: Option<Rc<ConnState>>,
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            c.request_done();
+        }
+    }
 }
 
 impl ProxyBody {
     pub fn upstream(body: Incoming, release: Release, guard: StreamGuard) -> ProxyBody {
-        let mut b = ProxyBody { inner: Inner::Upstream(body), release: Some(release), _guard: Some(guard) };
+        let mut b = ProxyBody { inner: Inner::Upstream(body), release: Some(release), _guard: Some(guard), conn: None };
         b.release_if_done();
         b
     }
 
     pub fn full(bytes: Bytes, guard: Option<StreamGuard>) -> ProxyBody {
         let data = if bytes.is_empty() { None } else { Some(bytes) };
-        ProxyBody { inner: Inner::Full(data), release: None, _guard: guard }
+        ProxyBody { inner: Inner::Full(data), release: None, _guard: guard, conn: None }
+    }
+
+    /// Marks the end of the request on its connection when this body is done.
+    pub fn on_connection(mut self, conn: Rc<ConnState>) -> ProxyBody {
+        self.conn = Some(conn);
+        self
     }
 
     fn release_if_done(&mut self) {

@@ -32,9 +32,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; above it the client gets 431.
     pub max_request_headers_kb: usize,
-    /// A client that has not sent a complete request head within this time is disconnected.
+    /// A client that has not sent a complete request head within this time of its first byte is disconnected.
     pub header_read_timeout: Millis,
-    /// A keep-alive connection with no request for this long is closed.
+    /// A keep-alive connection with no request in flight for this long is closed.
     pub idle_timeout: Millis,
     /// Accept HTTP/2 (prior knowledge, h2c) as well as HTTP/1.1.
     pub http2: bool,

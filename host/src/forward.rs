@@ -23,6 +23,10 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Removes hop-by-hop headers, including those listed in `Connection`. (`Transfer-Encoding` is hyper's to manage.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // one pass over the (few) headers first: usually there is nothing to remove
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     if let Some(listed) = headers.get(CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
         for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {

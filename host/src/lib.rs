@@ -9,6 +9,7 @@ pub mod abi;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod conn_timer;
 pub mod context;
 pub mod driver;
 pub mod forward;

@@ -13,66 +13,128 @@ fn text(s: &str) -> Vec<u8> {
 
 /// The value of a property, or `None` when it is unknown or not available now.
 pub fn get(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
-    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    // the SDKs end the path with a NUL; match on the rest as is (no split, no allocation)
+    let path = path.strip_suffix(&[0]).unwrap_or(path);
     let plugin = &state.plugin;
-    match segments.as_slice() {
-        [b"plugin_root_id"] => return Some(text(&plugin.root_id)),
-        [b"plugin_name"] => return Some(text(&plugin.name)),
-        [b"plugin_vm_id"] => return Some(text(&plugin.vm_id)),
+    match path {
+        b"plugin_root_id" => return Some(text(&plugin.root_id)),
+        b"plugin_name" => return Some(text(&plugin.name)),
+        b"plugin_vm_id" => return Some(text(&plugin.vm_id)),
         _ => {}
     }
     let stream = state.stream.as_deref()?;
-    stream_property(stream, &segments, &state.env.route_cluster)
+    stream_property(stream, path, &state.env.route_cluster)
 }
 
-fn stream_property(s: &Stream, segments: &[&[u8]], cluster: &str) -> Option<Vec<u8>> {
+fn stream_property(s: &Stream, path: &[u8], cluster: &str) -> Option<Vec<u8>> {
     let header = |name: &str| s.request.headers.get(name).map(|v| v.as_bytes().to_vec());
-    Some(match segments {
-        [b"source", b"address"] => text(&s.source.to_string()),
-        [b"source", b"port"] => int(i64::from(s.source.port())),
-        [b"destination", b"address"] => text(&s.destination.to_string()),
-        [b"destination", b"port"] => int(i64::from(s.destination.port())),
-        [b"upstream", b"address"] => text(&s.upstream?.to_string()),
-        [b"upstream", b"port"] => int(i64::from(s.upstream?.port())),
-        [b"request", b"path"] => text(s.request.uri.path_and_query().map_or("/", |p| p.as_str())),
-        [b"request", b"url_path"] => text(s.request.uri.path()),
-        [b"request", b"host"] => match s.request.uri.authority() {
+    Some(match path {
+        b"source\0address" => text(&s.source.to_string()),
+        b"source\0port" => int(i64::from(s.source.port())),
+        b"destination\0address" => text(&s.destination.to_string()),
+        b"destination\0port" => int(i64::from(s.destination.port())),
+        b"upstream\0address" => text(&s.upstream?.to_string()),
+        b"upstream\0port" => int(i64::from(s.upstream?.port())),
+        b"request\0path" => text(s.request.uri.path_and_query().map_or("/", |p| p.as_str())),
+        b"request\0url_path" => text(s.request.uri.path()),
+        b"request\0host" => match s.request.uri.authority() {
             Some(a) => text(a.as_str()),
             None => header("host")?,
         },
-        [b"request", b"method"] => text(s.request.method.as_str()),
-        [b"request", b"scheme"] => text(s.request.uri.scheme_str().unwrap_or("http")),
-        [b"request", b"protocol"] => text(match s.request.version {
+        b"request\0method" => text(s.request.method.as_str()),
+        b"request\0scheme" => text(s.request.uri.scheme_str().unwrap_or("http")),
+        b"request\0protocol" => text(match s.request.version {
             http::Version::HTTP_2 => "HTTP/2",
             http::Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         }),
-        [b"request", b"id"] => header("x-request-id")?,
-        [b"request", b"useragent"] => header("user-agent")?,
-        [b"request", b"referer"] => header("referer")?,
-        [b"request", b"time"] => {
+        b"request\0id" => header("x-request-id")?,
+        b"request\0useragent" => header("user-agent")?,
+        b"request\0referer" => header("referer")?,
+        b"request\0time" => {
             let d = s.started_wall.duration_since(std::time::UNIX_EPOCH).ok()?;
             int(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         }
-        [b"request", b"duration"] => int(i64::try_from(s.started.elapsed().as_nanos()).unwrap_or(i64::MAX)),
-        [b"response", b"code"] => int(i64::from(s.response.as_ref()?.status.as_u16())),
-        [b"response", b"code_details"] => text(s.details),
-        [b"response", b"flags"] => int(s.flags as i64),
-        [b"connection", b"mtls"] => vec![0],
-        [b"cluster_name"] => text(cluster),
-        [b"route_name"] => text("default"),
+        b"request\0duration" => int(i64::try_from(s.started.elapsed().as_nanos()).unwrap_or(i64::MAX)),
+        b"response\0code" => int(i64::from(s.response.as_ref()?.status.as_u16())),
+        b"response\0code_details" => text(s.details),
+        b"response\0flags" => int(s.flags as i64),
+        b"connection\0mtls" => vec![0],
+        b"cluster_name" => text(cluster),
+        b"route_name" => text("default"),
         other => {
-            let joined = other.join(&b"."[..]);
-            return s.filter_state.iter().find(|(k, _)| *k == joined).map(|(_, v)| v.clone());
+            let key = dotted(other);
+            return s.filter_state.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
         }
     })
+}
+
+fn dotted(path: &[u8]) -> Vec<u8> {
+    path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(&b"."[..])
 }
 
 /// `proxy_set_property`: kept with the stream and readable back (Envoy's filter state).
 pub fn set(state: &mut HostState, path: &[u8], value: &[u8]) -> bool {
     let Some(stream) = state.stream.as_deref_mut() else { return false };
-    let key: Vec<u8> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(&b"."[..]);
+    let key = dotted(path);
     stream.filter_state.retain(|(k, _)| *k != key);
     stream.filter_state.push((key, value.to_vec()));
     true
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::context::{Env, PluginInfo};
+
+    fn state() -> HostState {
+        let plugin = Arc::new(PluginInfo {
+            name: "f".into(),
+            root_id: "root".into(),
+            vm_id: "vm".into(),
+            configuration: vec![],
+            vm_configuration: vec![],
+        });
+        let env = Arc::new(Env {
+            stats: Arc::default(),
+            shared: Arc::default(),
+            log_level: crate::config::LogLevel::Info,
+            clusters: vec![],
+            route_cluster: "backend".into(),
+        });
+        let mut s = HostState::new(plugin, env);
+        let (parts, ()) = http::Request::builder().uri("/a?b=1").body(()).unwrap().into_parts();
+        let mut stream = Stream::new(parts, "127.0.0.1:5000".parse().unwrap(), "127.0.0.1:10000".parse().unwrap());
+        stream.upstream = Some("127.0.0.1:8080".parse().unwrap());
+        stream.flags = 0x20;
+        s.stream = Some(Box::new(stream));
+        s
+    }
+
+    #[test]
+    fn paths_with_or_without_the_trailing_nul() {
+        let s = state();
+        assert_eq!(get(&s, b"upstream\0address\0").unwrap(), b"127.0.0.1:8080");
+        assert_eq!(get(&s, b"upstream\0address").unwrap(), b"127.0.0.1:8080");
+        assert_eq!(get(&s, b"plugin_root_id\0").unwrap(), b"root");
+        assert_eq!(get(&s, b"request\0path\0").unwrap(), b"/a?b=1");
+        assert_eq!(get(&s, b"request\0url_path").unwrap(), b"/a");
+        assert_eq!(get(&s, b"response\0flags").unwrap(), 0x20i64.to_le_bytes());
+        assert_eq!(get(&s, b"source\0port").unwrap(), 5000i64.to_le_bytes());
+        assert!(get(&s, b"response\0code").is_none(), "no response yet");
+        assert!(get(&s, b"no\0such").is_none());
+    }
+
+    #[test]
+    fn set_properties_read_back() {
+        let mut s = state();
+        assert!(set(&mut s, b"my\0key\0", b"v1"));
+        assert!(set(&mut s, b"my\0key", b"v2"));
+        assert_eq!(get(&s, b"my\0key\0").unwrap(), b"v2");
+        s.stream = None;
+        assert!(!set(&mut s, b"my\0key", b"v"));
+    }
 }

@@ -17,6 +17,7 @@ use tokio::time::{Instant, timeout_at};
 use crate::abi::types::{Action, response_flags as rf};
 use crate::body::{ProxyBody, Release};
 use crate::config::RouteConfig;
+use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
 use crate::driver::VmSlot;
 use crate::forward::{self, UPSTREAM_HEADER};
@@ -53,8 +54,15 @@ pub struct Worker {
 pub async fn handle(
     w: Rc<Worker>,
     peer: SocketAddr,
+    conn: Rc<ConnState>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    conn.request_started();
+    let response = serve(w, peer, req).await;
+    Ok(response.map(|body| body.on_connection(conn)))
+}
+
+async fn serve(w: Rc<Worker>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
     w.stats.downstream_rq_total.inc();
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
@@ -72,29 +80,29 @@ pub async fn handle(
         });
         let (context, action) = match step {
             Ok(x) => x,
-            Err(_) => return Ok(local(&w, stream, guard, client_version, reply(503, "filter_error"), 0)),
+            Err(_) => return local(&w, stream, guard, client_version, reply(503, "filter_error"), 0),
         };
         guard.push(slot.clone(), context, slot.generation());
         if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-            return Ok(local(&w, stream, guard, client_version, r, 0));
+            return local(&w, stream, guard, client_version, r, 0);
         }
         if stream.as_deref().is_some_and(|s| s.closed) {
-            return Ok(local(&w, stream, guard, client_version, reply(503, "closed_by_filter"), 0));
+            return local(&w, stream, guard, client_version, reply(503, "closed_by_filter"), 0);
         }
         if action == Action::Pause {
             let timeout = std::time::Duration::from_millis(w.route.timeout.0);
             if !slot.wait_resumed(context, timeout).await {
-                return Ok(local(&w, stream, guard, client_version, reply(504, "filter_paused_too_long"), 0));
+                return local(&w, stream, guard, client_version, reply(504, "filter_paused_too_long"), 0);
             }
             if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-                return Ok(local(&w, stream, guard, client_version, r, 0));
+                return local(&w, stream, guard, client_version, r, 0);
             }
         }
     }
 
     // upstream
     let Some(s) = stream.as_deref_mut() else {
-        return Ok(plain(client_version, StatusCode::INTERNAL_SERVER_ERROR));
+        return plain(client_version, StatusCode::INTERNAL_SERVER_ERROR);
     };
     let max = w.route.retries as usize + 1;
     let upstreams = match s.request.headers.remove(UPSTREAM_HEADER) {
@@ -109,7 +117,7 @@ pub async fn handle(
             body: b"no healthy upstream".to_vec(),
             headers: vec![],
         };
-        return Ok(local(&w, stream, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM));
+        return local(&w, stream, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
     }
     let (response, addr, sender) = match send(&w, s, body, &upstreams).await {
         Ok(x) => x,
@@ -125,7 +133,7 @@ pub async fn handle(
                 )
             };
             let r = LocalReply { status, details: details.into(), body: text.to_vec(), headers: vec![] };
-            return Ok(local(&w, stream, guard, client_version, r, flags));
+            return local(&w, stream, guard, client_version, r, flags);
         }
     };
     let (mut rparts, rbody) = response.into_parts();
@@ -140,12 +148,12 @@ pub async fn handle(
     // response phase
     response_phase(&mut stream, &guard, rbody.is_end_stream());
     if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-        return Ok(local(&w, stream, guard, client_version, r, 0));
+        return local(&w, stream, guard, client_version, r, 0);
     }
     let out = head(stream.as_deref(), client_version);
     guard.stream = stream;
     let release = Release { pool: w.pool.clone(), addr, sender };
-    Ok(out.map(|()| ProxyBody::upstream(rbody, release, guard)))
+    out.map(|()| ProxyBody::upstream(rbody, release, guard))
 }
 
 fn reply(status: u16, details: &str) -> LocalReply {

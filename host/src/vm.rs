@@ -214,12 +214,12 @@ impl Vm {
         &mut self,
         context: u32,
         stream: &mut Option<Box<Stream>>,
-        call: impl FnOnce(&mut Self) -> R,
+        call: impl FnOnce(&Exports, &mut Store<HostState>) -> R,
     ) -> R {
         let state = self.store.data_mut();
         state.stream = stream.take();
         state.effective_context = context;
-        let r = call(self);
+        let r = call(&self.f, &mut self.store);
         *stream = self.store.data_mut().stream.take();
         r
     }
@@ -230,10 +230,12 @@ impl Vm {
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Action, Trap> {
-        let Some(f) = self.f.on_request_headers.clone() else { return Ok(Action::Continue) };
         let n = stream.as_ref().map_or(0, |s| s.request.headers.len() as i32 + 4);
-        self.with_stream(context, stream, |vm| {
-            f.call(&mut vm.store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
+        self.with_stream(context, stream, |f, store| match &f.on_request_headers {
+            Some(func) => {
+                func.call(store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
+            }
+            None => Ok(Action::Continue),
         })
     }
 
@@ -243,25 +245,27 @@ impl Vm {
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Action, Trap> {
-        let Some(f) = self.f.on_response_headers.clone() else { return Ok(Action::Continue) };
         let n = stream.as_ref().and_then(|s| s.response.as_ref()).map_or(0, |r| r.headers.len() as i32 + 1);
-        self.with_stream(context, stream, |vm| {
-            f.call(&mut vm.store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
+        self.with_stream(context, stream, |f, store| match &f.on_response_headers {
+            Some(func) => {
+                func.call(store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
+            }
+            None => Ok(Action::Continue),
         })
     }
 
-    /// The end of a stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+    /// The end of a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` (Envoy's order).
     pub fn finish_stream(&mut self, context: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Trap> {
-        let (log, done, delete) = (self.f.on_log.clone(), self.f.on_done.clone(), self.f.on_delete.clone());
-        self.with_stream(context, stream, |vm| {
-            if let Some(f) = done {
-                f.call(&mut vm.store, context as i32).map_err(trap)?;
+        self.with_stream(context, stream, |f, store| {
+            let ctx = context as i32;
+            if let Some(func) = &f.on_done {
+                func.call(&mut *store, ctx).map_err(trap)?;
             }
-            if let Some(f) = log {
-                f.call(&mut vm.store, context as i32).map_err(trap)?;
+            if let Some(func) = &f.on_log {
+                func.call(&mut *store, ctx).map_err(trap)?;
             }
-            if let Some(f) = delete {
-                f.call(&mut vm.store, context as i32).map_err(trap)?;
+            if let Some(func) = &f.on_delete {
+                func.call(&mut *store, ctx).map_err(trap)?;
             }
             Ok(())
         })

@@ -18,6 +18,7 @@ use wasmtime::Engine;
 
 use crate::abi::types::MetricKind;
 use crate::config::{ClusterConfig, Config};
+use crate::conn_timer::{Sweeper, TimedIo};
 use crate::context::Env;
 use crate::driver::VmSlot;
 use crate::proxy::{ProxyStats, Worker};
@@ -191,13 +192,15 @@ async fn run_worker(
     let cx_active = stats.handle(MetricKind::Gauge, &format!("{listener_name}.downstream_cx_active"));
     let _ = ready.send(Ok(()));
 
+    let sweeper = Sweeper::new(
+        Duration::from_millis(config.listener.header_read_timeout.0),
+        Duration::from_millis(config.listener.idle_timeout.0),
+    );
+    tokio::task::spawn_local(sweeper.clone().run());
     let mut builder = auto::Builder::new(LocalExec);
     let header_bytes = config.listener.max_request_headers_kb * 1024;
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.listener.header_read_timeout.0))
-        .max_buf_size(header_bytes.max(8192));
+    // the header-read timeout is the sweeper's (coarse and cheaper than hyper's per-request timer)
+    builder.http1().header_read_timeout(None).max_buf_size(header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
     let builder = Rc::new(if config.listener.http2 { builder } else { builder.http1_only() });
 
@@ -229,9 +232,15 @@ async fn run_worker(
         let (worker, builder, shared, cx_active) = (worker.clone(), builder.clone(), shared.clone(), cx_active.clone());
         let (open, all_closed, mut stop) = (open.clone(), all_closed.clone(), shutdown.clone());
         open.set(open.get() + 1);
+        let sweeper = sweeper.clone();
         tokio::task::spawn_local(async move {
-            let service = hyper::service::service_fn(move |req| crate::proxy::handle(worker.clone(), peer, req));
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let (id, state) = sweeper.track();
+            let io = TokioIo::new(TimedIo::new(tcp, state.clone()));
+            let conn_state = state.clone();
+            let service = hyper::service::service_fn(move |req| {
+                crate::proxy::handle(worker.clone(), peer, conn_state.clone(), req)
+            });
+            let conn = builder.serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -239,11 +248,14 @@ async fn run_worker(
                         tracing::debug!("connection from {peer}: {e}");
                     }
                 }
+                // too slow a request head, or idle too long: closed
+                () = state.expired.notified() => {}
                 _ = stop.wait_for(|s| *s) => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
             }
+            sweeper.forget(id);
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             cx_active.increment(-1);
             open.set(open.get() - 1);

@@ -207,6 +207,33 @@ async fn oversized_headers_get_431_and_extra_connections_are_closed() {
     drop(open);
 }
 
+// blocking sockets below: the backend needs another runtime thread
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_and_idle_connections_are_closed() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host =
+        Host::start_with(&config(&b.addr.to_string(), ", header_read_timeout: 1s, idle_timeout: 3s"), 1).await.unwrap();
+    let started = std::time::Instant::now();
+    // slowloris: a head that never ends
+    let mut slow = std::net::TcpStream::connect(host.listener).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap();
+    // a well-behaved keep-alive client that then goes quiet
+    let mut idle = std::net::TcpStream::connect(host.listener).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    assert!(idle.read(&mut buf).unwrap() > 0);
+
+    let mut buf = [0u8; 64];
+    assert!(matches!(slow.read(&mut buf), Ok(0) | Err(_)));
+    let head_closed = started.elapsed();
+    assert!(head_closed < Duration::from_millis(2900), "closed {head_closed:?} into the head (timeout 1 s)");
+    assert!(matches!(idle.read(&mut buf), Ok(0) | Err(_)));
+    let idle_closed = started.elapsed();
+    assert!(idle_closed >= Duration::from_secs(3), "not before the idle timeout: {idle_closed:?}");
+}
+
 #[tokio::test]
 async fn http2_clients_are_served() {
     let b = Backend::start("av-1").await.unwrap();

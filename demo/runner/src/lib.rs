@@ -1,14 +1,32 @@
 //! What `scripts/demo` and `scripts/load-test` share: bringing up the supervisor with the demo service (auto-scaled
-//! containers of `equilibrio/agente-vendedor:dev`) and Envoy with the filter, and cleaning up after.
+//! containers of `equilibrio/agente-vendedor:dev`) and a proxy with the filter (the bundled proxy, or Envoy), and
+//! cleaning up after.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use equilibrio_tests::envoy::Envoy;
+use equilibrio_tests::proxy::{Kind, Proxy};
 use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 
 pub const SERVICE: &str = "agente-vendedor";
 pub const IMAGE: &str = "equilibrio/agente-vendedor:dev";
+
+/// `--proxy host` (the bundled proxy, the default) or `--proxy envoy`.
+pub fn parse_proxy(name: &str) -> Result<Kind, String> {
+    match name {
+        "host" | "equilibrio-host" => Ok(Kind::Host),
+        "envoy" => Ok(Kind::Envoy),
+        other => Err(format!("unknown proxy `{other}`: use `host` (the bundled proxy) or `envoy`")),
+    }
+}
+
+/// How the narration names the proxy.
+pub fn proxy_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Host => "equilibrio-host, the bundled proxy, + the filter",
+        Kind::Envoy => "Envoy 1.40 + the filter",
+    }
+}
 
 /// Removes every container of the demo service.
 pub fn cleanup_containers() {
@@ -23,8 +41,8 @@ pub fn cleanup_containers() {
 }
 
 /// Starts the supervisor (with `scaling` as the service's scaling overrides, YAML flow style) and waits for the
-/// first healthy instance, then Envoy with the filter polling it.
-pub async fn start(scaling: &str, cpu_cost_ms: u32) -> anyhow::Result<(Supervisor, Envoy)> {
+/// first healthy instance, then the proxy with the filter polling it.
+pub async fn start(proxy: Kind, scaling: &str, cpu_cost_ms: u32) -> anyhow::Result<(Supervisor, Proxy)> {
     cleanup_containers();
     let yaml = format!(
         "environment: development\ndrain_timeout: 10\nservices:\n  {SERVICE}:\n    load_balancer: {{algorithm: least_connections}}\n    health_check: {{interval: 500ms, timeout: 300ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS={cpu_cost_ms}'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
@@ -41,8 +59,8 @@ pub async fn start(scaling: &str, cpu_cost_ms: u32) -> anyhow::Result<(Superviso
     }
     let filter = serde_json::json!({"service": SERVICE,
         "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
-    let envoy = Envoy::start(&filter, s.addr).await?;
-    Ok((s, envoy))
+    let proxy = Proxy::start(proxy, &filter, s.addr).await?;
+    Ok((s, proxy))
 }
 
 /// (instance id, table state) of the demo service.

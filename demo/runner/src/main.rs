@@ -17,9 +17,9 @@ const QUIET_PACE_MS: usize = 4000;
 #[derive(Parser)]
 #[command(about = "Equilibrio's demo: balance and scale agente-vendedor's stand-in under a load ramp")]
 struct Args {
-    /// The proxy: `envoy` (the bundled proxy comes with its own issue).
-    #[arg(long, default_value = "envoy")]
-    proxy: String,
+    /// The proxy: `host` (the bundled proxy) or `proxy`.
+    #[arg(long, default_value = "host", value_parser = equilibrio_demo::parse_proxy)]
+    proxy: equilibrio_tests::proxy::Kind,
     /// Seconds of demo (the load ramp is scaled to it).
     #[arg(long, default_value_t = 150)]
     duration: u64,
@@ -38,15 +38,15 @@ struct Window {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.proxy == "envoy", "--proxy {} is not available yet: use --proxy envoy", args.proxy);
-    let (s, envoy) = equilibrio_demo::start(
+    let (s, proxy) = equilibrio_demo::start(
+        args.proxy,
         "{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {measurement_window: 20}, memory_utilization: {measurement_window: 20}, request_rate: {measurement_window: 20}, response_time: {measurement_window: 20}}",
         15,
     )
     .await?;
     println!("\n  Dashboard: http://{}/   (token for changes: {TOKEN})", s.addr);
     println!("  Supervisor API: http://{}/openapi.json\n", s.addr);
-    println!("  Proxy (Envoy 1.40 + the filter): {}\n", envoy.url("/search?q=zapatos"));
+    println!("  Proxy ({}): {}\n", equilibrio_demo::proxy_name(args.proxy), proxy.url("/search?q=zapatos"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let wanted = Arc::new(AtomicUsize::new(1));
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let mut clients = Vec::new();
     for n in 0..args.peak_clients {
         let (stop, wanted, window, url, pace_ms) =
-            (stop.clone(), wanted.clone(), window.clone(), envoy.url("/search?q=zapatos"), pace_ms.clone());
+            (stop.clone(), wanted.clone(), window.clone(), proxy.url("/search?q=zapatos"), pace_ms.clone());
         clients.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             while !stop.load(Ordering::SeqCst) {
@@ -155,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = c.await;
     }
     println!("\n  {total} requests, {failed_total} failed. Stopping the proxy, the supervisor and the containers.");
-    drop(envoy);
+    drop(proxy);
     drop(s);
     cleanup_containers();
     Ok(())

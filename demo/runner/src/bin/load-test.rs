@@ -1,4 +1,4 @@
-//! `equilibrio-load-test` (run by `scripts/load-test`): the plan's load tests against the demo service through Envoy
+//! `equilibrio-load-test` (run by `scripts/load-test`): the plan's load tests against the demo service through the proxy
 //! and the filter, with the autoscaler on. Three phases: high-load distribution (a few clients flat out), many
 //! concurrent users (many clients with think time), and a stress run past capacity (many clients flat out, more than
 //! `max_instances` can serve). Every second it records requests/s, p50/p95/p99, errors, and instances; writes
@@ -19,6 +19,9 @@ struct Args {
     /// Seconds per phase.
     #[arg(long, default_value_t = 40)]
     phase_seconds: u64,
+    /// The proxy: `host` (the bundled proxy) or `envoy`.
+    #[arg(long, default_value = "host", value_parser = equilibrio_demo::parse_proxy)]
+    proxy: equilibrio_tests::proxy::Kind,
 }
 
 /// (name, clients, think time ms)
@@ -40,7 +43,8 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out)?;
-    let (s, envoy) = equilibrio_demo::start(
+    let (s, proxy) = equilibrio_demo::start(
+        args.proxy,
         "{max_instances: 3, slow_start: 3, scale_down_stabilization: 20, cpu_utilization: {measurement_window: 20}, memory_utilization: {measurement_window: 20}, request_rate: {measurement_window: 20}, response_time: {measurement_window: 20}}",
         10,
     )
@@ -53,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for n in 0..max_clients {
         let (stop, active, think, current, url) =
-            (stop.clone(), active.clone(), think.clone(), current.clone(), envoy.url("/search?q=zapatos"));
+            (stop.clone(), active.clone(), think.clone(), current.clone(), proxy.url("/search?q=zapatos"));
         tasks.push(tokio::spawn(async move {
             let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default();
             while !stop.load(Ordering::SeqCst) {
@@ -129,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     let report = serde_json::json!({"phases": phases, "seconds": seconds, "scaling_events": events});
     std::fs::write(args.out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report["phases"])?);
-    drop(envoy);
+    drop(proxy);
     drop(s);
     cleanup_containers();
     Ok(())
