@@ -1,7 +1,8 @@
 //! Client connection timeouts on a coarse per-worker clock, instead of a timer per request (hyper's header-read timer
 //! costs about 8% of throughput at this request rate). Each connection's [`ConnState`] is updated with a few `Cell`
 //! writes as bytes and requests come and go; once a second the worker's [`Sweeper`] closes connections that have
-//! spent too long reading a request head (slowloris) or sitting idle between requests. Resolution is one second.
+//! spent too long reading a request head (slowloris) or sitting idle between requests: never before the configured
+//! time, at most a second after it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -80,8 +81,9 @@ impl ConnState {
     fn is_expired(&self, now: u32, head: u32, idle: u32) -> bool {
         let waited = now.saturating_sub(self.since.get());
         match self.phase.get() {
-            Phase::ReadingHead => waited >= head,
-            Phase::Idle => waited >= idle,
+            // strictly more: never before the configured time, at most a second after
+            Phase::ReadingHead => waited > head,
+            Phase::Idle => waited > idle,
             Phase::Busy => false,
         }
     }
@@ -214,9 +216,10 @@ mod tests {
         let (_, c) = s.track();
         c.bytes_read(b"GET / HT");
         s.tick();
-        assert!(!c.is_expired(s.clock.get(), 2, 5));
         s.tick();
-        assert!(c.is_expired(s.clock.get(), 2, 5), "2 s into a head");
+        assert!(!c.is_expired(s.clock.get(), 2, 5), "never before the timeout");
+        s.tick();
+        assert!(c.is_expired(s.clock.get(), 2, 5), "past 2 s into a head");
     }
 
     #[test]
@@ -230,12 +233,12 @@ mod tests {
         }
         assert!(!c.is_expired(s.clock.get(), 2, 5), "busy");
         c.request_done();
-        for _ in 0..4 {
+        for _ in 0..5 {
             s.tick();
         }
         assert!(!c.is_expired(s.clock.get(), 2, 5));
         s.tick();
-        assert!(c.is_expired(s.clock.get(), 2, 5), "idle for 5 s");
+        assert!(c.is_expired(s.clock.get(), 2, 5), "idle past 5 s");
     }
 
     #[test]
