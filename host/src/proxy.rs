@@ -248,7 +248,9 @@ fn upstream_request(s: &Stream, body: UpstreamBody) -> Request<UpstreamBody> {
 
 /// Tries the listed hosts in order. A request never sent (connect failure, or a connection that closed before it
 /// was written) moves on with its body; one sent and then reset moves on only if it is safe to repeat (GET, HEAD,
-/// OPTIONS without a body). The error is the Envoy response flags of the last failure.
+/// OPTIONS without a body). When the failed connection came from the pool (the upstream may have closed it while
+/// idle), the same host is tried once more on a new connection first. The error is the Envoy response flags of the
+/// last failure.
 async fn send(
     w: &Worker,
     s: &mut Stream,
@@ -260,56 +262,73 @@ async fn send(
     let repeatable = bodyless && matches!(s.request.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body);
     let mut flags = 0;
-    for (attempt, addr) in upstreams.iter().enumerate() {
+    'hosts: for (attempt, addr) in upstreams.iter().enumerate() {
         if attempt > 0 {
             w.stats.upstream_rq_retry.inc();
         }
         s.upstream = Some(*addr);
-        let mut sender = match w.pool.checkout(*addr) {
-            Some(sender) => sender,
-            None => match timeout_at(deadline, w.pool.connect(*addr)).await {
-                Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-                Ok(Err(e)) => {
-                    tracing::debug!("{e}");
-                    w.stats.upstream_cx_connect_fail.inc();
-                    flags = rf::UPSTREAM_CONNECTION_FAILURE;
-                    continue;
-                }
-                Ok(Ok(sender)) => sender,
-            },
-        };
-        match timeout_at(deadline, sender.ready()).await {
-            Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-            Ok(Err(_)) => {
-                w.pool.evict(*addr);
-                flags = rf::UPSTREAM_CONNECTION_TERMINATION;
-                continue;
-            }
-            Ok(Ok(())) => {}
-        }
-        let req_body = match body.take() {
-            Some(b) => Either::Left(b),
-            None if bodyless => Either::Right(Empty::new()),
-            None => break,
-        };
-        w.stats.upstream_rq_total.inc();
-        match timeout_at(deadline, sender.try_send_request(upstream_request(s, req_body))).await {
-            Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-            Ok(Ok(response)) => return Ok((response, *addr, sender)),
-            Ok(Err(mut e)) => {
-                w.pool.evict(*addr);
-                match e.take_message() {
-                    // never written: the body is still ours
-                    Some(req) => {
-                        if let Either::Left(b) = req.into_body() {
-                            body = Some(b);
-                        }
-                        flags = rf::UPSTREAM_CONNECTION_TERMINATION;
+        let mut pooled = w.pool.checkout(*addr);
+        // a pooled connection the upstream closed while idle is not the host's failure: once, the same host gets a
+        // new connection
+        loop {
+            let reused = pooled.is_some();
+            let mut sender = match pooled.take() {
+                Some(sender) => sender,
+                None => match timeout_at(deadline, w.pool.connect(*addr)).await {
+                    Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
+                    Ok(Err(e)) => {
+                        tracing::debug!("{e}");
+                        w.stats.upstream_cx_connect_fail.inc();
+                        flags = rf::UPSTREAM_CONNECTION_FAILURE;
+                        continue 'hosts;
                     }
-                    None => {
-                        flags = rf::UPSTREAM_REMOTE_RESET;
-                        if !repeatable {
-                            break;
+                    Ok(Ok(sender)) => sender,
+                },
+            };
+            match timeout_at(deadline, sender.ready()).await {
+                Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
+                Ok(Err(_)) => {
+                    w.pool.evict(*addr);
+                    if reused {
+                        continue;
+                    }
+                    flags = rf::UPSTREAM_CONNECTION_TERMINATION;
+                    continue 'hosts;
+                }
+                Ok(Ok(())) => {}
+            }
+            let req_body = match body.take() {
+                Some(b) => Either::Left(b),
+                None if bodyless => Either::Right(Empty::new()),
+                None => break 'hosts,
+            };
+            w.stats.upstream_rq_total.inc();
+            match timeout_at(deadline, sender.try_send_request(upstream_request(s, req_body))).await {
+                Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
+                Ok(Ok(response)) => return Ok((response, *addr, sender)),
+                Ok(Err(mut e)) => {
+                    w.pool.evict(*addr);
+                    match e.take_message() {
+                        // never written: the body is still ours
+                        Some(req) => {
+                            if let Either::Left(b) = req.into_body() {
+                                body = Some(b);
+                            }
+                            if reused {
+                                continue;
+                            }
+                            flags = rf::UPSTREAM_CONNECTION_TERMINATION;
+                            continue 'hosts;
+                        }
+                        None => {
+                            flags = rf::UPSTREAM_REMOTE_RESET;
+                            if !repeatable {
+                                break 'hosts;
+                            }
+                            if reused {
+                                continue;
+                            }
+                            continue 'hosts;
                         }
                     }
                 }

@@ -174,6 +174,45 @@ async fn a_dead_host_moves_the_request_to_the_next_listed_one() {
     assert!(r.text().await.unwrap().starts_with("upstream connect error"));
 }
 
+/// A backend that answers the first request of each connection and closes the connection when a second one arrives,
+/// as a server whose keep-alive timeout just expired does.
+async fn one_request_per_connection_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                // the next request is read, then the connection closes unanswered
+                let _ = c.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_a_pooled_connection_costs_no_request() {
+    let backend = one_request_per_connection_backend().await;
+    // one host only: there is no next host to move to
+    let host = Host::start_with(&config(&backend.to_string(), ""), 1).await.unwrap();
+    let client = reqwest::Client::new();
+    for i in 0..10 {
+        let r = client.get(url(&host, "/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+}
+
 // blocking sockets below: the backend needs another runtime thread
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_extra_connections_are_closed() {
