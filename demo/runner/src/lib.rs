@@ -60,6 +60,18 @@ pub async fn start(proxy: Kind, scaling: &str, cpu_cost_ms: u32) -> anyhow::Resu
     let filter = serde_json::json!({"service": SERVICE,
         "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
     let proxy = Proxy::start(proxy, &filter, s.addr).await?;
+    // traffic starts once the filter has its first table (before it, the bundled proxy has no host to send to)
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = client.get(proxy.url("/health")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the proxy never served a request:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok((s, proxy))
 }
 
