@@ -57,6 +57,12 @@ pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) {
 /// Appends the peer to `X-Forwarded-For` (joining several headers into one), as Envoy does with
 /// `use_remote_address: true`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    if !headers.contains_key("x-forwarded-for") {
+        if let Ok(v) = HeaderValue::try_from(peer.to_string()) {
+            headers.insert("x-forwarded-for", v);
+        }
+        return;
+    }
     let mut value = String::new();
     for v in headers.get_all("x-forwarded-for") {
         if let Ok(s) = v.to_str() {
@@ -124,6 +130,13 @@ mod tests {
         assert!(!parts.headers.contains_key(UPSTREAM_HEADER));
         assert_eq!(parts.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(parts.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn xff_is_created_when_absent() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "::1");
     }
 
     #[test]

@@ -69,7 +69,11 @@ pub async fn start(proxy: Kind, scaling: &str, cpu_cost_ms: u32) -> anyhow::Resu
         {
             break;
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the proxy never served a request:\n{}", proxy.log());
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the proxy never served a request:\n{}",
+            proxy.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok((s, proxy))

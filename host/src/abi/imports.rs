@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Linker, Module, Val, ValType};
 
-use super::memory::{C, give, read, write_u32, write_u64};
+use super::memory::{C, borrow, borrow2, give, read, write_u32, write_u64};
 use super::pairs;
 use super::types::{BufferType, HostResult, MapType, MetricKind, Status, code, log_level_code};
 use crate::context::{HostState, HttpCall, LocalReply};
@@ -141,8 +141,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C, map: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| {
-            let value = read(&c, kp, kl).and_then(|k| {
-                with_map(c.data_mut(), map, |h| h.get(&k).map(|v| v.into_owned()).ok_or(Status::NotFound))
+            let value = borrow(&mut c, kp, kl).and_then(|(k, state)| {
+                with_map(state, map, |h| h.get(k).map(|v| v.into_owned()).ok_or(Status::NotFound))
             });
             status_of(value.map(|v| give(&mut c, &v, ret_ptr, ret_size)))
         },
@@ -151,9 +151,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            let r = read(&c, kp, kl)
-                .and_then(|k| Ok((k, read(&c, vp, vl)?)))
-                .and_then(|(k, v)| with_map(c.data_mut(), map, |h| h.replace(&k, &v)));
+            let r =
+                borrow2(&mut c, (kp, kl), (vp, vl)).and_then(|(k, v, state)| with_map(state, map, |h| h.replace(k, v)));
             code(r)
         },
     )?;
@@ -161,14 +160,12 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: C, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            let r = read(&c, kp, kl)
-                .and_then(|k| Ok((k, read(&c, vp, vl)?)))
-                .and_then(|(k, v)| with_map(c.data_mut(), map, |h| h.add(&k, &v)));
+            let r = borrow2(&mut c, (kp, kl), (vp, vl)).and_then(|(k, v, state)| with_map(state, map, |h| h.add(k, v)));
             code(r)
         },
     )?;
     linker.func_wrap("env", "proxy_remove_header_map_value", |mut c: C, map: i32, kp: i32, kl: i32| -> i32 {
-        let r = read(&c, kp, kl).and_then(|k| with_map(c.data_mut(), map, |h| h.remove(&k)));
+        let r = borrow(&mut c, kp, kl).and_then(|(k, state)| with_map(state, map, |h| h.remove(k)));
         code(r)
     })?;
     linker.func_wrap("env", "proxy_get_header_map_size", |mut c: C, map: i32, ret: i32| -> i32 {
@@ -178,7 +175,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
     // properties
     linker.func_wrap("env", "proxy_get_property", |mut c: C, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| {
-        let value = read(&c, pp, pl).and_then(|p| crate::properties::get(c.data(), &p).ok_or(Status::NotFound));
+        let value =
+            borrow(&mut c, pp, pl).and_then(|(p, state)| crate::properties::get(state, p).ok_or(Status::NotFound));
         status_of(value.map(|v| give(&mut c, &v, ret_ptr, ret_size)))
     })?;
     linker.func_wrap("env", "proxy_set_property", |mut c: C, pp: i32, pl: i32, vp: i32, vl: i32| -> i32 {
@@ -193,8 +191,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: C, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> wasmtime::Result<i32> {
-            let found = read(&c, kp, kl).and_then(|k| {
-                c.data().shared.with(&k, |e| e.map(|(v, cas)| (v.to_vec(), cas))).ok_or(Status::NotFound)
+            let found = borrow(&mut c, kp, kl).and_then(|(k, state)| {
+                state.shared.with(k, |e| e.map(|(v, cas)| (v.to_vec(), cas))).ok_or(Status::NotFound)
             });
             let (value, cas) = match found {
                 Ok(x) => x,
@@ -206,12 +204,16 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }
         },
     )?;
-    linker.func_wrap("env", "proxy_set_shared_data", |c: C, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
-        let r = read(&c, kp, kl).and_then(|k| Ok((k, read(&c, vp, vl)?))).and_then(|(k, v)| {
-            c.data().shared.set(&k, &v, cas as u32).map_err(|SetError::CasMismatch| Status::CasMismatch)
-        });
-        code(r)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
+            let r = borrow2(&mut c, (kp, kl), (vp, vl)).and_then(|(k, v, state)| {
+                state.shared.set(k, v, cas as u32).map_err(|SetError::CasMismatch| Status::CasMismatch)
+            });
+            code(r)
+        },
+    )?;
 
     // stream control
     for name in ["proxy_continue_request", "proxy_continue_response"] {

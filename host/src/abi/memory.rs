@@ -14,6 +14,25 @@ fn range(ptr: i32, len: usize) -> Result<std::ops::Range<usize>, Status> {
     Ok(start..end)
 }
 
+/// The guest's bytes at `ptr` and the VM's state, borrowed together: no copy on the request path.
+pub fn borrow<'a>(c: &'a mut C, ptr: i32, len: i32) -> Result<(&'a [u8], &'a mut HostState), Status> {
+    borrow2(c, (ptr, len), (0, 0)).map(|(a, _, state)| (a, state))
+}
+
+/// Two byte ranges of guest memory (a key and a value) and the VM's state, borrowed together.
+pub fn borrow2<'a>(
+    c: &'a mut C,
+    (p1, l1): (i32, i32),
+    (p2, l2): (i32, i32),
+) -> Result<(&'a [u8], &'a [u8], &'a mut HostState), Status> {
+    let mem = c.data().memory.ok_or(Status::InternalFailure)?;
+    let (data, state) = mem.data_and_store_mut(c);
+    let data: &'a [u8] = data;
+    let a = data.get(range(p1, l1 as u32 as usize)?).ok_or(Status::InvalidMemoryAccess)?;
+    let b = data.get(range(p2, l2 as u32 as usize)?).ok_or(Status::InvalidMemoryAccess)?;
+    Ok((a, b, state))
+}
+
 /// Copies `len` bytes at `ptr` out of the guest.
 pub fn read(c: &C, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
     let mem = c.data().memory.ok_or(Status::InternalFailure)?;
