@@ -375,11 +375,7 @@ impl Config {
         if !v.is_object() {
             return Err(err("", "expected a JSON object"));
         }
-        let config: Config = serde_path_to_error::deserialize(v).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            err(&error_key(&path, &inner), inner)
-        })?;
+        let config: Config = deserialize_keyed(v).map_err(|(key, reason)| err(&key, reason))?;
         config.validate()?;
         Ok(config)
     }
@@ -502,6 +498,17 @@ impl Config {
 /// Identifier characters for services and endpoint ids: safe in shared-data keys, metric names and logs.
 pub fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+}
+
+/// Deserializes `v` into `T`; on failure, the dotted key the error is about (see [`error_key`]) and the reason.
+/// Every configuration in the project (the filter's JSON, the supervisor's and the bundled proxy's YAML, scaling
+/// policies) reports its errors this way.
+pub fn deserialize_keyed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        (error_key(&path, &inner), inner)
+    })
 }
 
 /// The dotted key a `serde_path_to_error` failure is about: its path (`.` for the document itself), completed with

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use equilibrio_filter::config::{Millis, error_key};
+use equilibrio_filter::config::{Millis, deserialize_keyed};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -214,11 +214,7 @@ impl Config {
     pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
         let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| err("", format!("not valid YAML: {e}")))?;
         let doc = if doc.is_null() { Value::Object(Default::default()) } else { doc };
-        let raw: RawConfig = serde_path_to_error::deserialize(&doc).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            err(error_key(&path, &inner), inner)
-        })?;
+        let raw: RawConfig = deserialize_keyed(&doc).map_err(|(key, reason)| err(key, reason))?;
         Config::validate(raw)
     }
 

@@ -84,13 +84,14 @@ fn start_slots(shared: &Shared, plugins: &[Arc<Plugin>]) -> Result<Vec<Rc<VmSlot
         .collect()
 }
 
-/// The singleton plugins' thread: their VMs, ticks and HTTP calls, until shutdown.
-pub fn spawn_services(
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("wasm-services".into()).spawn(move || {
+/// A thread with its own event loop (a current-thread runtime and a `LocalSet`, so tasks need not be `Send`),
+/// running `body`; a runtime that cannot be built is reported on `ready`.
+fn spawn_event_loop<F, Fut>(name: String, ready: Ready, body: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce(Ready) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    std::thread::Builder::new().name(name).spawn(move || {
         let rt = match runtime() {
             Ok(rt) => rt,
             Err(e) => {
@@ -98,21 +99,32 @@ pub fn spawn_services(
                 return;
             }
         };
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let slots = match start_slots(&shared, &shared.services) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
-            };
-            for slot in &slots {
-                tokio::task::spawn_local(slot.clone().run_ticks());
+        tokio::task::LocalSet::new().block_on(&rt, body(ready));
+    })
+}
+
+/// Where a thread says it has started (or why it could not).
+pub type Ready = std::sync::mpsc::Sender<Result<(), String>>;
+
+/// The singleton plugins' thread: their VMs, ticks and HTTP calls, until shutdown.
+pub fn spawn_services(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: Ready,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    spawn_event_loop("wasm-services".into(), ready, move |ready| async move {
+        let slots = match start_slots(&shared, &shared.services) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
             }
-            let _ = ready.send(Ok(()));
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        });
+        };
+        for slot in &slots {
+            tokio::task::spawn_local(slot.clone().run_ticks());
+        }
+        let _ = ready.send(Ok(()));
+        let _ = shutdown.wait_for(|stop| *stop).await;
     })
 }
 
@@ -121,18 +133,10 @@ pub fn spawn_worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Ready,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
-        let rt = match runtime() {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = ready.send(Err(format!("runtime: {e}")));
-                return;
-            }
-        };
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, run_worker(index, listener, shared, shutdown, ready));
+    spawn_event_loop(format!("worker-{index}"), ready, move |ready| {
+        run_worker(index, listener, shared, shutdown, ready)
     })
 }
 
@@ -141,7 +145,7 @@ async fn run_worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Ready,
 ) {
     let setup = async {
         let filters = start_slots(&shared, &shared.filters)?;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use equilibrio_filter::config::{Config as FilterConfig, Millis, error_key, is_id_byte};
+use equilibrio_filter::config::{Config as FilterConfig, Millis, deserialize_keyed, is_id_byte};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -196,11 +196,7 @@ impl Config {
     pub fn parse(yaml: &str, env_token: Option<String>) -> Result<Config, ConfigError> {
         let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| err("", format!("not valid YAML: {e}")))?;
         let doc = if doc.is_null() { Value::Object(Default::default()) } else { doc };
-        let raw: RawConfig = serde_path_to_error::deserialize(&doc).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            err(error_key(&path, &inner), inner)
-        })?;
+        let raw: RawConfig = deserialize_keyed(&doc).map_err(|(key, reason)| err(key, reason))?;
         Config::resolve(raw, env_token)
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::repo_root;
+use crate::{admin, repo_root};
 
 pub struct Envoy {
     child: Child,
@@ -93,30 +93,7 @@ impl Envoy {
     pub async fn start(filter_config: &Value, supervisor: SocketAddr) -> anyhow::Result<Envoy> {
         let dir = work_dir()?;
         let mut child = spawn(&dir, &render_config(filter_config, supervisor)?, 2)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
-        let admin = loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("envoy exited at start ({status}):\n{}", tail(&dir.join("envoy.log")));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("envoy did not start in 30 s:\n{}", tail(&dir.join("envoy.log")));
-            }
-            if let Ok(text) = std::fs::read_to_string(dir.join("admin"))
-                && let Ok(addr) = text.trim().parse::<SocketAddr>()
-                && let Ok(r) = client.get(format!("http://{addr}/ready")).send().await
-                && r.status().is_success()
-            {
-                break addr;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let listeners: Value = client.get(format!("http://{admin}/listeners?format=json")).send().await?.json().await?;
-        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-            .as_u64()
-            .context("listener port in /listeners")?;
-        let listener = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "envoy.log", "envoy").await?;
         Ok(Envoy { child, admin, listener, dir })
     }
 
@@ -126,19 +103,8 @@ impl Envoy {
         supervisor: SocketAddr,
     ) -> anyhow::Result<(bool, String)> {
         let dir = work_dir()?;
-        let mut child = spawn(&dir, &render_config(filter_config, supervisor)?, 1)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok((status.success(), std::fs::read_to_string(dir.join("envoy.log"))?));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Ok((true, std::fs::read_to_string(dir.join("envoy.log"))?));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let child = spawn(&dir, &render_config(filter_config, supervisor)?, 1)?;
+        admin::wait_for_refusal(child, &dir.join("envoy.log")).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -151,29 +117,7 @@ impl Envoy {
 
     /// A stat from the admin `/stats` (None if absent).
     pub async fn stat(&self, name: &str) -> Option<u64> {
-        let url = format!("http://{}/stats?filter=^{name}$", self.admin);
-        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
-    }
-
-    /// Connections accepted by each worker on the ingress listener (`listener.<addr>.worker_<n>.downstream_cx_total`).
-    pub async fn worker_connections(&self) -> Vec<u64> {
-        let url = format!("http://{}/stats?filter=worker_[0-9]+\\.downstream_cx_total$", self.admin);
-        let Ok(r) = reqwest::get(url).await else {
-            return vec![];
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with("listener.") && !l.starts_with("listener.admin"))
-            .filter_map(|l| l.rsplit_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
-            .collect()
-    }
-
-    pub async fn prometheus(&self) -> String {
-        match reqwest::get(format!("http://{}/stats/prometheus", self.admin)).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
+        admin::stat(self.admin, name).await
     }
 
     /// Hosts of the `backend` cluster that Envoy learnt by EDS.
@@ -197,7 +141,7 @@ impl Envoy {
             if Instant::now() > deadline {
                 bail!(
                     "no table: {h} EDS hosts (want {hosts}), table version {v:?} (want {version})\n{}",
-                    tail_text(&self.log())
+                    admin::tail_text(&self.log())
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -210,13 +154,4 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn tail(path: &Path) -> String {
-    tail_text(&std::fs::read_to_string(path).unwrap_or_default())
-}
-
-fn tail_text(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }

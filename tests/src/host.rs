@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::envoy::filter_wasm;
-use crate::repo_root;
+use crate::{admin, repo_root};
 
 pub struct Host {
     child: Child,
@@ -89,49 +89,15 @@ impl Host {
     pub async fn start_with(config: &str, workers: usize) -> anyhow::Result<Host> {
         let dir = work_dir()?;
         let mut child = spawn(&dir, config, workers)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::new();
-        let admin = loop {
-            if let Some(status) = child.try_wait()? {
-                bail!("equilibrio-host exited at start ({status}):\n{}", tail(&dir.join("host.log")));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("equilibrio-host did not start in 30 s:\n{}", tail(&dir.join("host.log")));
-            }
-            if let Ok(text) = std::fs::read_to_string(dir.join("admin"))
-                && let Ok(addr) = text.trim().parse::<SocketAddr>()
-                && let Ok(r) = client.get(format!("http://{addr}/ready")).send().await
-                && r.status().is_success()
-            {
-                break addr;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let listeners: Value = client.get(format!("http://{admin}/listeners?format=json")).send().await?.json().await?;
-        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-            .as_u64()
-            .context("listener port in /listeners")?;
-        let listener = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "host.log", "equilibrio-host").await?;
         Ok(Host { child, admin, listener, dir })
     }
 
     /// Runs the proxy with a configuration that must be refused: returns its exit status and log.
     pub async fn start_expecting_failure(config: &str) -> anyhow::Result<(bool, String)> {
         let dir = work_dir()?;
-        let mut child = spawn(&dir, config, 1)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok((status.success(), std::fs::read_to_string(dir.join("host.log"))?));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Ok((true, std::fs::read_to_string(dir.join("host.log"))?));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let child = spawn(&dir, config, 1)?;
+        admin::wait_for_refusal(child, &dir.join("host.log")).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -160,10 +126,4 @@ impl Drop for Host {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }

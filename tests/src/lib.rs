@@ -6,6 +6,7 @@
 //! built (`scripts/setup`, `cargo build --release --target wasm32-wasip1 -p equilibrio-filter`); a missing piece is a
 //! test failure with a message saying what to run, never a skip.
 
+pub mod admin;
 pub mod backend;
 pub mod envoy;
 pub mod host;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::Value;
 
+use crate::admin;
 use crate::envoy::Envoy;
 use crate::host::Host;
 
@@ -72,29 +73,16 @@ impl Proxy {
 
     /// A stat from the admin `/stats` (None if absent).
     pub async fn stat(&self, name: &str) -> Option<u64> {
-        let url = format!("http://{}/stats?filter=^{name}$", self.admin());
-        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+        admin::stat(self.admin(), name).await
     }
 
-    /// Connections accepted by each worker on the ingress listener (`listener.<addr>.worker_<n>.downstream_cx_total`).
+    /// Connections accepted by each worker on the ingress listener.
     pub async fn worker_connections(&self) -> Vec<u64> {
-        let url = format!("http://{}/stats?filter=worker_[0-9]+\\.downstream_cx_total$", self.admin());
-        let Ok(r) = reqwest::get(url).await else {
-            return vec![];
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with("listener.") && !l.starts_with("listener.admin"))
-            .filter_map(|l| l.rsplit_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
-            .collect()
+        admin::worker_connections(self.admin()).await
     }
 
     pub async fn prometheus(&self) -> String {
-        match reqwest::get(format!("http://{}/stats/prometheus", self.admin())).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
+        admin::prometheus(self.admin()).await
     }
 
     /// Waits until the filter's poller reports table `version` (and, in Envoy, EDS has `hosts` hosts; the bundled

@@ -137,11 +137,7 @@ impl ScalingPolicy {
         }
         let mut merged = serde_json::to_value(self).map_err(|e| (String::new(), e.to_string()))?;
         equilibrio_filter::config::merge(&mut merged, o);
-        let p: ScalingPolicy = serde_path_to_error::deserialize(&merged).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            (equilibrio_filter::config::error_key(&path, &inner), inner)
-        })?;
+        let p: ScalingPolicy = equilibrio_filter::config::deserialize_keyed(&merged)?;
         p.validate()?;
         Ok(p)
     }
