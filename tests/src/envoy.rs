@@ -4,13 +4,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{admin, repo_root};
+use crate::{admin, repo_root, work_dir};
 
 pub struct Envoy {
     child: Child,
@@ -18,8 +17,6 @@ pub struct Envoy {
     pub listener: SocketAddr,
     dir: PathBuf,
 }
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     let bin = repo_root().join(".venv/bin/envoy");
@@ -64,14 +61,6 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
     Ok(out)
 }
 
-fn work_dir() -> anyhow::Result<PathBuf> {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = repo_root().join(format!("target/equilibrio-tests/envoy-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> {
     let cfg = dir.join("envoy.yaml");
     std::fs::write(&cfg, config)?;
@@ -91,7 +80,7 @@ fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> 
 impl Envoy {
     /// Starts Envoy (`--concurrency 2`) and waits until its admin says it is live and the listener is bound.
     pub async fn start(filter_config: &Value, supervisor: SocketAddr) -> anyhow::Result<Envoy> {
-        let dir = work_dir()?;
+        let dir = work_dir("envoy")?;
         let mut child = spawn(&dir, &render_config(filter_config, supervisor)?, 2)?;
         let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "envoy.log", "envoy").await?;
         Ok(Envoy { child, admin, listener, dir })
@@ -102,7 +91,7 @@ impl Envoy {
         filter_config: &Value,
         supervisor: SocketAddr,
     ) -> anyhow::Result<(bool, String)> {
-        let dir = work_dir()?;
+        let dir = work_dir("envoy")?;
         let child = spawn(&dir, &render_config(filter_config, supervisor)?, 1)?;
         admin::wait_for_refusal(child, &dir.join("envoy.log")).await
     }

@@ -5,14 +5,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::envoy::filter_wasm;
-use crate::{admin, repo_root};
+use crate::{admin, repo_root, work_dir};
 
 pub struct Host {
     child: Child,
@@ -20,8 +19,6 @@ pub struct Host {
     pub listener: SocketAddr,
     dir: PathBuf,
 }
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn host_binary() -> anyhow::Result<PathBuf> {
     let bin = repo_root().join("target/release/equilibrio-host");
@@ -55,14 +52,6 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
     Ok(out)
 }
 
-fn work_dir() -> anyhow::Result<PathBuf> {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let dir = repo_root().join(format!("target/equilibrio-tests/host-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> {
     let cfg = dir.join("host.yaml");
     std::fs::write(&cfg, config)?;
@@ -87,7 +76,7 @@ impl Host {
 
     /// Starts the proxy with a complete configuration.
     pub async fn start_with(config: &str, workers: usize) -> anyhow::Result<Host> {
-        let dir = work_dir()?;
+        let dir = work_dir("host")?;
         let mut child = spawn(&dir, config, workers)?;
         let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "host.log", "equilibrio-host").await?;
         Ok(Host { child, admin, listener, dir })
@@ -95,7 +84,7 @@ impl Host {
 
     /// Runs the proxy with a configuration that must be refused: returns its exit status and log.
     pub async fn start_expecting_failure(config: &str) -> anyhow::Result<(bool, String)> {
-        let dir = work_dir()?;
+        let dir = work_dir("host")?;
         let child = spawn(&dir, config, 1)?;
         admin::wait_for_refusal(child, &dir.join("host.log")).await
     }

@@ -16,6 +16,16 @@ pub mod table_server;
 
 use std::path::PathBuf;
 
+/// A fresh, empty directory for one process a test starts (`target/equilibrio-tests/<kind>-<pid>-<n>`).
+pub fn work_dir(kind: &str) -> std::io::Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = repo_root().join(format!("target/equilibrio-tests/{kind}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,8 +18,6 @@ pub struct Supervisor {
     pub dir: PathBuf,
     config: PathBuf,
 }
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub fn binary() -> anyhow::Result<PathBuf> {
     let bin = repo_root().join("target/debug/equilibrio-supervisor");
@@ -38,10 +35,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Supervisor {
     /// Writes `yaml` (without `listen`/`state_file`, which the harness sets) and starts the supervisor.
     pub async fn start(yaml: &str) -> anyhow::Result<Supervisor> {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = repo_root().join(format!("target/equilibrio-tests/supervisor-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::work_dir("supervisor")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = dir.join("supervisor.yaml");
         std::fs::write(&config, format!("listen: {addr}\nstate_file: {}\n{yaml}", dir.join("state.json").display()))?;
