@@ -2,18 +2,20 @@
 //! costs about 8% of throughput at this request rate). Each connection's [`ConnState`] is updated with a few `Cell`
 //! writes as bytes and requests come and go; once a second the worker's [`Sweeper`] closes connections that have
 //! spent too long reading a request head (slowloris) or sitting idle between requests: never before the configured
-//! time, at most a second after it.
+//! time, at most a second after it. The sweeper also tells every connection to drain at shutdown. Either signal
+//! reaches the connection's task through [`ConnState::watch`], which costs a pointer comparison per poll (a
+//! `select!` over notifications polled every branch on every wake-up).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -34,8 +36,25 @@ pub struct ConnState {
     /// HTTP/2 sends frames between requests: only the idle timeout applies.
     http2: Cell<bool>,
     first_read: Cell<bool>,
-    /// Notified when the sweeper decides the connection must close.
-    pub expired: Notify,
+    /// Set when the worker decides the connection must end.
+    close: Cell<Option<Close>>,
+    /// The connection task's waker, to deliver `close`.
+    waker: RefCell<Option<Waker>>,
+}
+
+/// Why the worker ends a connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Too slow a request head, or idle too long: closed at once.
+    Expired,
+    /// Shutdown: finish what is in flight, then close.
+    Drain,
+}
+
+/// How [`ConnState::watch`] ended.
+pub enum Watched<T> {
+    Done(T),
+    Close(Close),
 }
 
 impl ConnState {
@@ -48,8 +67,33 @@ impl ConnState {
             in_flight: Cell::new(0),
             http2: Cell::new(false),
             first_read: Cell::new(true),
-            expired: Notify::new(),
+            close: Cell::new(None),
+            waker: RefCell::new(None),
         }
+    }
+
+    fn signal(&self, why: Close) {
+        self.close.set(Some(why));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Runs the connection future until it ends or the worker signals it to close.
+    pub async fn watch<F: Future + Unpin>(&self, mut conn: F) -> Watched<F::Output> {
+        std::future::poll_fn(|cx| {
+            if let Some(why) = self.close.get() {
+                return Poll::Ready(Watched::Close(why));
+            }
+            {
+                let mut w = self.waker.borrow_mut();
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+            }
+            Pin::new(&mut conn).poll(cx).map(Watched::Done)
+        })
+        .await
     }
 
     fn bytes_read(&self, first: &[u8]) {
@@ -133,8 +177,15 @@ impl Sweeper {
         self.clock.set(now);
         for state in self.conns.borrow().values() {
             if state.is_expired(now, self.head_timeout, self.idle_timeout) {
-                state.expired.notify_one();
+                state.signal(Close::Expired);
             }
+        }
+    }
+
+    /// Tells every connection to finish what is in flight and close (shutdown).
+    pub fn drain_all(&self) {
+        for state in self.conns.borrow().values() {
+            state.signal(Close::Drain);
         }
     }
 
@@ -239,6 +290,30 @@ mod tests {
         assert!(!c.is_expired(s.clock.get(), 2, 5));
         s.tick();
         assert!(c.is_expired(s.clock.get(), 2, 5), "idle past 5 s");
+    }
+
+    #[tokio::test]
+    async fn watch_ends_on_the_signal_and_passes_the_output_through() {
+        let s = sweeper();
+        let (_, c) = s.track();
+        let pending = c.watch(std::future::pending::<()>());
+        tokio::pin!(pending);
+        assert!(futures_poll_once(pending.as_mut()).await.is_none(), "nothing signalled yet");
+        s.drain_all();
+        assert!(matches!(pending.await, Watched::Close(Close::Drain)));
+        let (_, d) = s.track();
+        assert!(matches!(d.watch(std::future::ready(7)).await, Watched::Done(7)));
+    }
+
+    /// Polls once; `None` when pending.
+    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     #[test]

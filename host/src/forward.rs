@@ -2,47 +2,73 @@
 //! the ones `Connection` names), `X-Forwarded-For` and `X-Forwarded-Proto` appended, a client's
 //! `x-equilibrio-upstream` dropped before any filter runs, and the filter's upstream list parsed.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use http::header::{CONNECTION, HOST, HeaderName, HeaderValue};
+use http::header::{
+    CONNECTION, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, UPGRADE,
+};
 use http::{HeaderMap, request};
 
 /// The header through which the filter names the upstream hosts, in order (as with Envoy's `override_host`).
 pub const UPSTREAM_HEADER: &str = equilibrio_filter::UPSTREAM_HEADER;
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+// Header names built once: a `&str` key is parsed and validated on every map operation.
+pub static UPSTREAM: HeaderName = HeaderName::from_static(UPSTREAM_HEADER);
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    UPGRADE,
 ];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
 
 /// Removes hop-by-hop headers, including those listed in `Connection`. (`Transfer-Encoding` is hyper's to manage.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // one pass over the (few) headers first: usually there is nothing to remove
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    // one pass over the (few) names; usually there is nothing, or only `connection`, to remove
+    let mut doomed: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
+    if doomed.is_empty() {
         return;
     }
-    if let Some(listed) = headers.get(CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
-        for name in listed.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(n);
+    for value in headers.get_all(CONNECTION) {
+        for name in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|n| !n.is_empty()) {
+            if let Ok(n) = HeaderName::from_bytes(name) {
+                doomed.push(n);
             }
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &doomed {
         headers.remove(name);
     }
 }
 
+/// A client connection's address, with its `X-Forwarded-For` entry formatted once per connection rather than once
+/// per request.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::try_from(addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
 /// Prepares a client's request head for the filters and the upstream.
-pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) {
+pub fn prepare_request(parts: &mut request::Parts, peer: &Peer) {
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(UPSTREAM_HEADER);
+    parts.headers.remove(&UPSTREAM);
     // an HTTP/2 (or absolute-form) request carries the authority in the URI; HTTP/1.1 upstreams need `Host`
     if !parts.headers.contains_key(HOST)
         && let Some(authority) = parts.uri.authority()
@@ -51,20 +77,18 @@ pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) {
         parts.headers.insert(HOST, v);
     }
     append_forwarded_for(&mut parts.headers, peer);
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    parts.headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
 }
 
 /// Appends the peer to `X-Forwarded-For` (joining several headers into one), as Envoy does with
 /// `use_remote_address: true`.
-pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    if !headers.contains_key("x-forwarded-for") {
-        if let Ok(v) = HeaderValue::try_from(peer.to_string()) {
-            headers.insert("x-forwarded-for", v);
-        }
+pub fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
         return;
     }
     let mut value = String::new();
-    for v in headers.get_all("x-forwarded-for") {
+    for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {
             if !value.is_empty() {
                 value.push_str(", ");
@@ -75,9 +99,9 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     if !value.is_empty() {
         value.push_str(", ");
     }
-    value.push_str(&peer.to_string());
+    value.push_str(peer.ip.to_str().unwrap_or_default());
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
 
@@ -126,7 +150,7 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        prepare_request(&mut parts, "127.0.0.1".parse().unwrap());
+        prepare_request(&mut parts, &Peer::new("127.0.0.1:5000".parse().unwrap()));
         assert!(!parts.headers.contains_key(UPSTREAM_HEADER));
         assert_eq!(parts.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(parts.headers["x-forwarded-proto"], "http");
@@ -135,14 +159,14 @@ mod tests {
     #[test]
     fn xff_is_created_when_absent() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        append_forwarded_for(&mut h, &Peer::new("[::1]:5000".parse().unwrap()));
         assert_eq!(h["x-forwarded-for"], "::1");
     }
 
     #[test]
     fn http2_authority_becomes_host() {
         let (mut parts, ()) = http::Request::builder().uri("http://shop.example/x").body(()).unwrap().into_parts();
-        prepare_request(&mut parts, "127.0.0.1".parse().unwrap());
+        prepare_request(&mut parts, &Peer::new("127.0.0.1:5000".parse().unwrap()));
         assert_eq!(parts.headers["host"], "shop.example");
     }
 

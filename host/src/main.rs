@@ -32,6 +32,9 @@ struct Args {
     /// Log level, overriding `log_level` (trace, debug, info, warn, error).
     #[arg(short = 'l', long)]
     log_level: Option<String>,
+    /// Write /tmp/perf-<pid>.map so that `perf report` names the filter's functions (docs/performance-tuning.md).
+    #[arg(long)]
+    wasm_perfmap: bool,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,9 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
     let workers = config.workers();
     let mut engine_config = wasmtime::Config::new();
     engine_config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    if args.wasm_perfmap {
+        engine_config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = wasmtime::Engine::new(&engine_config).map_err(|e| anyhow::anyhow!("wasmtime: {e:#}"))?;
     let mut compiled = std::collections::HashMap::new();
     let mut load = |list: &[equilibrio_host::config::PluginConfig], key: &str| -> anyhow::Result<Vec<Arc<Plugin>>> {

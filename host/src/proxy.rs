@@ -20,7 +20,7 @@ use crate::config::RouteConfig;
 use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
 use crate::driver::VmSlot;
-use crate::forward::{self, UPSTREAM_HEADER};
+use crate::forward::{self, Peer};
 use crate::stats::Metric;
 use crate::stream_end::StreamGuard;
 use crate::upstream::{Pool, Sender, UpstreamBody};
@@ -53,7 +53,7 @@ pub struct Worker {
 
 pub async fn handle(
     w: Rc<Worker>,
-    peer: SocketAddr,
+    peer: Peer,
     conn: Rc<ConnState>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -62,13 +62,13 @@ pub async fn handle(
     Ok(response.map(|body| body.on_connection(conn)))
 }
 
-async fn serve(w: Rc<Worker>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<ProxyBody> {
     w.stats.downstream_rq_total.inc();
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
-    forward::prepare_request(&mut parts, peer.ip());
+    forward::prepare_request(&mut parts, &peer);
     let end_of_stream = body.is_end_stream();
-    let mut stream = Some(Box::new(Stream::new(parts, peer, w.local)));
+    let mut stream = Some(Box::new(Stream::new(parts, peer.addr, w.local)));
     let mut guard = StreamGuard::new();
 
     // request phase
@@ -105,7 +105,7 @@ async fn serve(w: Rc<Worker>, peer: SocketAddr, req: Request<Incoming>) -> Respo
         return plain(client_version, StatusCode::INTERNAL_SERVER_ERROR);
     };
     let max = w.route.retries as usize + 1;
-    let upstreams = match s.request.headers.remove(UPSTREAM_HEADER) {
+    let upstreams = match s.request.headers.remove(&forward::UPSTREAM) {
         Some(v) => forward::parse_upstreams(v.as_bytes(), max),
         None => fallback(&w, max),
     };
