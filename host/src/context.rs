@@ -59,7 +59,6 @@ pub struct Stream {
     pub closed: bool,
     pub filter_state: Pairs,
     pub started: Instant,
-    pub started_wall: std::time::SystemTime,
 }
 
 impl Stream {
@@ -76,7 +75,6 @@ impl Stream {
             closed: false,
             filter_state: vec![],
             started: Instant::now(),
-            started_wall: std::time::SystemTime::now(),
         }
     }
 }

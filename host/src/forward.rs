@@ -1,6 +1,6 @@
 //! What a proxy changes in a request or response it forwards: hop-by-hop headers removed (RFC 9110 §7.6.1, with
 //! the ones `Connection` names), `X-Forwarded-For` and `X-Forwarded-Proto` appended, a client's
-//! `x-equilibrio-upstream` dropped before any filter runs, and the filter's upstream list parsed.
+//! `x-equilibrio-upstream` dropped before any filter runs, and the filter's upstream list read.
 
 use std::net::SocketAddr;
 
@@ -27,25 +27,36 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     UPGRADE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|h| h == name)
-}
-
 /// Removes hop-by-hop headers, including those listed in `Connection`. (`Transfer-Encoding` is hyper's to manage.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // one pass over the (few) names; usually there is nothing, or only `connection`, to remove
-    let mut doomed: Vec<HeaderName> = headers.keys().filter(|k| is_hop_by_hop(k)).cloned().collect();
-    if doomed.is_empty() {
+    // one pass over the (few) names, noting which hop-by-hop ones are there: usually none, or only `connection`
+    let mut found = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            found |= 1 << i;
+        }
+    }
+    if found == 0 {
         return;
     }
+    // other names `Connection` lists (its usual `keep-alive` and `close` need no parsing)
+    let mut listed: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(CONNECTION) {
-        for name in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|n| !n.is_empty()) {
-            if let Ok(n) = HeaderName::from_bytes(name) {
-                doomed.push(n);
+        for token in value.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            let usual = token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()));
+            if !usual && let Ok(n) = HeaderName::from_bytes(token) {
+                listed.push(n);
             }
         }
     }
-    for name in &doomed {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in &listed {
         headers.remove(name);
     }
 }
@@ -105,20 +116,64 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
     }
 }
 
-/// The filter's upstream list: distinct `ip:port` entries in order, at most `max`; anything unparsable is skipped.
-pub fn parse_upstreams(value: &[u8], max: usize) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = Vec::with_capacity(3);
-    for item in value.split(|b| *b == b',') {
-        let Ok(text) = std::str::from_utf8(item) else { continue };
-        let Ok(addr) = text.trim().parse::<SocketAddr>() else { continue };
-        if !out.contains(&addr) {
-            out.push(addr);
-            if out.len() == max {
-                break;
+/// The hosts a request may try, in order, distinct, at most `max`: the filter's list (parsed only as far as attempts
+/// need it: most requests use the first host only; anything unparsable is skipped), or a fixed list.
+pub struct Upstreams {
+    source: Source,
+    max: usize,
+    first: Option<SocketAddr>,
+    /// Hosts given after the first (kept for distinctness; allocated only when a request retries).
+    more: Vec<SocketAddr>,
+}
+
+enum Source {
+    Header { value: HeaderValue, pos: usize },
+    Fixed(std::vec::IntoIter<SocketAddr>),
+}
+
+impl Upstreams {
+    /// The filter's comma-separated `ip:port` list.
+    pub fn listed(value: HeaderValue, max: usize) -> Upstreams {
+        Upstreams { source: Source::Header { value, pos: 0 }, max, first: None, more: Vec::new() }
+    }
+
+    pub fn fixed(list: Vec<SocketAddr>, max: usize) -> Upstreams {
+        Upstreams { source: Source::Fixed(list.into_iter()), max, first: None, more: Vec::new() }
+    }
+
+    fn candidate(&mut self) -> Option<Option<SocketAddr>> {
+        match &mut self.source {
+            Source::Fixed(list) => list.next().map(Some),
+            Source::Header { value, pos } => {
+                let rest = value.as_bytes().get(*pos..).filter(|r| !r.is_empty())?;
+                let end = rest.iter().position(|b| *b == b',').unwrap_or(rest.len());
+                *pos += end + 1;
+                let item = rest.get(..end).unwrap_or_default().trim_ascii();
+                Some(std::str::from_utf8(item).ok().and_then(|t| t.parse().ok()))
             }
         }
     }
-    out
+}
+
+impl Iterator for Upstreams {
+    type Item = SocketAddr;
+
+    fn next(&mut self) -> Option<SocketAddr> {
+        if usize::from(self.first.is_some()) + self.more.len() >= self.max {
+            return None;
+        }
+        loop {
+            let Some(addr) = self.candidate()? else { continue };
+            if self.first == Some(addr) || self.more.contains(&addr) {
+                continue;
+            }
+            match self.first {
+                None => self.first = Some(addr),
+                Some(_) => self.more.push(addr),
+            }
+            return Some(addr);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +193,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Close, X-Secret".parse().unwrap());
+        h.append("connection", "TE".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("content-length", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-length"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/plain".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "nothing hop-by-hop: untouched");
     }
 
     #[test]
@@ -170,20 +239,49 @@ mod tests {
         assert_eq!(parts.headers["host"], "shop.example");
     }
 
+    fn listed(v: &str, max: usize) -> Vec<SocketAddr> {
+        Upstreams::listed(HeaderValue::from_str(v).unwrap(), max).collect()
+    }
+
     #[test]
     fn upstream_list_is_distinct_ordered_and_bounded() {
-        let v = b"127.0.0.1:1, junk,127.0.0.1:2,127.0.0.1:1, [::1]:3, 127.0.0.1:4";
-        let got = parse_upstreams(v, 3);
+        let got = listed("127.0.0.1:1, junk,127.0.0.1:2,127.0.0.1:1, [::1]:3, 127.0.0.1:4", 3);
         let want: Vec<SocketAddr> =
             vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "[::1]:3".parse().unwrap()];
         assert_eq!(got, want);
-        assert!(parse_upstreams(b"", 3).is_empty());
+        assert!(listed("", 3).is_empty());
+        assert!(listed(",,junk,", 3).is_empty());
+        assert_eq!(listed("127.0.0.1:1,127.0.0.1:1", 3).len(), 1);
+        assert_eq!(listed("127.0.0.1:1,127.0.0.1:2", 1).len(), 1);
+        let fixed: Vec<SocketAddr> = vec!["127.0.0.1:7".parse().unwrap(), "127.0.0.1:8".parse().unwrap()];
+        assert_eq!(Upstreams::fixed(fixed.clone(), 1).collect::<Vec<_>>(), fixed[..1]);
+        assert_eq!(Upstreams::fixed(fixed.clone(), 3).collect::<Vec<_>>(), fixed);
     }
 
     proptest! {
         #[test]
-        fn parsing_never_panics(v in proptest::collection::vec(any::<u8>(), 0..100)) {
-            prop_assert!(parse_upstreams(&v, 3).len() <= 3);
+        fn parsing_never_panics_and_stays_distinct_and_bounded(v in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Ok(value) = HeaderValue::from_bytes(&v) {
+                let got: Vec<SocketAddr> = Upstreams::listed(value, 3).collect();
+                prop_assert!(got.len() <= 3);
+                for (i, a) in got.iter().enumerate() {
+                    prop_assert!(!got[..i].contains(a));
+                }
+            }
+        }
+
+        #[test]
+        fn addresses_come_back_in_order(ports in proptest::collection::vec(1u16..5, 0..8)) {
+            let text: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let got = listed(&text.join(","), 10);
+            let mut want: Vec<SocketAddr> = vec![];
+            for p in &ports {
+                let a: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+                if !want.contains(&a) {
+                    want.push(a);
+                }
+            }
+            prop_assert_eq!(got, want);
         }
     }
 }

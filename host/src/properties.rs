@@ -52,7 +52,9 @@ fn stream_property(s: &Stream, path: &[u8], cluster: &str) -> Option<Vec<u8>> {
         b"request\0useragent" => header("user-agent")?,
         b"request\0referer" => header("referer")?,
         b"request\0time" => {
-            let d = s.started_wall.duration_since(std::time::UNIX_EPOCH).ok()?;
+            // the wall clock at the start, from the monotonic one (one clock read per request saved)
+            let started = std::time::SystemTime::now().checked_sub(s.started.elapsed())?;
+            let d = started.duration_since(std::time::UNIX_EPOCH).ok()?;
             int(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         }
         b"request\0duration" => int(i64::try_from(s.started.elapsed().as_nanos()).unwrap_or(i64::MAX)),

@@ -20,7 +20,7 @@ use crate::config::RouteConfig;
 use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
 use crate::driver::VmSlot;
-use crate::forward::{self, Peer};
+use crate::forward::{self, Peer, Upstreams};
 use crate::stats::Metric;
 use crate::stream_end::StreamGuard;
 use crate::upstream::{Pool, Sender, UpstreamBody};
@@ -105,11 +105,11 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
         return plain(client_version, StatusCode::INTERNAL_SERVER_ERROR);
     };
     let max = w.route.retries as usize + 1;
-    let upstreams = match s.request.headers.remove(&forward::UPSTREAM) {
-        Some(v) => forward::parse_upstreams(v.as_bytes(), max),
-        None => fallback(&w, max),
+    let mut upstreams = match s.request.headers.remove(&forward::UPSTREAM) {
+        Some(v) => Upstreams::listed(v, max),
+        None => Upstreams::fixed(fallback(&w, max), max),
     };
-    if upstreams.is_empty() {
+    let Some(first) = upstreams.next() else {
         w.stats.no_healthy_upstream.inc();
         let r = LocalReply {
             status: 503,
@@ -118,8 +118,8 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
             headers: vec![],
         };
         return local(&w, stream, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
-    }
-    let (response, addr, sender) = match send(&w, s, body, &upstreams).await {
+    };
+    let (response, addr, sender) = match send(&w, s, body, std::iter::once(first).chain(upstreams)).await {
         Ok(x) => x,
         Err(flags) => {
             let (status, details, text): (u16, &str, &[u8]) = if flags & rf::UPSTREAM_REQUEST_TIMEOUT != 0 {
@@ -255,26 +255,26 @@ async fn send(
     w: &Worker,
     s: &mut Stream,
     body: Incoming,
-    upstreams: &[SocketAddr],
+    upstreams: impl Iterator<Item = SocketAddr>,
 ) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
     let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
     let bodyless = body.is_end_stream();
     let repeatable = bodyless && matches!(s.request.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body);
     let mut flags = 0;
-    'hosts: for (attempt, addr) in upstreams.iter().enumerate() {
+    'hosts: for (attempt, addr) in upstreams.enumerate() {
         if attempt > 0 {
             w.stats.upstream_rq_retry.inc();
         }
-        s.upstream = Some(*addr);
-        let mut pooled = w.pool.checkout(*addr);
+        s.upstream = Some(addr);
+        let mut pooled = w.pool.checkout(addr);
         // a pooled connection the upstream closed while idle is not the host's failure: once, the same host gets a
         // new connection
         loop {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => match timeout_at(deadline, w.pool.connect(*addr)).await {
+                None => match timeout_at(deadline, w.pool.connect(addr)).await {
                     Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
                     Ok(Err(e)) => {
                         tracing::debug!("{e}");
@@ -288,7 +288,7 @@ async fn send(
             match timeout_at(deadline, sender.ready()).await {
                 Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
                 Ok(Err(_)) => {
-                    w.pool.evict(*addr);
+                    w.pool.evict(addr);
                     if reused {
                         continue;
                     }
@@ -305,9 +305,9 @@ async fn send(
             w.stats.upstream_rq_total.inc();
             match timeout_at(deadline, sender.try_send_request(upstream_request(s, req_body))).await {
                 Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-                Ok(Ok(response)) => return Ok((response, *addr, sender)),
+                Ok(Ok(response)) => return Ok((response, addr, sender)),
                 Ok(Err(mut e)) => {
-                    w.pool.evict(*addr);
+                    w.pool.evict(addr);
                     match e.take_message() {
                         // never written: the body is still ours
                         Some(req) => {
