@@ -257,7 +257,20 @@ async fn send(
     body: Incoming,
     upstreams: impl Iterator<Item = SocketAddr>,
 ) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
+    // one timer for all attempts (the route timeout covers them all, as Envoy's does)
     let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
+    match timeout_at(deadline, attempts(w, s, body, upstreams)).await {
+        Ok(r) => r,
+        Err(_) => Err(rf::UPSTREAM_REQUEST_TIMEOUT),
+    }
+}
+
+async fn attempts(
+    w: &Worker,
+    s: &mut Stream,
+    body: Incoming,
+    upstreams: impl Iterator<Item = SocketAddr>,
+) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
     let bodyless = body.is_end_stream();
     let repeatable = bodyless && matches!(s.request.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body);
@@ -274,28 +287,23 @@ async fn send(
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => match timeout_at(deadline, w.pool.connect(addr)).await {
-                    Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-                    Ok(Err(e)) => {
+                None => match w.pool.connect(addr).await {
+                    Err(e) => {
                         tracing::debug!("{e}");
                         w.stats.upstream_cx_connect_fail.inc();
                         flags = rf::UPSTREAM_CONNECTION_FAILURE;
                         continue 'hosts;
                     }
-                    Ok(Ok(sender)) => sender,
+                    Ok(sender) => sender,
                 },
             };
-            match timeout_at(deadline, sender.ready()).await {
-                Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-                Ok(Err(_)) => {
-                    w.pool.evict(addr);
-                    if reused {
-                        continue;
-                    }
-                    flags = rf::UPSTREAM_CONNECTION_TERMINATION;
-                    continue 'hosts;
+            if sender.ready().await.is_err() {
+                w.pool.evict(addr);
+                if reused {
+                    continue;
                 }
-                Ok(Ok(())) => {}
+                flags = rf::UPSTREAM_CONNECTION_TERMINATION;
+                continue 'hosts;
             }
             let req_body = match body.take() {
                 Some(b) => Either::Left(b),
@@ -303,10 +311,9 @@ async fn send(
                 None => break 'hosts,
             };
             w.stats.upstream_rq_total.inc();
-            match timeout_at(deadline, sender.try_send_request(upstream_request(s, req_body))).await {
-                Err(_) => return Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-                Ok(Ok(response)) => return Ok((response, addr, sender)),
-                Ok(Err(mut e)) => {
+            match sender.try_send_request(upstream_request(s, req_body)).await {
+                Ok(response) => return Ok((response, addr, sender)),
+                Err(mut e) => {
                     w.pool.evict(addr);
                     match e.take_message() {
                         // never written: the body is still ours
