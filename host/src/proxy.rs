@@ -119,7 +119,10 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
         };
         return local(&w, stream, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
     };
-    let (response, addr, sender) = match send(&w, s, body, std::iter::once(first).chain(upstreams)).await {
+    // one timer for all attempts: the route timeout covers them all, as Envoy's does
+    let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
+    let sent = timeout_at(deadline, send(&w, s, body, std::iter::once(first).chain(upstreams))).await;
+    let (response, addr, sender) = match sent.unwrap_or(Err(rf::UPSTREAM_REQUEST_TIMEOUT)) {
         Ok(x) => x,
         Err(flags) => {
             let (status, details, text): (u16, &str, &[u8]) = if flags & rf::UPSTREAM_REQUEST_TIMEOUT != 0 {
@@ -252,20 +255,6 @@ fn upstream_request(s: &Stream, body: UpstreamBody) -> Request<UpstreamBody> {
 /// idle), the same host is tried once more on a new connection first. The error is the Envoy response flags of the
 /// last failure.
 async fn send(
-    w: &Worker,
-    s: &mut Stream,
-    body: Incoming,
-    upstreams: impl Iterator<Item = SocketAddr>,
-) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
-    // one timer for all attempts (the route timeout covers them all, as Envoy's does)
-    let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
-    match timeout_at(deadline, attempts(w, s, body, upstreams)).await {
-        Ok(r) => r,
-        Err(_) => Err(rf::UPSTREAM_REQUEST_TIMEOUT),
-    }
-}
-
-async fn attempts(
     w: &Worker,
     s: &mut Stream,
     body: Incoming,
