@@ -18,12 +18,14 @@
 //! | [`outlier`] | passive health ejections |
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
 //! | [`shared`] | the shared-data store abstraction and CAS updates |
+//! | [`pairs`] | the ABI's serialized header map, as the filter sends it |
 
 pub mod balancer;
 pub mod client;
 pub mod config;
 pub mod cookie;
 pub mod outlier;
+pub mod pairs;
 pub mod poller;
 pub mod ratelimit;
 pub mod report;

@@ -68,40 +68,42 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     let client_version = parts.version;
     forward::prepare_request(&mut parts, &peer);
     let end_of_stream = body.is_end_stream();
-    let mut stream = Some(Box::new(Stream::new(parts, peer.addr, w.local)));
+    // the guard owns the stream from here on: however the request ends (even abandoned by the client while the
+    // upstream works on it), dropping the guard gives each filter the end of its stream
     let mut guard = StreamGuard::new();
+    guard.stream = Some(Box::new(Stream::new(parts, peer.addr, w.local)));
 
     // request phase
     for slot in &w.filters {
         let step = slot.call(|vm| {
             let context = vm.create_stream_context()?;
-            let action = vm.on_request_headers(context, &mut stream, end_of_stream)?;
+            let action = vm.on_request_headers(context, &mut guard.stream, end_of_stream)?;
             Ok((context, action))
         });
         let (context, action) = match step {
             Ok(x) => x,
-            Err(_) => return local(&w, stream, guard, client_version, reply(503, "filter_error"), 0),
+            Err(_) => return local(&w, guard, client_version, reply(503, "filter_error"), 0),
         };
         guard.push(slot.clone(), context, slot.generation());
-        if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-            return local(&w, stream, guard, client_version, r, 0);
+        if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
+            return local(&w, guard, client_version, r, 0);
         }
-        if stream.as_deref().is_some_and(|s| s.closed) {
-            return local(&w, stream, guard, client_version, reply(503, "closed_by_filter"), 0);
+        if guard.stream.as_deref().is_some_and(|s| s.closed) {
+            return local(&w, guard, client_version, reply(503, "closed_by_filter"), 0);
         }
         if action == Action::Pause {
             let timeout = std::time::Duration::from_millis(w.route.timeout.0);
             if !slot.wait_resumed(context, timeout).await {
-                return local(&w, stream, guard, client_version, reply(504, "filter_paused_too_long"), 0);
+                return local(&w, guard, client_version, reply(504, "filter_paused_too_long"), 0);
             }
-            if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-                return local(&w, stream, guard, client_version, r, 0);
+            if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
+                return local(&w, guard, client_version, r, 0);
             }
         }
     }
 
     // upstream
-    let Some(s) = stream.as_deref_mut() else {
+    let Some(s) = guard.stream.as_deref_mut() else {
         return plain(client_version, StatusCode::INTERNAL_SERVER_ERROR);
     };
     let max = w.route.retries as usize + 1;
@@ -117,7 +119,7 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
             body: b"no healthy upstream".to_vec(),
             headers: vec![],
         };
-        return local(&w, stream, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
+        return local(&w, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
     };
     // one timer for all attempts: the route timeout covers them all, as Envoy's does
     let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
@@ -136,7 +138,7 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
                 )
             };
             let r = LocalReply { status, details: details.into(), body: text.to_vec(), headers: vec![] };
-            return local(&w, stream, guard, client_version, r, flags);
+            return local(&w, guard, client_version, r, flags);
         }
     };
     let (mut rparts, rbody) = response.into_parts();
@@ -149,12 +151,11 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     s.response = Some(rparts);
 
     // response phase
-    response_phase(&mut stream, &guard, rbody.is_end_stream());
-    if let Some(r) = stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-        return local(&w, stream, guard, client_version, r, 0);
+    response_phase(&mut guard, rbody.is_end_stream());
+    if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
+        return local(&w, guard, client_version, r, 0);
     }
-    let out = head(stream.as_deref(), client_version);
-    guard.stream = stream;
+    let out = head(guard.stream.as_deref(), client_version);
     let release = Release { pool: w.pool.clone(), addr, sender };
     out.map(|()| ProxyBody::upstream(rbody, release, guard))
 }
@@ -193,8 +194,9 @@ fn head(stream: Option<&Stream>, version: Version) -> Response<()> {
     out
 }
 
-fn response_phase(stream: &mut Option<Box<Stream>>, guard: &StreamGuard, end_of_stream: bool) {
-    for (slot, context, generation) in guard.contexts().iter().rev() {
+fn response_phase(guard: &mut StreamGuard, end_of_stream: bool) {
+    let (stream, contexts) = guard.parts();
+    for (slot, context, generation) in contexts.iter().rev() {
         if slot.generation() == *generation {
             // a trap here leaves the response as it is; the VM is re-created for the next request
             let _ = slot.call(|vm| vm.on_response_headers(*context, stream, end_of_stream));
@@ -203,14 +205,7 @@ fn response_phase(stream: &mut Option<Box<Stream>>, guard: &StreamGuard, end_of_
 }
 
 /// Answers locally (a filter's reply, or the proxy's own), through the filters' response phase.
-fn local(
-    w: &Worker,
-    mut stream: Option<Box<Stream>>,
-    mut guard: StreamGuard,
-    version: Version,
-    r: LocalReply,
-    flags: u64,
-) -> Response<ProxyBody> {
+fn local(w: &Worker, mut guard: StreamGuard, version: Version, r: LocalReply, flags: u64) -> Response<ProxyBody> {
     w.stats.local_replies.inc();
     let mut parts = Response::new(()).into_parts().0;
     parts.status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -223,7 +218,7 @@ fn local(
         }
     }
     let body = Bytes::from(r.body);
-    if let Some(s) = stream.as_deref_mut() {
+    if let Some(s) = guard.stream.as_deref_mut() {
         s.flags |= flags;
         s.details = match r.details.as_str() {
             "no_healthy_upstream" => "no_healthy_upstream",
@@ -233,9 +228,8 @@ fn local(
         };
         s.response = Some(parts);
     }
-    response_phase(&mut stream, &guard, body.is_empty());
-    let out = head(stream.as_deref(), version);
-    guard.stream = stream;
+    response_phase(&mut guard, body.is_empty());
+    let out = head(guard.stream.as_deref(), version);
     out.map(|()| ProxyBody::full(body, Some(guard)))
 }
 

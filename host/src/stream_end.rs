@@ -1,13 +1,18 @@
-//! The end of a stream for the filters: when the response is done (or abandoned), each filter that saw the stream
-//! gets `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`, with the request and response heads still readable.
+//! The end of a stream for the filters: when the response is done, or the request is abandoned at any point (the
+//! client went away while the upstream was still working on it), each filter that saw the stream gets `proxy_on_done`,
+//! `proxy_on_log` and `proxy_on_delete` (those it exports), with the request and response heads still readable. The
+//! guard owns the stream from its first callback, so that dropping it is the end in every case.
 
 use std::rc::Rc;
 
 use crate::context::Stream;
 use crate::driver::VmSlot;
 
+/// A filter's context for the stream: its VM, the context id, and the VM generation that created it.
+pub type FilterContext = (Rc<VmSlot>, u32, u64);
+
 pub struct StreamGuard {
-    filters: Vec<(Rc<VmSlot>, u32, u64)>,
+    filters: Vec<FilterContext>,
     pub stream: Option<Box<Stream>>,
 }
 
@@ -21,8 +26,9 @@ impl StreamGuard {
         self.filters.push((slot, context, generation));
     }
 
-    pub fn contexts(&self) -> &[(Rc<VmSlot>, u32, u64)] {
-        &self.filters
+    /// The stream and the filter contexts that saw it, borrowed together.
+    pub fn parts(&mut self) -> (&mut Option<Box<Stream>>, &[FilterContext]) {
+        (&mut self.stream, &self.filters)
     }
 }
 

@@ -76,7 +76,7 @@ impl Plugin {
 type CallResponseArgs = (i32, i32, i32, i32, i32);
 
 struct Exports {
-    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
     on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
     on_configure: Option<TypedFunc<(i32, i32), i32>>,
     on_tick: Option<TypedFunc<i32, ()>>,
@@ -125,10 +125,9 @@ impl Vm {
             None => typed::<i32, i32>(&instance, &mut store, "malloc")?,
         };
         store.data_mut().malloc = malloc;
-        let on_context_create = typed(&instance, &mut store, "proxy_on_context_create")?
-            .ok_or_else(|| Trap("the module exports no proxy_on_context_create".into()))?;
+        // every callback is optional, as in Envoy: a module that does not export one is not called for it
         let f = Exports {
-            on_context_create,
+            on_context_create: typed(&instance, &mut store, "proxy_on_context_create")?,
             on_vm_start: typed(&instance, &mut store, "proxy_on_vm_start")?,
             on_configure: typed(&instance, &mut store, "proxy_on_configure")?,
             on_tick: typed(&instance, &mut store, "proxy_on_tick")?,
@@ -148,7 +147,9 @@ impl Vm {
         }
         let mut vm = Vm { store, f, root_context: 1, next_context: 2 };
         vm.store.data_mut().effective_context = vm.root_context;
-        vm.f.on_context_create.call(&mut vm.store, (vm.root_context as i32, 0)).map_err(trap)?;
+        if let Some(f) = &vm.f.on_context_create {
+            f.call(&mut vm.store, (vm.root_context as i32, 0)).map_err(trap)?;
+        }
         let vm_config = vm.store.data().plugin.vm_configuration.len() as i32;
         if let Some(f) = vm.f.on_vm_start.clone()
             && f.call(&mut vm.store, (vm.root_context as i32, vm_config)).map_err(trap)? == 0
@@ -205,7 +206,9 @@ impl Vm {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(2);
         self.store.data_mut().effective_context = id;
-        self.f.on_context_create.call(&mut self.store, (id as i32, self.root_context as i32)).map_err(trap)?;
+        if let Some(f) = &self.f.on_context_create {
+            f.call(&mut self.store, (id as i32, self.root_context as i32)).map_err(trap)?;
+        }
         Ok(id)
     }
 

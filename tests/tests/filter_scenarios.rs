@@ -294,6 +294,50 @@ async fn a_draining_endpoint_keeps_its_sticky_sessions_only(kind: Kind) {
     assert!(!counts.contains_key(&pinned), "no new session on a draining endpoint: {counts:?}");
 }
 
+/// The sum of a per-endpoint stat over the endpoints `av-1` .. `av-n`.
+async fn endpoint_sum(proxy: &Proxy, n: usize, suffix: &str) -> u64 {
+    let mut sum = 0;
+    for i in 1..=n {
+        sum += proxy.stat(&format!("wasmcustom.equilibrio_endpoint_av_{i}_{suffix}")).await.unwrap_or(0);
+    }
+    sum
+}
+
+/// The filter drops a request's state at its end (`proxy_on_log`): requests the clients abandon while the backend
+/// still works on them must end too, or their in-flight counts would stay forever.
+async fn abandoned_requests_still_end_their_accounting(kind: Kind) {
+    let s = setup(kind, &[100, 100], Value::Null, json!({}), "500ms").await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(6)).build().unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (client, url) = (impatient.clone(), s.proxy.url("/slow?ms=20000"));
+        clients.spawn(async move { client.get(url).send().await.is_err() });
+    }
+    // the gauge follows within a worker tick and a poll period
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let in_flight = endpoint_sum(&s.proxy, 2, "in_flight").await;
+        if in_flight == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{in_flight} of the ten requests showed as in flight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Some(gave_up) = clients.join_next().await {
+        assert!(gave_up.unwrap(), "the client gave up before the answer");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (in_flight, ended) =
+            (endpoint_sum(&s.proxy, 2, "in_flight").await, endpoint_sum(&s.proxy, 2, "requests_total").await);
+        if in_flight == 0 && ended == 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after the clients left: {in_flight} in flight, {ended} of 10 ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -324,4 +368,5 @@ on_both_proxies!(
     reports_reach_the_supervisor,
     an_invalid_configuration_is_refused_with_our_message,
     a_draining_endpoint_keeps_its_sticky_sessions_only,
+    abandoned_requests_still_end_their_accounting,
 );

@@ -4,8 +4,7 @@
 
 use std::collections::HashMap;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+use super::abi::{self, MetricType};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -17,7 +16,7 @@ impl Metrics {
         if let Some(id) = self.ids.get(name) {
             return Some(*id);
         }
-        let id = hostcalls::define_metric(kind, name).ok()?;
+        let id = abi::define_metric(kind, name).ok()?;
         self.ids.insert(name.to_string(), id);
         Some(id)
     }
@@ -26,14 +25,14 @@ impl Metrics {
         if let Some(id) = self.id(MetricType::Counter, name) {
             // define the series even when there is nothing to add, so it shows as 0
             if by > 0 {
-                let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+                abi::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
             }
         }
     }
 
     pub fn set(&mut self, name: &str, value: u64) {
         if let Some(id) = self.id(MetricType::Gauge, name) {
-            let _ = hostcalls::record_metric(id, value);
+            abi::record_metric(id, value);
         }
     }
 }

@@ -3,26 +3,144 @@
 //!
 //! One `.wasm`, two roles chosen by the plugin's root id: `equilibrio_poller` is the singleton service (Envoy's
 //! `envoy.bootstrap.wasm`) that fetches the table and reports; any other root id is the HTTP filter on a worker.
+//!
+//! The module exports only the callbacks it uses: a context's creation, the configuration, the tick, the answers to
+//! HTTP calls, and per request its headers, its response headers and its end (`proxy_on_log`). A host skips what is
+//! not exported, and in Envoy every callback entered costs more than the filter's own work (see [`abi`]): a request
+//! enters the VM four times instead of seven. The end of a request is `proxy_on_log`, which both Envoy and
+//! equilibrio-host call once for every request, so there is no `proxy_on_done` or `proxy_on_delete`.
 
+// the exports are `#[unsafe(no_mangle)]` (the ABI names them); there is no `unsafe` block here
+#![allow(unsafe_code)]
+
+mod abi;
 mod filter;
 mod host;
 mod metrics;
 mod poller;
 
-use proxy_wasm::traits::RootContext;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use abi::{BufferType, LogLevel};
+use filter::{Action, FilterRoot, Stream};
+use poller::PollerRoot;
 
 /// The root id that selects the poller role.
 pub const POLLER_ROOT_ID: &str = "equilibrio_poller";
 
-proxy_wasm::main! {{
-    proxy_wasm::set_root_context(new_root);
-}}
+/// A bound on requests in progress per VM. A request's state is dropped at its end; if a host ever failed to report
+/// ends, the oldest states beyond this bound are dropped instead of growing without limit.
+const MAX_STREAMS: usize = 1 << 16;
 
-fn new_root(context_id: u32) -> Box<dyn RootContext> {
-    let root_id = host::property_string(&["plugin_root_id"]).unwrap_or_default();
-    if root_id == POLLER_ROOT_ID {
-        Box::new(poller::PollerRoot::new())
-    } else {
-        Box::new(filter::FilterRoot::new(context_id))
+enum Root {
+    Filter(FilterRoot),
+    Poller(Box<PollerRoot>),
+}
+
+#[derive(Default)]
+struct Contexts {
+    roots: HashMap<u32, Root>,
+    streams: HashMap<u32, Stream>,
+    dropped_streams: u64,
+}
+
+impl Contexts {
+    fn new_stream(&mut self, context_id: u32, root_id: u32) {
+        let Some(Root::Filter(root)) = self.roots.get(&root_id) else { return };
+        let Some(stream) = root.new_stream() else { return };
+        if self.streams.len() >= MAX_STREAMS {
+            // context ids grow: keep the newest half
+            let floor = context_id.wrapping_sub((MAX_STREAMS / 2) as u32);
+            let before = self.streams.len();
+            self.streams.retain(|&id, _| id.wrapping_sub(floor) <= (MAX_STREAMS / 2) as u32);
+            self.dropped_streams += (before - self.streams.len()) as u64;
+            host::log(
+                LogLevel::Warn,
+                &format!("{} requests never ended; their state was dropped", self.dropped_streams),
+            );
+        }
+        self.streams.insert(context_id, stream);
+    }
+}
+
+thread_local! {
+    static CONTEXTS: RefCell<Contexts> = RefCell::new(Contexts::default());
+}
+
+/// Runs `f` on the VM's contexts (`None` if a callback re-entered while another holds them: ignored, never a panic).
+fn with<R>(f: impl FnOnce(&mut Contexts) -> R) -> Option<R> {
+    CONTEXTS.with(|c| c.try_borrow_mut().ok().map(|mut c| f(&mut c)))
+}
+
+/// Marks the ABI version the module speaks.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// A root context (`parent` 0: a plugin) or a request's context (`parent`: its plugin's root).
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_context_create(context_id: u32, parent: u32) {
+    with(|c| {
+        if parent != 0 {
+            c.new_stream(context_id, parent);
+            return;
+        }
+        let root_id = host::property_string(&["plugin_root_id"]).unwrap_or_default();
+        let root = if root_id == POLLER_ROOT_ID {
+            Root::Poller(Box::new(PollerRoot::new()))
+        } else {
+            Root::Filter(FilterRoot::new(context_id))
+        };
+        c.roots.insert(context_id, root);
+    });
+}
+
+/// The plugin's configuration; `0` refuses it (the host then refuses the plugin).
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
+    let bytes = abi::buffer(BufferType::PluginConfiguration, size).unwrap_or_default();
+    let accepted = with(|c| match c.roots.get_mut(&root_id) {
+        Some(Root::Filter(root)) => root.on_configure(&bytes),
+        Some(Root::Poller(root)) => root.on_configure(&bytes),
+        None => false,
+    });
+    u32::from(accepted.unwrap_or(false))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_tick(root_id: u32) {
+    with(|c| match c.roots.get_mut(&root_id) {
+        Some(Root::Filter(root)) => root.on_tick(),
+        Some(Root::Poller(root)) => root.on_tick(),
+        None => {}
+    });
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_http_call_response(root_id: u32, token: u32, headers: usize, body_size: usize, _: usize) {
+    with(|c| {
+        if let Some(Root::Poller(root)) = c.roots.get_mut(&root_id) {
+            root.on_http_call_response(token, headers, body_size);
+        }
+    });
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
+    let action = with(|c| c.streams.get_mut(&context_id).map(Stream::on_request_headers)).flatten();
+    action.unwrap_or(Action::Continue) as u32
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_response_headers(context_id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
+    let action = with(|c| c.streams.get_mut(&context_id).map(Stream::on_response_headers)).flatten();
+    action.unwrap_or(Action::Continue) as u32
+}
+
+/// The end of a request: its accounting, then its state is dropped.
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_log(context_id: u32) {
+    if let Some(stream) = with(|c| c.streams.remove(&context_id)).flatten() {
+        stream.on_log();
     }
 }

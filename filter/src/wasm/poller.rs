@@ -2,10 +2,7 @@
 
 use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, RootContext};
-use proxy_wasm::types::{BufferType, LogLevel, MapType};
-
+use super::abi::{self, BufferType, HeaderMap, LogLevel};
 use super::host::{self, HostStore};
 use super::metrics::{Metrics, endpoint_metric};
 use crate::config::Config;
@@ -28,7 +25,7 @@ impl PollerRoot {
     fn dispatch(poller: &Poller, headers: &[(String, String)], body: Option<&[u8]>) -> Option<u32> {
         let sup = poller.supervisor();
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        match hostcalls::dispatch_http_call(&sup.cluster, headers, body, vec![], Duration::from_millis(sup.timeout.0)) {
+        match abi::http_call(&sup.cluster, &headers, body.unwrap_or_default(), Duration::from_millis(sup.timeout.0)) {
             Ok(token) => Some(token),
             Err(status) => {
                 host::log(LogLevel::Warn, &format!("cannot call cluster `{}`: {status:?}", sup.cluster));
@@ -79,11 +76,10 @@ impl PollerRoot {
     }
 }
 
-impl Context for PollerRoot {
-    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _trailers: usize) {
-        let status: Option<u32> = host::header(MapType::HttpCallResponseHeaders, ":status")
-            .and_then(|s| s.parse().ok())
-            .filter(|_| headers > 0);
+impl PollerRoot {
+    pub fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize) {
+        let status: Option<u32> =
+            host::header(HeaderMap::CallResponse, ":status").and_then(|s| s.parse().ok()).filter(|_| headers > 0);
         if self.report == Some(token) {
             self.report = None;
             let failed = !matches!(status, Some(200..=299));
@@ -107,12 +103,12 @@ impl Context for PollerRoot {
             return;
         };
         let limit = poller.supervisor().max_table_bytes as usize;
-        let etag = host::header(MapType::HttpCallResponseHeaders, "etag");
+        let etag = host::header(HeaderMap::CallResponse, "etag");
         // never copy an oversized body into the VM: hand over its size only
         let body = if body_size > limit {
             Vec::new()
         } else {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
+            abi::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default()
         };
         let now = host::now_ms();
         let outcome = match status {
@@ -135,18 +131,14 @@ impl Context for PollerRoot {
         }
         self.metrics.add("equilibrio_table_updates_total", u64::from(outcome.published));
     }
-}
 
-impl RootContext for PollerRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes =
-            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
-        match Config::parse(&bytes) {
+    pub fn on_configure(&mut self, bytes: &[u8]) -> bool {
+        match Config::parse(bytes) {
             Ok(parsed) => {
                 self.poller = Poller::new(parsed);
                 match &self.poller {
                     Some(p) => {
-                        let _ = hostcalls::set_tick_period(Duration::from_millis(p.supervisor().poll_period.0));
+                        abi::set_tick_period(Duration::from_millis(p.supervisor().poll_period.0));
                         host::log(
                             LogLevel::Info,
                             &format!("polling the `{}` table every {} ms", p.service(), p.supervisor().poll_period.0),
@@ -163,7 +155,7 @@ impl RootContext for PollerRoot {
         }
     }
 
-    fn on_tick(&mut self) {
+    pub fn on_tick(&mut self) {
         let now = host::now_ms();
         if let Some(poller) = &self.poller {
             let give_up = poller.supervisor().timeout.0.saturating_mul(2);
