@@ -261,6 +261,21 @@ impl Default for PassiveHealthConfig {
     }
 }
 
+/// How many request outcomes a worker reads from the proxy (see [`crate::sampling`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservationConfig {
+    /// Up to this many requests per second per worker, every outcome is read; above it, a random share of about
+    /// this many per second, each counted for the requests it stands for. 0: every request, at any rate.
+    pub max_per_second: u32,
+}
+
+impl Default for ObservationConfig {
+    fn default() -> Self {
+        ObservationConfig { max_per_second: 1000 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisorConfig {
@@ -322,6 +337,8 @@ pub struct Config {
     pub rate_limiting: RateLimitConfig,
     #[serde(default)]
     pub passive_health: PassiveHealthConfig,
+    #[serde(default)]
+    pub observation: ObservationConfig,
     /// Absent: no supervisor, the static endpoints are the table.
     #[serde(default)]
     pub supervisor: Option<SupervisorConfig>,
@@ -353,8 +370,8 @@ fn err(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The policy keys the supervisor may override at runtime.
-pub const POLICY_KEYS: [&str; 5] =
-    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health"];
+pub const POLICY_KEYS: [&str; 6] =
+    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health", "observation"];
 
 /// The parsed configuration plus its source JSON, kept to merge runtime policies into.
 #[derive(Debug, Clone)]
@@ -462,6 +479,9 @@ impl Config {
         }
         if p.max_ejection_percent > 100 {
             return Err(err("passive_health.max_ejection_percent", "must be between 0 and 100"));
+        }
+        if self.observation.max_per_second > 1_000_000 {
+            return Err(err("observation.max_per_second", "must be between 0 and 1000000"));
         }
         if let Some(sup) = &self.supervisor {
             if sup.cluster.is_empty() {
@@ -585,6 +605,8 @@ mod tests {
             (json!({"consistent_hash": {"key": "body"}}), "consistent_hash.key"),
             (json!({"supervisor": {"poll_period": "5ms"}}), "supervisor.poll_period"),
             (json!({"passive_health": {"max_ejection_percent": 101}}), "passive_health.max_ejection_percent"),
+            (json!({"observation": {"max_per_second": 2_000_000}}), "observation.max_per_second"),
+            (json!({"observation": {"max_per_second": -1}}), "observation.max_per_second"),
         ];
         for (patch, key) in cases {
             let mut v = base.clone();

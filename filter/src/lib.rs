@@ -17,6 +17,7 @@
 //! | [`client`] | client address and X-Forwarded-For trust |
 //! | [`outlier`] | passive health ejections |
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
+//! | [`sampling`] | which requests' outcomes a worker reads, under load |
 //! | [`shared`] | the shared-data store abstraction and CAS updates |
 //! | [`pairs`] | the ABI's serialized header map, as the filter sends it |
 
@@ -29,6 +30,7 @@ pub mod pairs;
 pub mod poller;
 pub mod ratelimit;
 pub mod report;
+pub mod sampling;
 pub mod shared;
 pub mod snapshot;
 pub mod sticky;

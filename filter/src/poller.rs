@@ -255,7 +255,8 @@ impl Poller {
                 .map(|s| EndpointReport {
                     id: s.id.clone(),
                     requests: s.aggregate.requests,
-                    errors: s.aggregate.errors,
+                    // sampled errors are an estimate: never more than the requests
+                    errors: s.aggregate.errors.min(s.aggregate.requests),
                     latency_sum_ms: s.aggregate.latency_sum_us as f64 / 1000.0,
                     latency_p95_ms: s.aggregate.quantile_ms(0.95),
                     in_flight: s.in_flight,
@@ -362,8 +363,8 @@ mod tests {
         let (mut p, s) = (poller(), MemoryStore::new());
         ok(&mut p, &s, &table(1), 0);
         let mut a = Aggregate::default();
-        a.record(2_000, false);
-        a.record(3_000, true);
+        a.record(2_000, false, 1);
+        a.record(3_000, true, 1);
         s.set(&keys::aggregate("a"), &a.encode(), None).unwrap();
         shared::add_i64(&s, &keys::inflight("a"), 3).unwrap();
         let (report, stats, _) = p.collect(&s, 1000);

@@ -21,17 +21,25 @@ pub struct Aggregate {
 }
 
 impl Aggregate {
-    pub fn record(&mut self, latency_us: u64, error: bool) {
+    /// A request whose outcome was read; it stands for `weight` requests of its kind (1 unless sampled, see
+    /// [`crate::sampling`]), so errors, latency and the histogram count it that many times.
+    pub fn record(&mut self, latency_us: u64, error: bool, weight: u32) {
+        let weight = u64::from(weight.max(1));
         self.requests += 1;
         if error {
-            self.errors += 1;
+            self.errors = self.errors.saturating_add(weight);
         }
-        self.latency_sum_us = self.latency_sum_us.saturating_add(latency_us);
+        self.latency_sum_us = self.latency_sum_us.saturating_add(latency_us.saturating_mul(weight));
         let ms = latency_us / 1000;
         let bucket = BOUNDS_MS.iter().position(|b| ms < *b).unwrap_or(BOUNDS_MS.len());
         if let Some(slot) = self.histogram.get_mut(bucket) {
-            *slot += 1;
+            *slot = slot.saturating_add(weight);
         }
+    }
+
+    /// A request whose outcome was not read (sampling): counted, and represented by the ones that were read.
+    pub fn count(&mut self) {
+        self.requests += 1;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -181,7 +189,7 @@ mod tests {
         let mut a = Aggregate::default();
         for i in 0..100 {
             // 95 fast (3 ms), 5 slow (700 ms)
-            a.record(if i < 95 { 3_000 } else { 700_000 }, false);
+            a.record(if i < 95 { 3_000 } else { 700_000 }, false, 1);
         }
         let p95 = a.quantile_ms(0.95);
         assert!((2.0..=5.0).contains(&p95), "{p95}");
@@ -192,8 +200,8 @@ mod tests {
     #[test]
     fn encode_merge_round_trip() {
         let mut a = Aggregate::default();
-        a.record(1_500, true);
-        a.record(90_000_000, false);
+        a.record(1_500, true, 1);
+        a.record(90_000_000, false, 1);
         let b = Aggregate::decode(&a.encode()).unwrap();
         assert_eq!(a, b);
         let mut c = a;

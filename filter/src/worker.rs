@@ -18,6 +18,7 @@ use crate::config::{Algorithm, KeySource, ParsedConfig};
 use crate::outlier::{Ejections, Outcome, Streak};
 use crate::ratelimit::{self, Decision};
 use crate::report::{Aggregate, GlobalStats};
+use crate::sampling::Sampler;
 use crate::shared::{self, SharedStore, keys};
 use crate::snapshot::{Snapshot, remap};
 use crate::table::Table;
@@ -65,9 +66,16 @@ pub struct Pending {
     pub responded: bool,
     status: u32,
     served: Option<usize>,
+    /// The weight of this request's observation (see [`crate::sampling`]); 0: its outcome is not read.
+    weight: u32,
 }
 
 impl Pending {
+    /// Whether the adapter reads this request's outcome (status, answering host, end time) at its end.
+    pub fn observed(&self) -> bool {
+        self.weight > 0
+    }
+
     fn id(&self, i: usize) -> Option<&str> {
         self.snap.as_ref()?.endpoint(i).map(|e| e.id.as_str())
     }
@@ -93,6 +101,7 @@ pub struct Worker {
     aggregates: Vec<Aggregate>,
     stats: GlobalStats,
     rng: fastrand::Rng,
+    sampler: Sampler,
     ejections: Option<(u32, Ejections)>,
     /// In-flight requests per endpoint id counted locally, and the part of them already added to the shared counts.
     local_inflight: std::collections::HashMap<String, i64>,
@@ -115,6 +124,7 @@ impl Worker {
             aggregates: vec![Aggregate::default(); n],
             stats: GlobalStats::default(),
             rng: fastrand::Rng::with_seed(seed),
+            sampler: Sampler::default(),
             ejections: None,
             local_inflight: Default::default(),
             published_inflight: Default::default(),
@@ -261,6 +271,12 @@ impl Worker {
         if let Some(&primary) = pending.listed.first() {
             self.acquire_inflight(&mut pending, primary, store);
         }
+        // sticky sessions read every response anyway (for the cookie): no sampling then
+        pending.weight = if self.snap.codec.is_some() {
+            1
+        } else {
+            self.sampler.sample(now_ms, self.snap.config.observation.max_per_second, &mut self.rng)
+        };
         Verdict::Forward(pending)
     }
 
@@ -507,14 +523,20 @@ impl Worker {
         self.published_inflight.retain(|id, _| local.contains_key(id));
     }
 
-    /// The request is over (answered, failed or abandoned).
+    /// The request is over (answered, failed or abandoned). `now_ms` only matters for an observed request.
     pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
         self.release_inflight(p, store);
         let Some(i) = p.served.or(p.listed.first().copied()).and_then(|i| self.current_index(p, i)) else { return };
+        if !p.observed() {
+            if let Some(a) = self.aggregates.get_mut(i) {
+                a.count();
+            }
+            return;
+        }
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
         if let Some(a) = self.aggregates.get_mut(i) {
-            a.record(latency_ms.saturating_mul(1000), error);
+            a.record(latency_ms.saturating_mul(1000), error, p.weight);
         }
         // only the response-time balancer reads the latency average
         if self.snap.config.algorithm == Algorithm::ResponseTime

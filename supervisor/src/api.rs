@@ -480,7 +480,8 @@ async fn get_policy(State(app): State<AppState>, Path(service): Path<String>) ->
 }
 
 /// Replaces the balancing policy (`algorithm`, `consistent_hash`, `sticky_sessions`, `rate_limiting`,
-/// `passive_health`), validated as the filter validates it. A `secret` of `<redacted>` keeps the current secret.
+/// `passive_health`, `observation`), validated as the filter validates it. A `secret` of `<redacted>` keeps the
+/// current secret.
 #[utoipa::path(put, path = "/v1/services/{service}/policy", params(("service" = String, Path)), request_body = Object,
     responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -493,7 +494,7 @@ async fn put_policy(
     authorized(&app, &headers)?;
     let mut policy: Value = parse(&body)?;
     let Some(obj) = policy.as_object() else { return Err(ApiError::invalid("", "expected a JSON object")) };
-    const KEYS: [&str; 5] = equilibrio_filter::config::POLICY_KEYS;
+    const KEYS: &[&str] = &equilibrio_filter::config::POLICY_KEYS;
     if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`: expected one of {}", KEYS.join(", "))));
     }

@@ -124,10 +124,16 @@ impl Stream {
         if let Some(mut pending) = self.pending.take()
             && let Ok(mut worker) = self.worker.try_borrow_mut()
         {
-            if !pending.responded {
-                record_response(&mut worker, &mut pending);
-            }
-            worker.on_done(&mut pending, host::now_ms(), &HostStore);
+            // a request left out by sampling costs no host call at its end
+            let now = if pending.observed() {
+                if !pending.responded {
+                    record_response(&mut worker, &mut pending);
+                }
+                host::now_ms()
+            } else {
+                0
+            };
+            worker.on_done(&mut pending, now, &HostStore);
             FilterRoot::log_pending(&mut worker);
         }
     }

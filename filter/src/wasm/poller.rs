@@ -43,7 +43,7 @@ impl PollerRoot {
         let m = &mut self.metrics;
         for s in &stats {
             m.add(&endpoint_metric(&s.id, "requests_total"), s.aggregate.requests);
-            m.add(&endpoint_metric(&s.id, "errors_total"), s.aggregate.errors);
+            m.add(&endpoint_metric(&s.id, "errors_total"), s.aggregate.errors.min(s.aggregate.requests));
             m.set(&endpoint_metric(&s.id, "in_flight"), s.in_flight.max(0) as u64);
             m.set(&endpoint_metric(&s.id, "ejected"), u64::from(s.ejected));
             if !s.aggregate.is_empty() {

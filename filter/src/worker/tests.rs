@@ -401,3 +401,54 @@ fn static_endpoints_work_without_a_supervisor() {
     let c = spread(&mut w, &s, 400);
     assert_eq!((c["127.0.0.1:9001"], c["127.0.0.1:9002"]), (100, 300));
 }
+
+/// 20,000 requests per second for `seconds` on two endpoints, one in five answered 503 after 4 ms; the adapter reads
+/// only the outcomes the worker asks for. Returns the outcomes read and the report.
+fn sampled_load(policy: &str, seconds: u64) -> (u64, crate::report::Report) {
+    let (mut w, mut poller, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], policy);
+    let mut observed = 0;
+    let n = 20_000 * seconds;
+    for i in 0..n {
+        let now = 1_000_000 + i / 20;
+        let mut p = forward(&mut w, &s, &Req::new(), now);
+        if !p.observed() {
+            w.on_done(&mut p, 0, &s);
+            continue;
+        }
+        observed += 1;
+        let primary = p.upstreams.split(',').next().unwrap().to_string();
+        let status = if i % 5 == 0 { 503 } else { 200 };
+        w.on_response(
+            &mut p,
+            ResponseInfo { status, upstream_address: Some(&primary), gateway_failure: false },
+            now,
+            &s,
+        );
+        w.on_done(&mut p, now + 4, &s);
+    }
+    w.flush(&s);
+    (observed, poller.collect(&s, 1_000_000 + n / 20).0)
+}
+
+#[test]
+fn under_load_outcomes_are_sampled_and_the_report_stays_unbiased() {
+    let (observed, report) = sampled_load("{}", 5);
+    // the first second in full, then about 1,000 a second
+    assert!((23_000..=25_500).contains(&observed), "{observed} outcomes read");
+    let requests: u64 = report.endpoints.iter().map(|e| e.requests).sum();
+    let errors: u64 = report.endpoints.iter().map(|e| e.errors).sum();
+    let latency: f64 = report.endpoints.iter().map(|e| e.latency_sum_ms).sum();
+    assert_eq!(requests, 100_000, "every request is counted");
+    assert!((errors as f64 - 20_000.0).abs() < 1_200.0, "{errors} errors estimated for 20000");
+    assert!((latency / requests as f64 - 4.0).abs() < 0.2, "mean latency {}", latency / requests as f64);
+    for e in &report.endpoints {
+        assert!((3.0..=5.0).contains(&e.latency_p95_ms), "{e:?}");
+    }
+}
+
+#[test]
+fn sampling_can_be_turned_off_and_sticky_sessions_read_every_outcome() {
+    assert_eq!(sampled_load(r#"{"observation":{"max_per_second":0}}"#, 2).0, 40_000);
+    let sticky = format!(r#"{{"sticky_sessions":{{"enabled":true,"secret":"{SECRET}"}}}}"#);
+    assert_eq!(sampled_load(&sticky, 2).0, 40_000);
+}
