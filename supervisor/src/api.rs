@@ -667,7 +667,7 @@ pub struct ScalingView {
     /// The supervisor host's CPU and memory use (%), from sysinfo.
     pub host_cpu_percent: f64,
     pub host_memory_percent: f64,
-    pub cost: crate::scaling::controller::CostStats,
+    pub cost: crate::scaling::cost::CostStats,
     pub cost_per_request: f64,
     pub efficiency: f64,
 }
@@ -774,6 +774,7 @@ async fn scale(
             to: req.instances,
             reason: format!("manual scale, held for {} s", hold / 1000),
         });
+        app.metrics.scaling_event(&service, "manual");
     }
     Ok(axum::Json(scaling_view(&app, &service)?))
 }
@@ -797,7 +798,7 @@ async fn scaling_events(
         get_scaling, put_scaling, scale, scaling_events),
     components(schemas(ErrorBody, ErrorDetail, ServiceSummary, ServiceView, InstanceView, HostInfo, InstanceSpec, InstanceUpdate,
         DrainRequest, HealthCheck, HealthCheckUpdate, Report, Traffic, Event, ScalingView, ScaleRequest,
-        crate::scaling::policy::ScalingPolicy, crate::scaling::controller::ScalingEvent, crate::scaling::controller::CostStats)),
+        crate::scaling::policy::ScalingPolicy, crate::scaling::controller::ScalingEvent, crate::scaling::cost::CostStats)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -47,7 +47,7 @@ impl App {
         {
             registry.restore(saved, now);
         }
-        let events = EventBus::new(&config.webhooks);
+        let events = EventBus::new(&config.webhooks, config.webhook_ca_pem.as_deref());
         let scaling = Mutex::new(
             config
                 .services

@@ -112,6 +112,7 @@ struct RawConfig {
     drain_timeout: Option<Millis>,
     #[serde(default)]
     webhooks: Vec<String>,
+    webhook_ca_file: Option<PathBuf>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
 }
@@ -136,6 +137,8 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     pub drain_timeout_ms: u64,
     pub webhooks: Vec<String>,
+    /// PEM certificates trusted for `https://` webhooks besides the platform's roots (a private CA).
+    pub webhook_ca_pem: Option<Vec<u8>>,
     pub services: BTreeMap<String, ServiceConfig>,
 }
 
@@ -237,6 +240,18 @@ impl Config {
                 return Err(err(format!("webhooks[{i}]"), "must be an http:// or https:// URL"));
             }
         }
+        let webhook_ca_pem = match &raw.webhook_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| err("webhook_ca_file", format!("cannot read {}: {e}", path.display())))?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| err("webhook_ca_file", format!("{} holds no PEM certificate", path.display())))?;
+                Some(pem)
+            }
+        };
         let defaults = raw.environment.health_defaults();
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
@@ -289,6 +304,7 @@ impl Config {
             state_file: raw.state_file,
             drain_timeout_ms,
             webhooks: raw.webhooks,
+            webhook_ca_pem,
             services,
         })
     }

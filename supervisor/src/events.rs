@@ -30,6 +30,9 @@ pub enum EventKind {
     ScaledDown,
     ScalingFailed,
     InstanceReplaced,
+    /// Too much of a service is unhealthy at once for replacements to be the answer: they are held (an alert).
+    ReplacementsHeld,
+    ReplacementsResumed,
     DockerUnreachable,
     DockerReachable,
 }
@@ -64,13 +67,15 @@ pub struct EventBus {
 
 impl EventBus {
     /// A bus; with webhook URLs, it spawns one delivery task per URL (so it must run inside a tokio runtime).
-    pub fn new(webhooks: &[String]) -> EventBus {
+    /// `https://` webhooks trust the platform's roots and the certificates of `ca_pem`.
+    pub fn new(webhooks: &[String], ca_pem: Option<&[u8]>) -> EventBus {
         let (live, _) = broadcast::channel(1024);
+        let client = webhook_client(ca_pem);
         let webhooks = webhooks
             .iter()
             .map(|url| {
                 let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-                tokio::spawn(deliver(url.clone(), rx));
+                tokio::spawn(deliver(client.clone(), url.clone(), rx));
                 tx
             })
             .collect();
@@ -107,25 +112,45 @@ impl EventBus {
     }
 }
 
+/// The webhooks' HTTP client: rustls with the platform's roots, plus the configured CA certificates (checked when the
+/// configuration was read).
+fn webhook_client(ca_pem: Option<&[u8]>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(5)).use_rustls_tls();
+    for cert in ca_pem.and_then(|pem| reqwest::Certificate::from_pem_bundle(pem).ok()).unwrap_or_default() {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "webhook client: falling back to the default TLS settings");
+        reqwest::Client::new()
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Delivers events to one webhook in order, retrying each with exponential backoff (100 ms doubling, 6 tries).
-async fn deliver(url: String, mut rx: mpsc::Receiver<Event>) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+async fn deliver(client: reqwest::Client, url: String, mut rx: mpsc::Receiver<Event>) {
     while let Some(event) = rx.recv().await {
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=6 {
-            let sent = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await
-                .map(|r| r.status().is_success());
-            if matches!(sent, Ok(true)) {
-                break;
-            }
+            let sent = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+            let why = match sent {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => format!("answered {}", r.status()),
+                // the source chain says why (a TLS certificate the roots do not trust, a refused connection...)
+                Err(e) => error_chain(&e),
+            };
             if attempt == 6 {
-                tracing::warn!(%url, "webhook failed 6 times: event dropped");
+                tracing::warn!(%url, error = %why, "webhook failed 6 times: event dropped");
                 break;
             }
             tokio::time::sleep(delay).await;

@@ -117,11 +117,15 @@ impl Default for Metrics {
         let scaling_events = Family::<ServiceKind, Counter>::default();
         registry.register(
             "scaling_events",
-            "Scaling decisions by kind (scale_up, scale_down, failed, replaced, manual)",
+            "Scaling decisions by kind (scale_up, scale_down, manual, failed, replaced, replacements_held)",
             scaling_events.clone(),
         );
         let instance_seconds = Family::<ServiceLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register("instance_seconds", "Seconds of serving instances (for cost)", instance_seconds.clone());
+        registry.register(
+            "instance_seconds",
+            "Seconds of running instances, measured on a monotonic clock (for cost)",
+            instance_seconds.clone(),
+        );
         let mut scaling_gauges = Vec::new();
         for (name, help) in [
             ("scaling_current_instances", "Instances serving or starting"),

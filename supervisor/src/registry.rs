@@ -52,6 +52,14 @@ pub struct Instance {
     /// Set while the weight ramps up after a scale-up (slow start): the weight it ramps to.
     #[serde(default)]
     pub full_weight: Option<u32>,
+    /// Since when it is unhealthy after having been healthy (the autoscaler replaces it after
+    /// `replace_unhealthy_after`); cleared when it passes again.
+    #[serde(default)]
+    pub unhealthy_since_ms: Option<u64>,
+    /// Since when this supervisor watches it: registration, or the restore after a restart. The start grace
+    /// (`start_timeout`) counts from here, so a restart never makes an adopted instance look overdue.
+    #[serde(default)]
+    pub watched_since_ms: u64,
 }
 
 impl Instance {
@@ -67,6 +75,8 @@ impl Instance {
             check_latency_ms: None,
             healthy_since_ms: None,
             full_weight: None,
+            unhealthy_since_ms: None,
+            watched_since_ms: now_ms,
         }
     }
 
@@ -154,7 +164,8 @@ impl Registry {
     }
 
     /// Restores runtime changes from a saved registry onto one built from the configuration: instances registered
-    /// through the API, weights, zones, drains, policies and health-check settings. Health is re-learnt by checking.
+    /// through the API, weights, zones, drains, policies and health-check settings. Health is re-learnt by checking,
+    /// and every instance gets a fresh start grace from `now_ms`: what it did before the restart is not held against it.
     pub fn restore(&mut self, saved: Registry, now_ms: u64) {
         for (name, saved_svc) in saved.services {
             let Some(svc) = self.services.get_mut(&name) else { continue };
@@ -167,6 +178,8 @@ impl Registry {
                 inst.health = HealthState::default();
                 inst.check_latency_ms = None;
                 inst.last_heartbeat_ms = now_ms;
+                inst.unhealthy_since_ms = None;
+                inst.watched_since_ms = now_ms;
                 match svc.instances.get_mut(&id) {
                     Some(current) => {
                         current.spec.weight = inst.spec.weight;
@@ -324,8 +337,11 @@ impl Registry {
         let thresholds = svc.thresholds();
         let inst = svc.instances.get_mut(id)?;
         inst.check_latency_ms = Some(latency_ms);
+        let was = inst.health.health;
         let changed = inst.health.record(ok, thresholds)?;
         inst.healthy_since_ms = (changed == Health::Healthy).then_some(now_ms);
+        // failing after having served (a start that never passed is the start grace's business)
+        inst.unhealthy_since_ms = (was == Health::Healthy && changed != Health::Healthy).then_some(now_ms);
         svc.bump(now_ms);
         let kind = if changed == Health::Healthy { EventKind::Healthy } else { EventKind::Unhealthy };
         Some(Event::new(now_ms, kind, service, Some(id), serde_json::json!({"check_latency_ms": latency_ms})))
@@ -520,5 +536,30 @@ mod tests {
         assert!(s.instances["a"].drain.is_some());
         assert_eq!(s.policy["algorithm"], "random");
         assert!(s.version > saved.service("av").unwrap().version);
+    }
+
+    #[test]
+    fn failing_is_timed_from_the_fall_and_a_restore_gives_a_fresh_grace() {
+        let mut r = registry();
+        r.register("av", spec("d", 5), Source::Docker, None, 1000).unwrap();
+        let inst = |r: &Registry| r.service("av").unwrap().instances["d"].clone();
+        assert_eq!(inst(&r).watched_since_ms, 1000);
+        // a start that fails is not "failing after serving"
+        r.record_check("av", "d", false, 1.0, 2000);
+        assert_eq!(inst(&r).unhealthy_since_ms, None);
+        r.record_check("av", "d", true, 1.0, 3000);
+        r.record_check("av", "d", false, 1.0, 4000);
+        r.record_check("av", "d", false, 1.0, 5000);
+        assert_eq!(inst(&r).unhealthy_since_ms, Some(5000));
+        r.record_check("av", "d", true, 1.0, 6000);
+        assert_eq!(inst(&r).unhealthy_since_ms, None);
+        r.record_check("av", "d", false, 1.0, 7000);
+        r.record_check("av", "d", false, 1.0, 8000);
+        let saved: Registry = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        let mut fresh = registry();
+        fresh.restore(saved, 900_000);
+        let i = inst(&fresh);
+        assert_eq!((i.unhealthy_since_ms, i.watched_since_ms, i.started_at_ms), (None, 900_000, 1000));
+        assert_eq!(i.health, HealthState::default());
     }
 }

@@ -18,7 +18,8 @@ use crate::config::InstanceSpec;
 use crate::events::{Event, EventKind};
 use crate::persist::PersistError;
 use crate::registry::Source;
-use crate::scaling::planner::{self, Action, Known, PlanInput};
+use crate::scaling::cost::{CostStats, Observation};
+use crate::scaling::planner::{self, Action, Health, Known, PlanInput};
 use crate::scaling::policy::{self, History, Sample, ScalingPolicy};
 use crate::scaling::runtime::{Container, Runtime, Template};
 
@@ -27,45 +28,17 @@ pub const TICK_MS: u64 = 1000;
 /// Request rate and latency of a sample: the proxies' reports of the last few seconds (the policy's measurement
 /// windows do the averaging).
 const SAMPLE_TRAFFIC_MS: u64 = 3000;
-/// A new instance that is not healthy this long after it was registered is replaced.
-pub const START_TIMEOUT_MS: u64 = 60_000;
 const HISTORY_EVENTS: usize = 500;
 
 /// One scaling decision or failure, as `GET /v1/services/{service}/scaling/events` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ScalingEvent {
     pub time_ms: u64,
-    /// `scale_up`, `scale_down`, `manual`, `failed`, `replaced`.
+    /// `scale_up`, `scale_down`, `manual`, `failed`, `replaced`, `replacements_held`.
     pub kind: String,
     pub from: u32,
     pub to: u32,
     pub reason: String,
-}
-
-/// Running totals for the cost and efficiency figures.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
-pub struct CostStats {
-    pub instance_seconds: f64,
-    pub cpu_percent_avg: f64,
-    pub cpu_percent_peak: f64,
-    pub memory_percent_avg: f64,
-    pub memory_percent_peak: f64,
-    pub samples: u64,
-    pub requests: u64,
-    pub scale_ups: u64,
-    pub scale_downs: u64,
-    pub failures: u64,
-}
-
-impl CostStats {
-    /// Cost per request at `price` per instance-hour.
-    pub fn cost_per_request(&self, price: f64) -> f64 {
-        if self.requests == 0 { 0.0 } else { self.instance_seconds / 3600.0 * price / self.requests as f64 }
-    }
-    /// Used over allocated capacity: the mean CPU utilization (of the containers' limits).
-    pub fn efficiency(&self) -> f64 {
-        (self.cpu_percent_avg / 100.0).clamp(0.0, 1.0)
-    }
 }
 
 /// The autoscaler's memory for one service.
@@ -82,6 +55,8 @@ pub struct ScalingState {
     pub desired: u32,
     pub cost: CostStats,
     last_failure_ms: u64,
+    /// Replacements are held (too much of the service unhealthy at once): the episode's event was published.
+    replacements_held: bool,
 }
 
 impl ScalingState {
@@ -98,6 +73,7 @@ impl ScalingState {
             desired: 0,
             cost: CostStats::default(),
             last_failure_ms: 0,
+            replacements_held: false,
         }
     }
 
@@ -115,6 +91,25 @@ impl ScalingState {
         self.last_failure_ms = now;
         let backoff = 1000u64.saturating_mul(1 << self.failures.min(9).saturating_sub(1)).min(300_000);
         self.backoff_until_ms = now + backoff;
+    }
+}
+
+/// The time of a round: wall-clock for events and the registry, monotonic for measured intervals (cost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall_ms: u64,
+    pub mono_ms: u64,
+}
+
+impl Now {
+    /// Both clocks at `ms` (tests drive time by hand).
+    pub fn at(ms: u64) -> Now {
+        Now { wall_ms: ms, mono_ms: ms }
+    }
+
+    /// The clocks now; `origin` is the loop's start, for the monotonic clock.
+    fn read(origin: std::time::Instant) -> Now {
+        Now { wall_ms: now_ms(), mono_ms: origin.elapsed().as_millis() as u64 }
     }
 }
 
@@ -148,6 +143,7 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
     let mut unreachable_since: Option<u64> = None;
     let mut retry_at = 0u64;
     let mut retry_delay = 1000u64;
+    let origin = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -157,7 +153,8 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
                 return;
             }
         }
-        let now = now_ms();
+        let clock = Now::read(origin);
+        let now = clock.wall_ms;
         if let Some(h) = host.as_mut() {
             h.refresh_cpu_usage();
             h.refresh_memory();
@@ -168,7 +165,7 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
         if now < retry_at {
             continue;
         }
-        match round(&app, runtime.as_ref(), now).await {
+        match round(&app, runtime.as_ref(), clock).await {
             Ok(()) => {
                 if unreachable_since.take().is_some() {
                     app.docker_ok.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -197,7 +194,7 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
 }
 
 /// One evaluation of every scaled service. `Err` only when the runtime is unreachable.
-pub async fn round<R: Runtime>(app: &App, runtime: &R, now: u64) -> Result<(), String> {
+pub async fn round<R: Runtime>(app: &App, runtime: &R, now: Now) -> Result<(), String> {
     let services: Vec<(String, ScalingPolicy)> = {
         let reg = app.registry();
         reg.services.values().filter_map(|s| s.scaling.clone().map(|p| (s.name.clone(), p))).collect()
@@ -219,8 +216,9 @@ async fn scale_service<R: Runtime>(
     service: &str,
     policy: &ScalingPolicy,
     containers: Vec<Container>,
-    now: u64,
+    clock: Now,
 ) {
+    let now = clock.wall_ms;
     // ---- observe
     let known: BTreeMap<String, Known> = {
         let reg = app.registry();
@@ -231,13 +229,19 @@ async fn scale_service<R: Runtime>(
                     .iter()
                     .filter(|(_, i)| i.source == Source::Docker)
                     .map(|(id, i)| {
+                        let health = if i.health.health == crate::health::Health::Healthy {
+                            Health::Healthy
+                        } else if let Some(since) = i.unhealthy_since_ms {
+                            Health::Failing { since_ms: since.max(i.watched_since_ms) }
+                        } else {
+                            Health::Starting { since_ms: i.watched_since_ms }
+                        };
                         let k = Known {
                             source: i.source,
-                            healthy: i.table_state() != "unhealthy",
+                            health,
                             draining: i.drain.is_some(),
                             drain_done: i.drain.is_some_and(|d| d.done_ms.is_some()),
                             in_flight: reports.in_flight(service, id, now).unwrap_or(0),
-                            registered_ms: i.started_at_ms,
                         };
                         (id.clone(), k)
                     })
@@ -247,7 +251,7 @@ async fn scale_service<R: Runtime>(
     };
     let serving: Vec<&Container> = containers
         .iter()
-        .filter(|c| c.running && known.get(&c.instance).is_some_and(|k| k.healthy && !k.draining))
+        .filter(|c| c.running && known.get(&c.instance).is_some_and(|k| k.healthy() && !k.draining))
         .collect();
     let limit =
         |c: &Container| if c.managed { app.scaling_template(service).and_then(|t| t.cpus).unwrap_or(1.0) } else { 1.0 };
@@ -287,25 +291,18 @@ async fn scale_service<R: Runtime>(
         policy.metrics().iter().map(|(_, m)| (m.measurement_window * 1000.0) as u64).max().unwrap_or(300_000) + 10_000;
 
     // ---- decide
-    let (desired, reason, decided, plan_input) = {
+    let (desired, reason, decided, backoff_until_ms) = {
         let mut states = app.scaling();
         let Some(st) = states.get_mut(service) else { return };
         st.history.record(sample, keep_ms);
-        if let Some(v) = sample.values[0] {
-            let k = st.cost.samples as f64;
-            st.cost.cpu_percent_avg = (st.cost.cpu_percent_avg * k + v) / (k + 1.0);
-            st.cost.cpu_percent_peak = st.cost.cpu_percent_peak.max(v);
-        }
-        if let Some(v) = sample.values[1] {
-            let k = st.cost.samples as f64;
-            st.cost.memory_percent_avg = (st.cost.memory_percent_avg * k + v) / (k + 1.0);
-            st.cost.memory_percent_peak = st.cost.memory_percent_peak.max(v);
-        }
-        st.cost.samples += 1;
-        let instance_seconds = serving.len() as f64 * TICK_MS as f64 / 1000.0;
-        st.cost.instance_seconds += instance_seconds;
-        app.metrics.instance_seconds(service, instance_seconds);
-        st.cost.requests += (rps_sum * TICK_MS as f64 / 1000.0).round() as u64;
+        let added = st.cost.observe(Observation {
+            at_mono_ms: clock.mono_ms,
+            running: containers.iter().filter(|c| c.running).count(),
+            cpu_percent: sample.values[0],
+            memory_percent: sample.values[1],
+            requests_per_second: rps_sum,
+        });
+        app.metrics.instance_seconds(service, added);
         if st.failures > 0 && now.saturating_sub(st.last_failure_ms) > 60_000 && serving.len() as u32 >= current {
             st.failures = 0;
         }
@@ -338,7 +335,7 @@ async fn scale_service<R: Runtime>(
             st.current = current;
             st.desired = desired;
         }
-        (desired, reason, decided, (st.backoff_until_ms, policy.victim))
+        (desired, reason, decided, st.backoff_until_ms)
     };
     if decided {
         let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
@@ -354,15 +351,22 @@ async fn scale_service<R: Runtime>(
             containers: &containers,
             known: &known,
             now_ms: now,
-            victim: plan_input.1,
-            start_timeout_ms: START_TIMEOUT_MS,
-            backoff_until_ms: plan_input.0,
+            victim: policy.victim,
+            start_timeout_ms: secs(policy.start_timeout),
+            replace_unhealthy_after_ms: secs(policy.replace_unhealthy_after),
+            max_unhealthy_share: policy.max_unhealthy_share,
+            backoff_until_ms,
         },
         || {
             counter += 1;
             format!("{}-{:x}{:04x}", short(service), now % 0xffff_ffff, fastrand::u16(..) as u32 + counter)
         },
     );
+    let held = actions.iter().find_map(|a| match a {
+        Action::HoldReplacements { unhealthy, running } => Some((*unhealthy, *running)),
+        _ => None,
+    });
+    hold_replacements(app, service, held, now);
     for action in actions {
         act(app, runtime, service, policy, action, now).await;
     }
@@ -375,6 +379,49 @@ async fn scale_service<R: Runtime>(
     };
     for id in ramping {
         app.registry().ramp(service, &id, (policy.slow_start * 1000.0) as u64, now);
+    }
+}
+
+fn secs(s: f64) -> u64 {
+    (s * 1000.0) as u64
+}
+
+/// Publishes the start and the end of an episode where replacements are held (once each, not every round): the
+/// alert that the health checks fail for most of the service at once.
+fn hold_replacements(app: &App, service: &str, held: Option<(u32, u32)>, now: u64) {
+    let mut states = app.scaling();
+    let Some(st) = states.get_mut(service) else { return };
+    match held {
+        Some((unhealthy, running)) if !st.replacements_held => {
+            st.replacements_held = true;
+            let reason = format!(
+                "{unhealthy} of {running} instances unhealthy at once: replacements held (the health checks, the network or overload, not the containers?)"
+            );
+            tracing::error!(%service, %reason, "replacements held");
+            let (from, to) = (st.current, st.desired);
+            st.record(ScalingEvent {
+                time_ms: now,
+                kind: "replacements_held".into(),
+                from,
+                to,
+                reason: reason.clone(),
+            });
+            app.metrics.scaling_event(service, "replacements_held");
+            drop(states);
+            app.observe(vec![event(
+                now,
+                EventKind::ReplacementsHeld,
+                service,
+                None,
+                serde_json::json!({"unhealthy": unhealthy, "running": running, "reason": reason}),
+            )]);
+        }
+        None if st.replacements_held => {
+            st.replacements_held = false;
+            drop(states);
+            app.observe(vec![event(now, EventKind::ReplacementsResumed, service, None, serde_json::json!({}))]);
+        }
+        _ => {}
     }
 }
 
@@ -444,29 +491,47 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
             let _ = runtime.remove(&container).await;
             deregister(app, service, &instance, &reason);
             if failed {
-                if let Some(st) = app.scaling().get_mut(service) {
-                    st.failed(now);
-                    let (from, to) = (st.current, st.desired);
-                    st.record(ScalingEvent {
-                        time_ms: now,
-                        kind: "replaced".into(),
-                        from,
-                        to,
-                        reason: format!("{instance} {reason}"),
-                    });
-                    app.metrics.scaling_event(service, "replaced");
-                }
-                app.observe(vec![event(
-                    now,
-                    EventKind::InstanceReplaced,
-                    service,
-                    Some(&instance),
-                    serde_json::json!({"reason": reason}),
-                )]);
+                replaced(app, service, &instance, &reason, now);
             }
         }
         Action::Deregister { instance } => deregister(app, service, &instance, "container gone"),
+        Action::Replace { instance, reason } => {
+            // drained like a scale-down victim (then stopped by a later plan); its replacement is created now
+            let timeout = app.config.drain_timeout_ms;
+            let r = app.change(|reg, now| {
+                reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
+            });
+            if let Err(e) = r {
+                tracing::warn!(%service, %instance, error = %e, "drain before replacement");
+                return;
+            }
+            replaced(app, service, &instance, &reason, now);
+        }
+        Action::HoldReplacements { .. } => {}
     }
+}
+
+/// Records a replacement (a failure for the crash-loop backoff) and publishes it.
+fn replaced(app: &App, service: &str, instance: &str, reason: &str, now: u64) {
+    if let Some(st) = app.scaling().get_mut(service) {
+        st.failed(now);
+        let (from, to) = (st.current, st.desired);
+        st.record(ScalingEvent {
+            time_ms: now,
+            kind: "replaced".into(),
+            from,
+            to,
+            reason: format!("{instance} {reason}"),
+        });
+        app.metrics.scaling_event(service, "replaced");
+    }
+    app.observe(vec![event(
+        now,
+        EventKind::InstanceReplaced,
+        service,
+        Some(instance),
+        serde_json::json!({"reason": reason}),
+    )]);
 }
 
 /// What a registry change made by the controller can fail with.
@@ -537,7 +602,7 @@ mod tests {
     #[tokio::test]
     async fn starts_the_minimum_and_registers_it() {
         let (a, rt) = (app(""), FakeRuntime::default());
-        round(&a, &rt, 1000).await.unwrap();
+        round(&a, &rt, Now::at(1000)).await.unwrap();
         assert_eq!(rt.running("av"), 1);
         let reg = a.registry();
         let inst = reg.service("av").unwrap().instances.values().next().unwrap().clone();
@@ -551,7 +616,7 @@ mod tests {
         rt.set_stats(Stats { cpu_percent: 100.0, memory_percent: 10.0 });
         let mut now = 1000;
         for _ in 0..40 {
-            round(&a, &rt, now).await.unwrap();
+            round(&a, &rt, Now::at(now)).await.unwrap();
             all_healthy(&a, now);
             now += 1000;
         }
@@ -565,19 +630,19 @@ mod tests {
     async fn a_killed_container_is_replaced_and_adoption_makes_no_duplicates() {
         let (a, rt) = (app(""), FakeRuntime::default());
         rt.set_stats(Stats { cpu_percent: 50.0, memory_percent: 10.0 });
-        round(&a, &rt, 1000).await.unwrap();
+        round(&a, &rt, Now::at(1000)).await.unwrap();
         all_healthy(&a, 1000);
         let first = rt.all()[0].instance.clone();
         rt.kill(&first, true);
-        round(&a, &rt, 2000).await.unwrap();
-        round(&a, &rt, 3000).await.unwrap();
+        round(&a, &rt, Now::at(2000)).await.unwrap();
+        round(&a, &rt, Now::at(3000)).await.unwrap();
         assert_eq!(rt.running("av"), 1);
         assert!(!a.registry().service("av").unwrap().instances.contains_key(&first));
         let events = a.scaling().get("av").unwrap().events.clone();
         assert!(events.iter().any(|e| e.kind == "replaced" && e.reason.contains("OOM")), "{events:?}");
         // a new supervisor (empty registry) over the same containers adopts them
         let b = app("");
-        round(&b, &rt, 10_000).await.unwrap();
+        round(&b, &rt, Now::at(10_000)).await.unwrap();
         assert_eq!(rt.running("av"), 1, "no duplicate");
         assert_eq!(b.registry().service("av").unwrap().instances.len(), 1);
     }
@@ -586,14 +651,14 @@ mod tests {
     async fn docker_down_is_an_error_and_failed_creates_are_events() {
         let (a, rt) = (app(""), FakeRuntime::default());
         rt.set_unreachable(true);
-        assert!(round(&a, &rt, 1000).await.is_err());
+        assert!(round(&a, &rt, Now::at(1000)).await.is_err());
         rt.set_unreachable(false);
         rt.fail_create(Some("No such image: equilibrio/agente-vendedor:dev"));
-        round(&a, &rt, 2000).await.unwrap();
+        round(&a, &rt, Now::at(2000)).await.unwrap();
         let events = a.scaling().get("av").unwrap().events.clone();
         assert!(events.iter().any(|e| e.kind == "failed" && e.reason.contains("No such image")), "{events:?}");
         // backed off: no new attempt right away
-        round(&a, &rt, 2500).await.unwrap();
+        round(&a, &rt, Now::at(2500)).await.unwrap();
         assert_eq!(a.scaling().get("av").unwrap().events.iter().filter(|e| e.kind == "failed").count(), 1);
     }
 }

@@ -6,6 +6,13 @@
 //! passes) -> healthy (in the table) -> drained when it is the victim of a scale-down -> stopped (SIGTERM, grace,
 //! SIGKILL) once its drain is done -> removed and deregistered. A container that exits on its own is removed and
 //! deregistered, and counts as a failure (the controller backs off from a crash-looping template).
+//!
+//! Replacing a running container is the one action that can turn a bad observation into an outage, so it is held
+//! back: a managed instance is replaced only after it failed its health checks for `replace_unhealthy_after` (or never
+//! passed one `start_timeout` after its start or its adoption by this supervisor), one at a time, through a drain, and
+//! never while more than `max_unhealthy_share` of the service is unhealthy at once: then the health checker, the
+//! network or overload is failing, not the containers (Envoy's panic threshold and Kubernetes' `maxUnavailable`
+//! answer the same question), and the plan says so with [`Action::HoldReplacements`] instead.
 
 use std::collections::BTreeMap;
 
@@ -13,15 +20,34 @@ use crate::registry::Source;
 use crate::scaling::policy::Victim;
 use crate::scaling::runtime::Container;
 
+/// An instance's health, as the planner needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Has not passed a health check since it started or was adopted at `since_ms`.
+    Starting {
+        since_ms: u64,
+    },
+    /// Was healthy, fails its checks since `since_ms`.
+    Failing {
+        since_ms: u64,
+    },
+}
+
 /// What the registry knows of an instance, for planning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Known {
     pub source: Source,
-    pub healthy: bool,
+    pub health: Health,
     pub draining: bool,
     pub drain_done: bool,
     pub in_flight: i64,
-    pub registered_ms: u64,
+}
+
+impl Known {
+    pub fn healthy(&self) -> bool {
+        self.health == Health::Healthy
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +62,11 @@ pub enum Action {
     Stop { container: String, instance: String, reason: String },
     /// An exited container: removed, deregistered; `failed` if it died on its own.
     Remove { container: String, instance: String, failed: bool, reason: String },
+    /// A running managed container that stayed unhealthy: drained (then stopped like a scale-down victim) and
+    /// replaced.
+    Replace { instance: String, reason: String },
+    /// Replacements are held: `unhealthy` of `running` instances fail at once.
+    HoldReplacements { unhealthy: u32, running: u32 },
     /// A Docker-sourced registry entry whose container is gone.
     Deregister { instance: String },
 }
@@ -47,8 +78,12 @@ pub struct PlanInput<'a> {
     pub known: &'a BTreeMap<String, Known>,
     pub now_ms: u64,
     pub victim: Victim,
-    /// A managed instance not healthy this long after registration is replaced.
+    /// A managed instance that has not passed a check this long after its start or adoption is replaced.
     pub start_timeout_ms: u64,
+    /// A managed instance failing this long after it was healthy is replaced.
+    pub replace_unhealthy_after_ms: u64,
+    /// Above this share of unhealthy running instances (and more than one), nothing is replaced.
+    pub max_unhealthy_share: f64,
     /// No creation before this time (crash-loop backoff).
     pub backoff_until_ms: u64,
 }
@@ -62,6 +97,7 @@ pub fn plan(input: PlanInput<'_>, mut new_id: impl FnMut() -> String) -> Vec<Act
     let PlanInput { desired, containers, known, now_ms, .. } = input;
     let mut actions = Vec::new();
     let mut removed_or_stopping = std::collections::HashSet::new();
+    let mut overdue = Vec::new();
 
     for c in containers {
         let k = known.get(&c.instance);
@@ -92,23 +128,37 @@ pub fn plan(input: PlanInput<'_>, mut new_id: impl FnMut() -> String) -> Vec<Act
                 });
                 removed_or_stopping.insert(c.instance.clone());
             }
-            (Some(k), _)
-                if c.managed
-                    && !k.healthy
-                    && !k.draining
-                    && now_ms.saturating_sub(k.registered_ms) > input.start_timeout_ms =>
-            {
-                let reason = format!("not healthy {} s after start", input.start_timeout_ms / 1000);
-                actions.push(Action::Remove {
-                    container: c.id.clone(),
-                    instance: c.instance.clone(),
-                    failed: true,
-                    reason,
-                });
-                removed_or_stopping.insert(c.instance.clone());
+            (Some(k), _) if !k.draining => {
+                if let Some(reason) = overdue_reason(&input, k.health) {
+                    overdue.push((c, reason));
+                }
             }
             _ => {}
         }
+    }
+    // replacements: one at a time (none while an unhealthy instance is still draining), and none when so many fail
+    // together that the containers are unlikely to be the cause
+    let running: Vec<&Known> = containers
+        .iter()
+        .filter(|c| c.running && !removed_or_stopping.contains(&c.instance))
+        .filter_map(|c| known.get(&c.instance))
+        .filter(|k| !k.draining)
+        .collect();
+    let failing = overdue.len() as u32;
+    let total = running.len() as u32;
+    let replacing = containers.iter().any(|c| {
+        c.managed && c.running && known.get(&c.instance).is_some_and(|k| k.draining && !k.drain_done && !k.healthy())
+    });
+    if failing > 1 && f64::from(failing) > input.max_unhealthy_share * f64::from(total) {
+        actions.push(Action::HoldReplacements { unhealthy: failing, running: total });
+    } else if !replacing
+        && let Some((c, reason)) = overdue
+            .into_iter()
+            .filter(|(c, _)| c.managed)
+            .min_by_key(|(c, _)| known.get(&c.instance).map_or(0, |k| overdue_since(k.health)))
+    {
+        actions.push(Action::Replace { instance: c.instance.clone(), reason });
+        removed_or_stopping.insert(c.instance.clone());
     }
     // registry entries from Docker whose container is gone
     for (id, k) in known {
@@ -131,7 +181,7 @@ pub fn plan(input: PlanInput<'_>, mut new_id: impl FnMut() -> String) -> Vec<Act
         // only managed containers can be taken away; not-yet-healthy ones first (they carry no traffic)
         let mut candidates: Vec<&&Container> = serving.iter().filter(|c| c.managed).collect();
         let load = |c: &Container| known.get(&c.instance).map_or(0, |k| k.in_flight);
-        let healthy = |c: &Container| known.get(&c.instance).is_some_and(|k| k.healthy);
+        let healthy = |c: &Container| known.get(&c.instance).is_some_and(Known::healthy);
         candidates.sort_by(|a, b| {
             healthy(a)
                 .cmp(&healthy(b))
@@ -156,6 +206,28 @@ pub fn plan(input: PlanInput<'_>, mut new_id: impl FnMut() -> String) -> Vec<Act
     actions
 }
 
+/// Why an instance with this health is overdue for replacement, if it is (managed or not: unmanaged ones count
+/// toward the unhealthy share but are never replaced).
+fn overdue_reason(input: &PlanInput<'_>, health: Health) -> Option<String> {
+    let (since, limit, what) = match health {
+        Health::Healthy => return None,
+        Health::Starting { since_ms } => (since_ms, input.start_timeout_ms, "not healthy"),
+        Health::Failing { since_ms } => (since_ms, input.replace_unhealthy_after_ms, "unhealthy for"),
+    };
+    let late = input.now_ms.saturating_sub(since);
+    (late > limit).then(|| match health {
+        Health::Starting { .. } => format!("{what} {} s after its start or adoption", limit / 1000),
+        _ => format!("{what} {} s", late / 1000),
+    })
+}
+
+fn overdue_since(health: Health) -> u64 {
+    match health {
+        Health::Healthy => u64::MAX,
+        Health::Starting { since_ms } | Health::Failing { since_ms } => since_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,26 +248,53 @@ mod tests {
     }
 
     fn known(healthy: bool, draining: bool, done: bool, in_flight: i64) -> Known {
-        Known { source: Source::Docker, healthy, draining, drain_done: done, in_flight, registered_ms: 0 }
+        let health = if healthy { Health::Healthy } else { Health::Starting { since_ms: 0 } };
+        Known { source: Source::Docker, health, draining, drain_done: done, in_flight }
+    }
+
+    fn with(health: Health) -> Known {
+        Known { health, ..known(true, false, false, 0) }
+    }
+
+    fn input<'a>(
+        desired: u32,
+        containers: &'a [Container],
+        k: &'a BTreeMap<String, Known>,
+        now_ms: u64,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            desired,
+            containers,
+            known: k,
+            now_ms,
+            victim: Victim::LeastLoaded,
+            start_timeout_ms: 60_000,
+            replace_unhealthy_after_ms: 30_000,
+            max_unhealthy_share: 0.5,
+            backoff_until_ms: 0,
+        }
+    }
+
+    fn run_at(now_ms: u64, desired: u32, containers: &[Container], k: &BTreeMap<String, Known>) -> Vec<Action> {
+        let mut n = 0;
+        plan(input(desired, containers, k, now_ms), || {
+            n += 1;
+            format!("new-{n}")
+        })
     }
 
     fn run(desired: u32, containers: &[Container], k: &BTreeMap<String, Known>) -> Vec<Action> {
-        let mut n = 0;
-        plan(
-            PlanInput {
-                desired,
-                containers,
-                known: k,
-                now_ms: 10_000,
-                victim: Victim::LeastLoaded,
-                start_timeout_ms: 60_000,
-                backoff_until_ms: 0,
-            },
-            || {
-                n += 1;
-                format!("new-{n}")
-            },
-        )
+        run_at(10_000, desired, containers, k)
+    }
+
+    fn replaced(a: &[Action]) -> Vec<&str> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::Replace { instance, .. } => Some(instance.as_str()),
+                Action::Remove { instance, failed: true, .. } => Some(instance.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -276,36 +375,72 @@ mod tests {
     }
 
     #[test]
-    fn backoff_holds_creation_and_a_stuck_start_is_replaced() {
+    fn backoff_holds_creation_and_a_stuck_start_is_replaced_through_a_drain() {
         let k = BTreeMap::new();
-        let held = plan(
-            PlanInput {
-                desired: 2,
-                containers: &[],
-                known: &k,
-                now_ms: 5,
-                victim: Victim::Newest,
-                start_timeout_ms: 60_000,
-                backoff_until_ms: 10,
-            },
-            || "x".into(),
-        );
+        let held = plan(PlanInput { backoff_until_ms: 10, ..input(2, &[], &k, 5) }, || "x".into());
         assert!(held.is_empty());
         let c = [container("slow", true, true, 1)];
-        let k = BTreeMap::from([("slow".to_string(), Known { registered_ms: 0, ..known(false, false, false, 0) })]);
-        let a = plan(
-            PlanInput {
-                desired: 1,
-                containers: &c,
-                known: &k,
-                now_ms: 61_000,
-                victim: Victim::Newest,
-                start_timeout_ms: 60_000,
-                backoff_until_ms: 0,
-            },
-            || "n".into(),
-        );
-        assert!(matches!(&a[0], Action::Remove { failed: true, .. }));
-        assert_eq!(a[1], Action::Create { instance: "n".into() });
+        let k = BTreeMap::from([("slow".to_string(), with(Health::Starting { since_ms: 0 }))]);
+        assert!(run_at(60_000, 1, &c, &k).is_empty(), "within its start grace");
+        let a = run_at(61_000, 1, &c, &k);
+        assert!(matches!(&a[0], Action::Replace { instance, .. } if instance == "slow"), "{a:?}");
+        assert_eq!(a[1], Action::Create { instance: "new-1".into() });
+    }
+
+    #[test]
+    fn adopted_instances_get_a_fresh_start_grace() {
+        // a supervisor restarted long after these containers started: the grace counts from the adoption (now - 5 s)
+        let c = [container("a", true, true, 1), container("b", true, true, 2)];
+        let now = 10_000_000;
+        let k = BTreeMap::from([
+            ("a".to_string(), with(Health::Starting { since_ms: now - 5000 })),
+            ("b".to_string(), with(Health::Starting { since_ms: now - 5000 })),
+        ]);
+        let a = run_at(now, 2, &c, &k);
+        assert!(replaced(&a).is_empty() && !a.iter().any(|x| matches!(x, Action::Create { .. })), "{a:?}");
+    }
+
+    #[test]
+    fn a_failing_instance_is_replaced_after_its_time_one_at_a_time() {
+        let c: Vec<Container> = (1..=5).map(|n| container(&format!("i{n}"), true, true, n)).collect();
+        let mut k: BTreeMap<String, Known> = c.iter().map(|c| (c.instance.clone(), with(Health::Healthy))).collect();
+        k.insert("i2".into(), with(Health::Failing { since_ms: 100_000 }));
+        k.insert("i4".into(), with(Health::Failing { since_ms: 90_000 }));
+        assert!(replaced(&run_at(120_000, 5, &c, &k)).is_empty(), "not failing long enough");
+        let a = run_at(131_000, 5, &c, &k);
+        assert_eq!(replaced(&a), vec!["i4"], "the longest failing first, one at a time: {a:?}");
+        assert_eq!(a.iter().filter(|x| matches!(x, Action::Create { .. })).count(), 1, "{a:?}");
+        // while i4 drains, i2 waits
+        k.insert("i4".into(), Known { draining: true, ..with(Health::Failing { since_ms: 90_000 }) });
+        assert!(replaced(&run_at(140_000, 5, &c, &k)).is_empty());
+        // i4 drained (stopped): now i2
+        k.insert("i4".into(), Known { draining: true, drain_done: true, ..with(Health::Failing { since_ms: 90_000 }) });
+        let a = run_at(141_000, 5, &c, &k);
+        assert!(a.iter().any(|x| matches!(x, Action::Stop { instance, .. } if instance == "i4")), "{a:?}");
+        assert_eq!(replaced(&a), vec!["i2"]);
+    }
+
+    #[test]
+    fn when_most_of_the_service_fails_at_once_nothing_is_replaced() {
+        let c: Vec<Container> = (1..=4).map(|n| container(&format!("i{n}"), true, true, n)).collect();
+        let mut k: BTreeMap<String, Known> =
+            c.iter().map(|c| (c.instance.clone(), with(Health::Failing { since_ms: 0 }))).collect();
+        k.insert("i1".into(), with(Health::Healthy));
+        let a = run_at(1_000_000, 4, &c, &k);
+        assert_eq!(a, vec![Action::HoldReplacements { unhealthy: 3, running: 4 }]);
+        // half of them: still replaced one at a time (2 of 4 is not more than 50%)
+        k.insert("i2".into(), with(Health::Healthy));
+        assert_eq!(replaced(&run_at(1_000_000, 4, &c, &k)).len(), 1);
+        // a single instance service can always replace its one instance
+        let one = [container("solo", true, true, 1)];
+        let k = BTreeMap::from([("solo".to_string(), with(Health::Failing { since_ms: 0 }))]);
+        assert_eq!(replaced(&run_at(1_000_000, 1, &one, &k)), vec!["solo"]);
+    }
+
+    #[test]
+    fn user_containers_that_fail_are_never_replaced() {
+        let c = [container("mine", true, false, 1)];
+        let k = BTreeMap::from([("mine".to_string(), with(Health::Failing { since_ms: 0 }))]);
+        assert!(run_at(1_000_000, 1, &c, &k).is_empty());
     }
 }
