@@ -19,9 +19,16 @@ async function main() {
     await page.waitForSelector(`${row} .state-healthy`, { timeout: 15000 });
     const rows = await page.locator("#instances tbody tr").count();
     if (rows < 2) throw new Error(`expected the instances, saw ${rows} rows`);
-    // a drain without the token is refused, and says so
+    // a drain without the token is refused (the API's 401 message, not "draining ..."), and changes nothing
     await page.click(`${row} button.drain`);
     await page.waitForFunction(() => document.getElementById("msg").textContent.length > 0, null, { timeout: 5000 });
+    const refusal = await page.textContent("#msg");
+    if (!refusal.includes("Bearer")) throw new Error(`a drain without the token was not refused: "${refusal}"`);
+    await page.waitForTimeout(1000);
+    if ((await page.locator(`${row} .state-healthy`).count()) !== 1) {
+      throw new Error("the instance changed state after a refused drain");
+    }
+    console.log("refused without the token: " + refusal);
     await page.fill("#token", token);
     await page.dispatchEvent("#token", "change");
     await page.click(`${row} button.drain`);

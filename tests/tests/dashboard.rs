@@ -42,6 +42,7 @@ async fn the_dashboard_shows_instances_and_drains_one() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
     assert!(text.contains("drain applied"), "{text}");
+    assert!(text.contains("refused without the token: a valid `Authorization: Bearer"), "{text}");
     // and the supervisor agrees
     s.wait_state("agente-vendedor", "av-1", "draining", Duration::from_secs(2)).await.unwrap();
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use equilibrio_tests::backend::Backend;
 use equilibrio_tests::proxy::{Kind, Proxy};
+use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 use equilibrio_tests::table_server::{TableServer, endpoint};
 use equilibrio_tests::{by_body, load};
 use serde_json::{Value, json};
@@ -238,27 +239,48 @@ async fn a_bad_table_keeps_the_last_good_one_and_is_counted(kind: Kind) {
 }
 
 async fn reports_reach_the_supervisor(kind: Kind) {
-    let s = setup(kind, &[100, 100], Value::Null, json!({}), "500ms").await;
-    let results = load(&s.client, &s.proxy.url("/"), 400, 4).await;
-    assert_eq!(results.len(), 400);
+    // the real supervisor (not the stand-in): what the proxy reports is what its API counts, per instance
+    let backends = [Backend::start("av-1").await.unwrap(), Backend::start("av-2").await.unwrap()];
+    let instances: Vec<String> = backends.iter().map(|b| format!("{{id: {}, address: '{}'}}", b.id, b.addr)).collect();
+    let supervisor = Supervisor::start(&format!(
+        "services:\n  {SERVICE}:\n    health_check: {{interval: 200ms, timeout: 100ms, rise: 1}}\n    instances: [{}]\n",
+        instances.join(", ")
+    ))
+    .await
+    .unwrap();
+    for b in &backends {
+        supervisor.wait_state(SERVICE, &b.id, "healthy", Duration::from_secs(5)).await.unwrap();
+    }
+    let cfg = json!({"service": SERVICE, "supervisor": {"cluster": "supervisor", "authority": supervisor.addr.to_string(),
+        "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Proxy::start(kind, &cfg, supervisor.addr).await.unwrap();
+    let version =
+        supervisor.get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap()["version"].as_u64().unwrap();
+    proxy.wait_for_table(2, version).await.unwrap();
+    let client = reqwest::Client::new();
+    let results = load(&client, &proxy.url("/"), 400, 4).await;
+    let sent = by_body(&results);
+    assert_eq!(sent.values().sum::<usize>(), 400, "{sent:?}");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let reports = s.table.reports();
-        let total: u64 = reports
+        let v = supervisor.get(&format!("/v1/services/{SERVICE}/instances")).await.unwrap();
+        let counted: std::collections::BTreeMap<String, usize> = v
+            .as_array()
+            .unwrap()
             .iter()
-            .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
-            .map(|e| e["requests"].as_u64().unwrap_or(0))
-            .sum();
-        if total == 400 {
-            let last = reports.last().unwrap();
-            assert_eq!(last["service"], SERVICE);
-            assert!(last["endpoints"][0]["latency_p95_ms"].is_number());
+            .map(|i| {
+                (i["id"].as_str().unwrap().to_string(), i["traffic"]["requests_total"].as_u64().unwrap_or(0) as usize)
+            })
+            .collect();
+        if counted == sent {
+            let traffic = &v[0]["traffic"];
+            assert!(traffic["latency_p95_ms"].is_number(), "{traffic}");
             break;
         }
-        assert!(Instant::now() < deadline, "reports counted {total} of 400 requests");
+        assert!(Instant::now() < deadline, "the supervisor counted {counted:?}, the backends served {sent:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let prom = s.proxy.prometheus().await;
+    let prom = proxy.prometheus().await;
     assert!(prom.contains("equilibrio_endpoint_av_1_requests_total"), "per-endpoint metrics exposed");
     assert!(prom.contains("equilibrio_table_version"));
 }

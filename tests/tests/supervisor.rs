@@ -116,9 +116,35 @@ async fn runtime_changes_survive_kill_9_and_a_corrupt_state_file_stops_the_start
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_and_refusals_at_start() {
-    let b = backends(1).await;
-    let mut s = Supervisor::start(&service_yaml(&b, "{interval: 1}")).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = backends(2).await;
+    let mut s = Supervisor::start(&service_yaml(&b[..1], "{interval: 1}")).await.unwrap();
+    // a registration in flight when SIGTERM arrives (headers sent, body not yet): it finishes, is acknowledged, and is
+    // in the state file for the next start
+    let body = format!("{{\"id\": \"late\", \"address\": \"{}\"}}", b[1].addr);
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/services/agente-vendedor/instances HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        s.addr,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = s.pid().unwrap();
+    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // not ready any more: a new connection is refused (the listener is closed)
+    assert!(tokio::net::TcpStream::connect(s.addr).await.is_err(), "still accepting after SIGTERM");
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "the call in flight was not finished: {answer}");
     assert!(s.terminate(Duration::from_secs(10)), "SIGTERM ends it cleanly");
+    s.restart().await.unwrap();
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    assert!(v.as_array().unwrap().iter().any(|i| i["id"] == "late"), "the acknowledged write survived: {v}");
+    s.kill9();
 
     // a non-loopback listen address without a token is refused, naming the key
     let dir = std::env::temp_dir().join(format!("eq-sup-refuse-{}", std::process::id()));
@@ -223,30 +249,44 @@ async fn webhooks_get_events_and_a_slow_instance_delays_no_other() {
     let hook_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, hook).await });
 
-    // a slow instance: accepts connections and never answers
-    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let slow_addr = slow.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = slow.accept().await {
-            held.push(sock);
-        }
-    });
+    // four slow instances: accept connections and never answer (each check waits its whole 150 ms timeout)
+    let mut slow_addrs = Vec::new();
+    for _ in 0..4 {
+        let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        slow_addrs.push(slow.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = slow.accept().await {
+                held.push(sock);
+            }
+        });
+    }
+    let slow_yaml: String =
+        slow_addrs.iter().enumerate().map(|(i, a)| format!("{{id: slow-{i}, address: '{a}'}}, ")).collect();
 
     let b = backends(2).await;
     let yaml = format!(
         "webhooks: ['http://{hook_addr}/hook']\n{}",
         service_yaml(&b, "{interval: 200ms, timeout: 150ms, retries: 2, rise: 1}")
     )
-    .replace("instances: [", &format!("instances: [{{id: slow, address: '{slow_addr}'}}, "));
+    .replace("instances: [", &format!("instances: [{slow_yaml}"));
     let s = Supervisor::start(&yaml).await.unwrap();
-    s.wait_state("agente-vendedor", "slow", "unhealthy", Duration::from_secs(5)).await.unwrap();
+    for i in 0..4 {
+        s.wait_state("agente-vendedor", &format!("slow-{i}"), "unhealthy", Duration::from_secs(5)).await.unwrap();
+    }
     for x in &b {
         s.wait_state("agente-vendedor", &x.id, "healthy", Duration::from_secs(5)).await.unwrap();
     }
-    // the fast instances keep being checked every interval while the slow one times out
+    // the fast instances keep being checked every 200 ms while the slow ones time out: checked one after another,
+    // a round would take 4 x 150 ms and they would get at most 4 checks in 2 s, not about 10
+    let before: Vec<usize> = b.iter().map(Backend::hits).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (x, n) in b.iter().zip(before) {
+        let checks = x.hits() - n;
+        assert!(checks >= 7, "{} was checked {checks} times in 2 s at a 200 ms interval", x.id);
+    }
     let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
-    for i in v.as_array().unwrap().iter().filter(|i| i["id"] != "slow") {
+    for i in v.as_array().unwrap().iter().filter(|i| !i["id"].as_str().unwrap().starts_with("slow")) {
         assert!(i["check_latency_ms"].as_f64().unwrap() < 50.0, "{i}");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -257,11 +297,208 @@ async fn webhooks_get_events_and_a_slow_instance_delays_no_other() {
             .iter()
             .map(|e| format!("{}:{}", e["kind"].as_str().unwrap_or(""), e["instance"].as_str().unwrap_or("")))
             .collect();
-        if kinds.contains(&"healthy:av-1".to_string()) && kinds.contains(&"unhealthy:slow".to_string()) {
+        if kinds.contains(&"healthy:av-1".to_string()) && kinds.contains(&"unhealthy:slow-0".to_string()) {
             break;
         }
         assert!(Instant::now() < deadline, "webhook got {kinds:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(failures.load(std::sync::atomic::Ordering::SeqCst) >= 3, "the failed deliveries were retried");
+}
+
+/// A private CA and a certificate it signed for 127.0.0.1: (CA PEM, leaf DER, leaf key DER).
+fn test_ca() -> (String, Vec<u8>, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "equilibrio test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    (ca_cert.pem(), leaf_cert.der().to_vec(), leaf_key.serialize_der())
+}
+
+/// An HTTPS webhook receiver on loopback: every JSON body posted to it, and its address.
+async fn https_receiver(
+    cert: Vec<u8>,
+    key: Vec<u8>,
+) -> (std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>, std::net::SocketAddr) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(cert)],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let r = r.clone();
+            async move {
+                r.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or_default());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                // a client that does not trust the certificate ends the handshake: nothing to serve
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (received, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_are_delivered_to_a_receiver_the_configured_ca_signed() {
+    let (ca_pem, cert, key) = test_ca();
+    let (received, hook) = https_receiver(cert, key).await;
+    let dir = equilibrio_tests::work_dir("webhook-ca").unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let b = backends(2).await;
+    // one supervisor trusts the test CA, the other only the platform's roots (which never signed this receiver)
+    let trusted = Supervisor::start(&format!(
+        "webhooks: ['https://{hook}/hook']\nwebhook_ca_file: {}\n{}",
+        ca_file.display(),
+        service_yaml(&b[..1], "{interval: 200ms, timeout: 100ms, rise: 1}")
+    ))
+    .await
+    .unwrap();
+    let untrusted = Supervisor::start(&format!(
+        "webhooks: ['https://{hook}/hook']\n{}",
+        service_yaml(&b[1..], "{interval: 200ms, timeout: 100ms, rise: 1}")
+    ))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got: Vec<String> = received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{}:{}", e["kind"].as_str().unwrap_or(""), e["instance"].as_str().unwrap_or("")))
+            .collect();
+        if got.contains(&"healthy:av-1".to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the https webhook got {got:?}\n{}", trusted.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // the untrusted one gives up after its retries and says why; nothing of its reached the receiver
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !untrusted.log().contains("webhook failed 6 times") {
+        assert!(Instant::now() < deadline, "{}", untrusted.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = untrusted.log();
+    assert!(log.contains("certificate") || log.contains("UnknownIssuer"), "{log}");
+    assert!(!received.lock().unwrap().iter().any(|e| e["instance"] == "av-2"));
+    // a CA file without a certificate is refused at start, naming the key
+    let bad = dir.join("not-a-ca.pem");
+    std::fs::write(&bad, "hello").unwrap();
+    let cfg = dir.join("bad.yaml");
+    std::fs::write(&cfg, format!("webhook_ca_file: {}\n", bad.display())).unwrap();
+    let out = std::process::Command::new(binary().unwrap()).arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`webhook_ca_file`"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_proxy_follows_the_supervisor_end_to_end() {
+    use equilibrio_tests::proxy::{Kind, Proxy};
+    // no instance in the configuration: they arrive through the API
+    let s = Supervisor::start(
+        "environment: development\nservices:\n  agente-vendedor:\n    health_check: {interval: 200ms, timeout: 100ms, retries: 2, rise: 1}\n    instances: []\n",
+    )
+    .await
+    .unwrap();
+    let filter = json!({"service": "agente-vendedor",
+        "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Proxy::start(Kind::Host, &filter, s.addr).await.unwrap();
+    let b = backends(3).await;
+    for x in &b {
+        let (st, v) = s
+            .call(
+                "POST",
+                "/v1/services/agente-vendedor/instances",
+                Some(json!({"id": x.id, "address": x.addr.to_string()})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 201, "{v}");
+    }
+    for x in &b {
+        s.wait_state("agente-vendedor", &x.id, "healthy", Duration::from_secs(5)).await.unwrap();
+    }
+    let version = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap()["version"].as_u64().unwrap();
+    proxy.wait_for_table(3, version).await.unwrap();
+    // traffic follows: every registered instance gets its third
+    let client = reqwest::Client::new();
+    let counts = by_body(&load(&client, &proxy.url("/"), 300, 4).await);
+    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+    for x in &b {
+        let n = counts.get(&x.id).copied().unwrap_or(0);
+        assert!((95..=105).contains(&n), "{counts:?}");
+    }
+    // a drain empties an instance: no new request reaches it, and the drain completes
+    let (st, _) = s.call("POST", "/v1/services/agente-vendedor/instances/av-3/drain", None).await.unwrap();
+    assert_eq!(st, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = by_body(&load(&client, &proxy.url("/"), 30, 2).await);
+        if !counts.contains_key("av-3") && counts.values().sum::<usize>() == 30 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still sending to a draining instance: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hits = b[2].hits();
+    let counts = by_body(&load(&client, &proxy.url("/"), 60, 2).await);
+    assert!(!counts.contains_key("av-3"), "{counts:?}");
+    assert!(b[2].hits() - hits <= 2, "only health checks reach the drained instance");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+        let av3 = v.as_array().unwrap().iter().find(|i| i["id"] == "av-3").unwrap().clone();
+        if av3["drain"]["done_ms"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain never completed: {av3}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a policy change applies: with ip_hash, every request of this one client goes to one instance
+    let (st, v) =
+        s.call("PUT", "/v1/services/agente-vendedor/policy", Some(json!({"algorithm": "ip_hash"}))).await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = by_body(&load(&client, &proxy.url("/"), 40, 2).await);
+        if counts.len() == 1 && counts.values().sum::<usize>() == 40 {
+            assert!(!counts.contains_key("av-3"), "{counts:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy change did not apply: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
