@@ -245,3 +245,116 @@ async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_disco
     assert_eq!(v[0]["source"], "docker");
     assert_eq!(containers.ids(true).len(), 1, "still running, and nothing else could start");
 }
+
+/// The service's recent events (the SSE stream's history, read for a second).
+async fn event_history(s: &Supervisor, service: &str) -> String {
+    let mut resp = Supervisor::client().get(s.url(&format!("/v1/events?service={service}"))).send().await.unwrap();
+    let mut text = String::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), resp.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+async fn scaling_events(s: &Supervisor, service: &str) -> Vec<serde_json::Value> {
+    s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap().as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays_unhealthy_is_replaced() {
+    docker_ready();
+    let service = service_name("adopt");
+    let containers = Containers(service.clone());
+    // rise 2 (the production and staging profiles'); start timeout and replacement time of 3 s, so that a restart
+    // 5 s later is "long after the start" and the test stays short
+    let yaml = yaml(
+        &service,
+        "{min_instances: 3, max_instances: 3, start_timeout: 3, replace_unhealthy_after: 3, max_unhealthy_share: 0.5}",
+    )
+    .replace("rise: 1", "rise: 2");
+    let mut s = Supervisor::start(&yaml).await.unwrap();
+    wait_running(&containers, 3, Duration::from_secs(30)).await;
+    let start = Instant::now();
+    while healthy(&s, &service).await < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "never all healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut before = containers.ids(true);
+    before.sort();
+
+    // kill -9, restart after more than the start timeout: every container is adopted, none removed
+    s.kill9();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    s.restart().await.unwrap();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(6) {
+        let mut now = containers.ids(true);
+        now.sort();
+        assert_eq!(now, before, "a container was removed or added after the restart\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(healthy(&s, &service).await, 3, "adopted and serving");
+    assert!(!scaling_events(&s, &service).await.iter().any(|e| e["kind"] == "replaced"));
+
+    // one container stops answering (paused): replaced after replace_unhealthy_after, through a drain
+    let paused = before[0].clone();
+    Command::new("docker").args(["pause", &paused]).output().unwrap();
+    let start = Instant::now();
+    loop {
+        let now = containers.ids(true);
+        if now.len() == 3 && !now.contains(&paused) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(40), "not replaced: {now:?}\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_secs(3), "replaced before replace_unhealthy_after");
+    let replaced: Vec<_> = scaling_events(&s, &service).await.into_iter().filter(|e| e["kind"] == "replaced").collect();
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    let events = event_history(&s, &service).await;
+    assert!(events.contains("\"draining\""), "the replaced instance was drained first: {events}");
+
+    // two of three stop answering at once: that is not the containers, nothing is replaced, an event says so
+    let start = Instant::now();
+    while healthy(&s, &service).await < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the replacement never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let both = [before[1].clone(), before[2].clone()];
+    for id in &both {
+        Command::new("docker").args(["pause", id]).output().unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        let ev = scaling_events(&s, &service).await;
+        if ev.iter().any(|e| e["kind"] == "replacements_held") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no replacements_held event: {ev:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = containers.ids(true);
+    assert!(both.iter().all(|id| now.contains(id)) && now.len() == 3, "{now:?}");
+    let replaced = scaling_events(&s, &service).await.into_iter().filter(|e| e["kind"] == "replaced").count();
+    assert_eq!(replaced, 1, "nothing more was replaced");
+    for id in &both {
+        Command::new("docker").args(["unpause", id]).output().unwrap();
+    }
+    let start = Instant::now();
+    while healthy(&s, &service).await < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "did not recover after the pause");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = Instant::now();
+    loop {
+        let events = event_history(&s, &service).await;
+        if events.contains("replacements_held") && events.contains("replacements_resumed") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{events}");
+    }
+    let now = containers.ids(true);
+    assert!(both.iter().all(|id| now.contains(id)) && now.len() == 3, "both kept after the episode: {now:?}");
+}

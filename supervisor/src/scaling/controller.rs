@@ -57,6 +57,8 @@ pub struct ScalingState {
     last_failure_ms: u64,
     /// Replacements are held (too much of the service unhealthy at once): the episode's event was published.
     replacements_held: bool,
+    /// When the last such episode ended.
+    replacements_resumed_ms: u64,
 }
 
 impl ScalingState {
@@ -74,6 +76,7 @@ impl ScalingState {
             cost: CostStats::default(),
             last_failure_ms: 0,
             replacements_held: false,
+            replacements_resumed_ms: 0,
         }
     }
 
@@ -291,7 +294,7 @@ async fn scale_service<R: Runtime>(
         policy.metrics().iter().map(|(_, m)| (m.measurement_window * 1000.0) as u64).max().unwrap_or(300_000) + 10_000;
 
     // ---- decide
-    let (desired, reason, decided, backoff_until_ms) = {
+    let (desired, reason, decided, (backoff_until_ms, failing_counts_from_ms)) = {
         let mut states = app.scaling();
         let Some(st) = states.get_mut(service) else { return };
         st.history.record(sample, keep_ms);
@@ -335,7 +338,8 @@ async fn scale_service<R: Runtime>(
             st.current = current;
             st.desired = desired;
         }
-        (desired, reason, decided, st.backoff_until_ms)
+        let failing_counts_from_ms = if st.replacements_held { now } else { st.replacements_resumed_ms };
+        (desired, reason, decided, (st.backoff_until_ms, failing_counts_from_ms))
     };
     if decided {
         let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
@@ -355,6 +359,7 @@ async fn scale_service<R: Runtime>(
             start_timeout_ms: secs(policy.start_timeout),
             replace_unhealthy_after_ms: secs(policy.replace_unhealthy_after),
             max_unhealthy_share: policy.max_unhealthy_share,
+            failing_counts_from_ms,
             backoff_until_ms,
         },
         || {
@@ -418,6 +423,7 @@ fn hold_replacements(app: &App, service: &str, held: Option<(u32, u32)>, now: u6
         }
         None if st.replacements_held => {
             st.replacements_held = false;
+            st.replacements_resumed_ms = now;
             drop(states);
             app.observe(vec![event(now, EventKind::ReplacementsResumed, service, None, serde_json::json!({}))]);
         }

@@ -110,7 +110,10 @@ impl Runtime for DockerRuntime {
                 .unwrap_or_default();
             let managed = labels.get(LABEL_MANAGED_BY).is_some_and(|m| m == MANAGED_BY);
             let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_else(|| name.clone());
-            let running = matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING));
+            // a paused container is alive (it holds its resources and its port) but answers nothing: the health checks
+            // decide about it, like any hung process; left out, it would be forgotten and run on as an orphan
+            let running =
+                matches!(c.state, Some(ContainerSummaryStateEnum::RUNNING | ContainerSummaryStateEnum::PAUSED));
             let (mut oom_killed, mut exit_code) = (false, None);
             if !running && matches!(c.state, Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::DEAD))
             {

@@ -84,6 +84,9 @@ pub struct PlanInput<'a> {
     pub replace_unhealthy_after_ms: u64,
     /// Above this share of unhealthy running instances (and more than one), nothing is replaced.
     pub max_unhealthy_share: f64,
+    /// Failing time counts from here at the earliest: the end of the last episode where replacements were held (the
+    /// time they were held is not held against the instances, so a straggler of a recovery is not replaced for it).
+    pub failing_counts_from_ms: u64,
     /// No creation before this time (crash-loop backoff).
     pub backoff_until_ms: u64,
 }
@@ -212,7 +215,9 @@ fn overdue_reason(input: &PlanInput<'_>, health: Health) -> Option<String> {
     let (since, limit, what) = match health {
         Health::Healthy => return None,
         Health::Starting { since_ms } => (since_ms, input.start_timeout_ms, "not healthy"),
-        Health::Failing { since_ms } => (since_ms, input.replace_unhealthy_after_ms, "unhealthy for"),
+        Health::Failing { since_ms } => {
+            (since_ms.max(input.failing_counts_from_ms), input.replace_unhealthy_after_ms, "unhealthy for")
+        }
     };
     let late = input.now_ms.saturating_sub(since);
     (late > limit).then(|| match health {
@@ -271,6 +276,7 @@ mod tests {
             start_timeout_ms: 60_000,
             replace_unhealthy_after_ms: 30_000,
             max_unhealthy_share: 0.5,
+            failing_counts_from_ms: 0,
             backoff_until_ms: 0,
         }
     }
@@ -431,6 +437,12 @@ mod tests {
         // half of them: still replaced one at a time (2 of 4 is not more than 50%)
         k.insert("i2".into(), with(Health::Healthy));
         assert_eq!(replaced(&run_at(1_000_000, 4, &c, &k)).len(), 1);
+        // when the episode ends, the stragglers get their whole replace_unhealthy_after again
+        k.insert("i3".into(), with(Health::Healthy));
+        let resumed = PlanInput { failing_counts_from_ms: 999_000, ..input(4, &c, &k, 1_000_000) };
+        assert!(replaced(&plan(resumed, || "n".into())).is_empty());
+        let later = PlanInput { failing_counts_from_ms: 999_000, ..input(4, &c, &k, 1_030_000) };
+        assert_eq!(replaced(&plan(later, || "n".into())), vec!["i4"]);
         // a single instance service can always replace its one instance
         let one = [container("solo", true, true, 1)];
         let k = BTreeMap::from([("solo".to_string(), with(Health::Failing { since_ms: 0 }))]);
