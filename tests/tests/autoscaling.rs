@@ -358,3 +358,208 @@ async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays
     let now = containers.ids(true);
     assert!(both.iter().all(|id| now.contains(id)) && now.len() == 3, "both kept after the episode: {now:?}");
 }
+
+/// Only this metric weighs in the decision (the others at weight 0), with short windows.
+fn one_metric(metric: &str, up: f64, down: f64, extra: &str) -> String {
+    let m = |name: &str| {
+        if name == metric {
+            format!(
+                "{name}: {{weight: 1, scale_up_threshold: {up}, scale_down_threshold: {down}, measurement_window: 8}}"
+            )
+        } else {
+            format!("{name}: {{weight: 0, measurement_window: 8}}")
+        }
+    };
+    format!(
+        "{{min_instances: 1, max_instances: 2, scale_up_cooldown: 3, slow_start: 0{extra}, {}, {}, {}, {}}}",
+        m("cpu_utilization"),
+        m("memory_utilization"),
+        m("request_rate"),
+        m("response_time")
+    )
+}
+
+async fn wait_scale_up_reason(s: &Supervisor, service: &str, containers: &Containers, metric: &str) {
+    let start = Instant::now();
+    loop {
+        let events = scaling_events(s, service).await;
+        let up = events.iter().find(|e| e["kind"] == "scale_up" && e["from"].as_u64() >= Some(1));
+        if let Some(up) = up {
+            let reason = up["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains(metric), "scaled up on something else: {up}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no scale-up on {metric}: {events:?}\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_running(containers, 2, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alone_scales_up() {
+    docker_ready();
+    let service = service_name("memory");
+    let containers = Containers(service.clone());
+    // each instance holds 40 MB of its 64 MB limit: above the 50% threshold with no traffic at all
+    let scaling = one_metric("memory_utilization", 50.0, 10.0, ", target_memory_percent: 50");
+    let yaml = yaml(&service, &scaling).replace("env: ['CPU_COST_MS=20']", "env: ['BALLAST_MB=40']");
+    let s = Supervisor::start(&yaml).await.unwrap();
+    wait_running(&containers, 1, Duration::from_secs(20)).await;
+    wait_scale_up_reason(&s, &service, &containers, "memory_utilization").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p95_alone_scales_up_through_the_bundled_proxy() {
+    use equilibrio_tests::proxy::{Kind, Proxy};
+    docker_ready();
+    let service = service_name("p95");
+    let containers = Containers(service.clone());
+    // every request waits 300 ms on a "slow dependency" and uses almost no CPU: only the p95 the bundled proxy
+    // reports (above 200 ms) can ask for more instances
+    let scaling = one_metric("response_time", 200.0, 50.0, "");
+    let yaml = yaml(&service, &scaling).replace("env: ['CPU_COST_MS=20']", "env: ['CPU_COST_MS=0', 'DELAY_MS=300']");
+    let s = Supervisor::start(&yaml).await.unwrap();
+    wait_running(&containers, 1, Duration::from_secs(20)).await;
+    while healthy(&s, &service).await < 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Proxy::start(Kind::Host, &filter, s.addr).await.unwrap();
+    let version = s.get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["version"].as_u64().unwrap();
+    proxy.wait_for_table(1, version).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, failed, url) = (stop.clone(), failed.clone(), proxy.url("/search?q=slow"));
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                if !client.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    wait_scale_up_reason(&s, &service, &containers, "response_time").await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_shows_in_the_traffic_shares() {
+    use equilibrio_tests::proxy::{Kind, Proxy};
+    docker_ready();
+    let service = service_name("slowstart");
+    let containers = Containers(service.clone());
+    // 8 s of slow start: a new instance begins at 10% of its weight and reaches it linearly
+    let yaml = yaml(&service, "{min_instances: 1, max_instances: 2, slow_start: 8}")
+        .replace("env: ['CPU_COST_MS=20']", "env: ['CPU_COST_MS=0']");
+    let s = Supervisor::start(&yaml).await.unwrap();
+    wait_running(&containers, 1, Duration::from_secs(20)).await;
+    while healthy(&s, &service).await < 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "250ms", "token": TOKEN}});
+    let proxy = Proxy::start(Kind::Host, &filter, s.addr).await.unwrap();
+    let version = s.get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["version"].as_u64().unwrap();
+    proxy.wait_for_table(1, version).await.unwrap();
+    let client = reqwest::Client::new();
+    let first = client.get(proxy.url("/search")).send().await.unwrap().json::<serde_json::Value>().await.unwrap();
+    let old = first["instance"].as_str().unwrap().to_string();
+    // the first instance had its own slow start: wait until it is at full weight
+    let start = Instant::now();
+    while s.get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["endpoints"][0]["weight"] != 100 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the first instance never reached its full weight");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, _) = s
+        .call("POST", &format!("/v1/services/{service}/scale"), Some(json!({"instances": 2, "hold": "5m"})))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    // traffic in windows of 100 requests: the new instance's share from the moment it appears
+    let mut shares = Vec::new();
+    let start = Instant::now();
+    let mut seen_at = None;
+    while seen_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(12)) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the new instance never got traffic");
+        let mut new = 0;
+        for _ in 0..100 {
+            let v: serde_json::Value = client.get(proxy.url("/search")).send().await.unwrap().json().await.unwrap();
+            if v["instance"] != old.as_str() {
+                new += 1;
+            }
+        }
+        if new > 0 && seen_at.is_none() {
+            seen_at = Some(Instant::now());
+        }
+        if let Some(t) = seen_at {
+            shares.push((t.elapsed().as_secs_f64(), new));
+        }
+    }
+    eprintln!("new instance's share per 100 requests, by seconds since it appeared: {shares:?}");
+    // the first two seconds: a trickle (10-25% of its weight: 9-20% of the traffic), not its half
+    let early: Vec<usize> = shares.iter().filter(|(t, _)| *t < 2.0).map(|(_, n)| *n).collect();
+    assert!(!early.is_empty() && early.iter().all(|n| *n <= 30), "no slow start: {shares:?}");
+    // after the ramp: about half
+    let late: Vec<usize> = shares.iter().filter(|(t, _)| *t > 10.0).map(|(_, n)| *n).collect();
+    assert!(!late.is_empty() && late.iter().all(|n| (35..=65).contains(n)), "not at full weight: {shares:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dockerd_stopped_and_restarted_under_the_supervisor() {
+    docker_ready();
+    let service = service_name("dockerd");
+    let containers = Containers(service.clone());
+    let s = Supervisor::start(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await.unwrap();
+    wait_running(&containers, 2, Duration::from_secs(20)).await;
+    while healthy(&s, &service).await < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let table = s.get(&format!("/v1/services/{service}/endpoints")).await.unwrap();
+    let ready = || async { reqwest::get(s.url("/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0) };
+    assert_eq!(ready().await, 200);
+
+    // dockerd goes away (SIGTERM, as a package upgrade or a host restart does)
+    let pid = std::fs::read_to_string("/var/run/docker.pid").unwrap().trim().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !st.contains(") Z "))
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "dockerd did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let start = Instant::now();
+    while ready().await != 503 {
+        assert!(start.elapsed() < Duration::from_secs(10), "/readyz still answers while Docker is unreachable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the proxies keep their table: the same instances, nothing deregistered for want of Docker
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = s.get(&format!("/v1/services/{service}/endpoints")).await.unwrap();
+    let ids = |t: &serde_json::Value| {
+        let mut v: Vec<String> =
+            t["endpoints"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&during), ids(&table), "the table changed while Docker was away");
+    let events = event_history(&s, &service).await;
+    assert!(events.contains("docker_unreachable") || s.log().contains("docker unreachable"), "{events}");
+
+    // dockerd back: the supervisor recovers by itself (ready again, two healthy instances, whatever dockerd did to
+    // the containers it found)
+    let up = Command::new("bash").arg(equilibrio_tests::repo_root().join("scripts/docker-up")).output().unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let start = Instant::now();
+    while ready().await != 200 || healthy(&s, &service).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no recovery after dockerd came back\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(s.log().contains("DockerReachable"), "{}", s.log());
+}

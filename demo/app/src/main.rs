@@ -2,11 +2,13 @@
 //! the demo. Built as a static binary into an image `FROM scratch` by `scripts/build-demo-image`.
 //!
 //! * `GET /health`: 200 `ok` (503 once SIGTERM arrived, while it finishes its requests).
-//! * `GET /search?q=...&cost_ms=N`: burns N ms of CPU (default `CPU_COST_MS`, 5) and answers JSON naming the instance.
+//! * `GET /search?q=...&cost_ms=N&delay_ms=M`: burns N ms of CPU (default `CPU_COST_MS`, 5), waits M ms more without
+//!   using CPU (default `DELAY_MS`, 0: a slow dependency), and answers JSON naming the instance.
 //! * `GET /whoami`: the instance id.
 //!
 //! Environment: `PORT` (8080), `INSTANCE_ID` (default: the hostname, which Docker sets to the container id),
-//! `CPU_COST_MS` (5). On SIGTERM it stops accepting, finishes in-flight requests (up to 10 s) and exits.
+//! `CPU_COST_MS` (5), `DELAY_MS` (0), `BALLAST_MB` (0: memory held, and touched, for the life of the process; a cache
+//! that has filled up, for memory-driven scaling). On SIGTERM it stops accepting, finishes in-flight requests (up to 10 s) and exits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tokio::net::TcpListener;
 struct State {
     id: String,
     default_cost_ms: u64,
+    default_delay_ms: u64,
     stopping: AtomicBool,
     in_flight: AtomicUsize,
 }
@@ -78,7 +81,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 .unwrap_or(state.default_cost_ms)
                 .min(10_000);
             let q = query_param(&query, "q").unwrap_or("").replace(['"', '\\'], "");
+            let delay = query_param(&query, "delay_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(state.default_delay_ms)
+                .min(60_000);
             let seed = tokio::task::spawn_blocking(move || burn(cost)).await.unwrap_or(0);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
             let body = format!(
                 "{{\"instance\":\"{}\",\"q\":\"{}\",\"cost_ms\":{},\"results\":[\"item-{}\",\"item-{}\"]}}",
@@ -104,9 +114,13 @@ async fn main() -> std::process::ExitCode {
     let state = Arc::new(State {
         id,
         default_cost_ms: env_or("CPU_COST_MS", "5").parse().unwrap_or(5),
+        default_delay_ms: env_or("DELAY_MS", "0").parse().unwrap_or(0),
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
     });
+    // every page written, so that it counts as the container's memory
+    let ballast_mb: usize = env_or("BALLAST_MB", "0").parse().unwrap_or(0).min(4096);
+    let ballast = vec![1u8; ballast_mb << 20];
     let listener = match TcpListener::bind(("0.0.0.0", port)).await {
         Ok(l) => l,
         Err(e) => {
@@ -143,5 +157,6 @@ async fn main() -> std::process::ExitCode {
     while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    drop(std::hint::black_box(ballast));
     std::process::ExitCode::SUCCESS
 }

@@ -4,7 +4,7 @@
 //! Sizing is proportional, as Kubernetes' HPA: `desired = ceil(current x utilization / target)`, with a tolerance band
 //! (10%) inside which nothing moves. The plan's four metrics (CPU, memory, request rate per instance per minute,
 //! response time) are combined by their weights into one utilization; a metric above its own `scale_up_threshold` is
-//! an emergency that scales up on its own account even if the others are calm.
+//! an emergency that scales up on its own account even if the others are calm. A metric weighted 0 plays no part at all.
 //!
 //! Asymmetric on purpose: scale-up looks at the last few seconds (`scale_up_window`) and acts after a short
 //! stabilization, at most +100% or +4 instances per step (the larger), doubling when CPU or memory is saturated (a
@@ -347,7 +347,8 @@ pub fn decide(p: &ScalingPolicy, current: u32, h: &mut History, now_ms: u64, tic
             weighted += m.weight * v / target;
             weights += m.weight;
         }
-        if v > m.scale_up_threshold {
+        // a metric weighted 0 is left out of the decision altogether, its emergency threshold included
+        if m.weight > 0.0 && v > m.scale_up_threshold {
             let mut want = ((cur * v / target).ceil() as u32).max(current + 1);
             // a saturated utilization hides the real demand (it cannot read above 100%): double instead
             if i < 2 && v >= SATURATED {
@@ -591,6 +592,18 @@ mod tests {
             n = d.desired;
         }
         assert!(n > 2);
+    }
+
+    #[test]
+    fn a_metric_weighted_zero_plays_no_part() {
+        let mut p = policy();
+        p.response_time.weight = 0.0;
+        let mut h = History::default();
+        for s in 0..20u64 {
+            // p95 far above its threshold, but weighted 0: nothing moves
+            h.record(Sample { at_ms: s * 1000, values: [Some(40.0), Some(30.0), Some(50.0), Some(4000.0)] }, 600_000);
+            assert_eq!(decide(&p, 2, &mut h, s * 1000, TICK).desired, 2);
+        }
     }
 
     #[test]

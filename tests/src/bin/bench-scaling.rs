@@ -1,7 +1,10 @@
 //! `bench-scaling`: a real load step through Envoy + the filter against the demo containers, scaled by the real
 //! supervisor. Prints one `name=value` line each: `scale_up_seconds` (load step until a new instance serves traffic),
 //! `scale_down_seconds` (load ends until the service is back at its minimum: stabilization, drain, stop),
-//! `failed_requests` and `total_requests` (during both). Run by `scripts/bench-scaling`.
+//! `failed_requests` and `total_requests` (during both), and the cost check: `instance_seconds_measured` (what the
+//! supervisor's cost figures say) beside `instance_seconds_wall` (this program's own count: the running containers,
+//! sampled twice a second from the supervisor's start to the moment it reads the figure). Run by
+//! `scripts/bench-scaling`.
 //!
 //! The scaling policy is the development profile's (the plan's values); `BENCH_FAST=1` shortens the measurement
 //! windows and the scale-down stabilization to a few seconds.
@@ -50,10 +53,43 @@ async fn main() -> anyhow::Result<()> {
         "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
     );
     let s = Supervisor::start(&yaml).await?;
+    let wall = Arc::new(Mutex::new(0.0f64));
+    let sampler = tokio::spawn(count_instance_seconds(service.clone(), wall.clone()));
     let result = run(&s, &service, load_seconds).await;
+    if result.is_ok() {
+        // the supervisor's figure and ours, read at the same moment
+        let view = s.get(&format!("/v1/services/{service}/scaling")).await?;
+        let wall = *wall.lock().map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+        sampler.abort();
+        let measured = view["cost"]["instance_seconds"].as_f64().unwrap_or(0.0);
+        println!("instance_seconds_measured={measured:.1}");
+        println!("instance_seconds_wall={wall:.1}");
+        println!("instance_seconds_difference_percent={:.1}", (measured - wall).abs() / wall.max(1e-9) * 100.0);
+    }
     drop(s);
     cleanup(&service);
     result
+}
+
+/// Integrates the number of running containers over wall-clock time (sampled every 500 ms) into `total`.
+async fn count_instance_seconds(service: String, total: Arc<Mutex<f64>>) {
+    let mut last = Instant::now();
+    let mut count = 0usize;
+    loop {
+        let now = tokio::task::spawn_blocking({
+            let service = service.clone();
+            move || running(&service)
+        })
+        .await
+        .unwrap_or(0);
+        let at = Instant::now();
+        if let Ok(mut t) = total.lock() {
+            // the interval is charged at the previous sample's count, as the supervisor does
+            *t += count as f64 * at.duration_since(last).as_secs_f64();
+        }
+        (last, count) = (at, now);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn run(s: &Supervisor, service: &str, load_seconds: u64) -> anyhow::Result<()> {
