@@ -270,7 +270,8 @@ async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays
     // 5 s later is "long after the start" and the test stays short
     let yaml = yaml(
         &service,
-        "{min_instances: 3, max_instances: 3, start_timeout: 3, replace_unhealthy_after: 3, max_unhealthy_share: 0.5}",
+        // max_unhealthy_share 1: the overload guard is off, so only the start grace protects the adopted containers
+        "{min_instances: 3, max_instances: 3, start_timeout: 3, replace_unhealthy_after: 3, max_unhealthy_share: 1}",
     )
     .replace("rise: 1", "rise: 2");
     let mut s = Supervisor::start(&yaml).await.unwrap();
@@ -321,6 +322,11 @@ async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays
         assert!(start.elapsed() < Duration::from_secs(20), "the replacement never became healthy");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (st, v) = s
+        .call("PUT", &format!("/v1/services/{service}/scaling"), Some(json!({"max_unhealthy_share": 0.5})))
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "{v}");
     let both = [before[1].clone(), before[2].clone()];
     for id in &both {
         Command::new("docker").args(["pause", id]).output().unwrap();
