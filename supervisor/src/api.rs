@@ -86,6 +86,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NoService(_) | RegistryError::NoInstance(..) => (StatusCode::NOT_FOUND, "not_found"),
             RegistryError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
             RegistryError::AddressTaken(..) => (StatusCode::CONFLICT, "conflict"),
+            RegistryError::Full { .. } => (StatusCode::CONFLICT, "service_full"),
         };
         let field = match &e {
             RegistryError::Exists(_) => Some("id".to_string()),
@@ -345,7 +346,7 @@ async fn register(
             return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`")));
         }
     }
-    let spec: InstanceSpec = parse(&serde_json::to_vec(&without(&raw, "heartbeat_ttl")).unwrap_or_default())?;
+    let mut spec: InstanceSpec = parse(&serde_json::to_vec(&without(&raw, "heartbeat_ttl")).unwrap_or_default())?;
     let ttl = match raw.get("heartbeat_ttl") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -411,9 +412,9 @@ async fn update_instance(
         return Err(ApiError::invalid("weight", format!("must be at most {}", equilibrio_filter::table::MAX_WEIGHT)));
     }
     if let Some(z) = &u.zone
-        && z.len() > 64
+        && !(z.len() <= crate::config::MAX_LABEL_BYTES && z.bytes().all(equilibrio_filter::config::is_id_byte))
     {
-        return Err(ApiError::invalid("zone", "must be at most 64 characters"));
+        return Err(ApiError::invalid("zone", "must be at most 64 of [A-Za-z0-9._-]"));
     }
     app.change(|reg, now| reg.update(&service, &id, &u, now).map(|e| ((), e)).map_err(ApiError::from))?;
     instance(&app, &service, &id)
@@ -622,7 +623,20 @@ async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiEr
     responses((status = 204), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 async fn reports(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
     authorized(&app, &headers)?;
-    let report: Report = parse(&body)?;
+    let mut report: Report = parse(&body).inspect_err(|_| app.metrics.report_refused())?;
+    if let Err((field, reason)) = report.validate() {
+        app.metrics.report_refused();
+        tracing::warn!(proxy = %report.proxy, %field, %reason, "report refused");
+        return Err(ApiError::invalid(field, reason));
+    }
+    // only the service's instances are kept: a report cannot grow the supervisor's memory with made-up ids
+    let before = report.endpoints.len();
+    {
+        let reg = app.registry();
+        let known = reg.service(&report.service).ok().map(|s| &s.instances);
+        report.endpoints.retain(|e| known.is_some_and(|k| k.contains_key(&e.id)));
+    }
+    app.metrics.report_unknown_endpoints(before - report.endpoints.len());
     app.reports().record(&report, now_ms());
     app.metrics.report();
     Ok(StatusCode::NO_CONTENT)

@@ -102,6 +102,15 @@ impl App {
         for e in &events {
             self.metrics.event(e.kind);
         }
+        // a deregistered instance's traffic figures go with it
+        let gone: Vec<(&str, &str)> = events
+            .iter()
+            .filter(|e| e.kind == crate::events::EventKind::Deregistered)
+            .filter_map(|e| Some((e.service.as_str(), e.instance.as_deref()?)))
+            .collect();
+        if !gone.is_empty() {
+            self.reports().retain(|s, id| !gone.contains(&(s, id)));
+        }
         self.events.publish(events);
     }
 

@@ -69,11 +69,51 @@ pub struct InstanceSpec {
     pub capabilities: Vec<String>,
 }
 
+/// Longest zone, tag, capability or version.
+pub const MAX_LABEL_BYTES: usize = 64;
+/// Most tags, and most capabilities, per instance.
+pub const MAX_LABELS: usize = 16;
+
 impl InstanceSpec {
-    /// Validates the fields; on error gives the field and the reason.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        equilibrio_filter::table::validate_endpoint_fields(&self.id, &self.address, self.weight)
+    /// Validates the fields and writes the address in its one canonical form (`127.0.0.1:019117` and
+    /// `[::ffff:127.0.0.1]:19117` are `127.0.0.1:19117`, so one backend cannot be registered twice under two spellings);
+    /// on error gives the field and the reason. Every field is bounded: what is accepted here always fits the table
+    /// the proxies take (a zone of 600 KB once froze every proxy on a stale table).
+    pub fn validate(&mut self) -> Result<(), (&'static str, String)> {
+        equilibrio_filter::table::validate_endpoint_fields(&self.id, &self.address, self.weight)?;
+        self.address = canonical_address(&self.address).map_err(|r| ("address", r))?;
+        if !(self.zone.len() <= MAX_LABEL_BYTES && self.zone.bytes().all(equilibrio_filter::config::is_id_byte)) {
+            return Err(("zone", format!("must be at most {MAX_LABEL_BYTES} of [A-Za-z0-9._-]")));
+        }
+        if self.version.len() > MAX_LABEL_BYTES || self.version.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(("version", format!("must be at most {MAX_LABEL_BYTES} printable characters, no spaces")));
+        }
+        for (field, labels) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
+            let ok = |l: &String| {
+                !l.is_empty() && l.len() <= MAX_LABEL_BYTES && l.bytes().all(equilibrio_filter::config::is_id_byte)
+            };
+            if labels.len() > MAX_LABELS || !labels.iter().all(ok) {
+                return Err((field, format!("at most {MAX_LABELS}, each 1 to {MAX_LABEL_BYTES} of [A-Za-z0-9._-]")));
+            }
+        }
+        Ok(())
     }
+}
+
+/// The one spelling of an instance's address, or why it cannot be one: port 0, an unspecified, broadcast or multicast
+/// address reach no single backend.
+pub fn canonical_address(address: &str) -> Result<String, String> {
+    let addr: std::net::SocketAddr =
+        address.parse().map_err(|_| format!("`{address}` is not an ip:port socket address"))?;
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if addr.port() == 0 || ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(format!("`{address}` is not one backend's address (port 0, unspecified, broadcast or multicast)"));
+    }
+    Ok(std::net::SocketAddr::new(ip, addr.port()).to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,7 +320,8 @@ impl Config {
             };
             validate_health(&health_check).map_err(|(f, r)| err(format!("{key}.health_check.{f}"), r))?;
             let mut ids = std::collections::HashSet::new();
-            for (i, inst) in svc.instances.iter().enumerate() {
+            let mut instances = svc.instances;
+            for (i, inst) in instances.iter_mut().enumerate() {
                 inst.validate().map_err(|(f, r)| err(format!("{key}.instances[{i}].{f}"), r))?;
                 if !ids.insert(inst.id.clone()) {
                     return Err(err(format!("{key}.instances[{i}].id"), format!("`{}` appears twice", inst.id)));
@@ -292,10 +333,7 @@ impl Config {
             let scaling = crate::scaling::policy::ScalingPolicy::for_environment(raw.environment)
                 .with_overrides(svc.scaling.as_ref())
                 .map_err(|(f, r)| err(format!("{key}.scaling.{f}"), r))?;
-            services.insert(
-                name,
-                ServiceConfig { policy, docker: svc.docker, scaling, health_check, instances: svc.instances },
-            );
+            services.insert(name, ServiceConfig { policy, docker: svc.docker, scaling, health_check, instances });
         }
         Ok(Config {
             environment: raw.environment,
@@ -312,6 +350,38 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn addresses_have_one_spelling_and_name_one_backend() {
+        assert_eq!(canonical_address("127.0.0.1:019117").unwrap(), "127.0.0.1:19117");
+        assert_eq!(canonical_address("[::ffff:127.0.0.1]:19117").unwrap(), "127.0.0.1:19117");
+        assert_eq!(canonical_address("[::1]:80").unwrap(), "[::1]:80");
+        for bad in ["127.0.0.1:0", "0.0.0.0:80", "[::]:80", "255.255.255.255:80", "224.0.0.1:80", "host:80"] {
+            assert!(canonical_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn instance_labels_are_bounded() {
+        let base = InstanceSpec {
+            id: "a".into(),
+            address: "127.0.0.1:1".into(),
+            weight: 1,
+            zone: "eu-west-1a".into(),
+            tags: vec!["search".into()],
+            version: "v1.2.3+build".into(),
+            capabilities: vec![],
+        };
+        base.clone().validate().unwrap();
+        let mut s = InstanceSpec { zone: "z".repeat(600_000), ..base.clone() };
+        assert_eq!(s.validate().unwrap_err().0, "zone");
+        let mut s = InstanceSpec { tags: vec!["t".into(); 17], ..base.clone() };
+        assert_eq!(s.validate().unwrap_err().0, "tags");
+        let mut s = InstanceSpec { capabilities: vec!["has space".into()], ..base.clone() };
+        assert_eq!(s.validate().unwrap_err().0, "capabilities");
+        let mut s = InstanceSpec { version: "v\n1".into(), ..base };
+        assert_eq!(s.validate().unwrap_err().0, "version");
+    }
+
     use super::*;
 
     const GOOD: &str = r#"

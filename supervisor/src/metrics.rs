@@ -81,6 +81,8 @@ pub struct Metrics {
     check_seconds: Family<ServiceLabel, Histogram>,
     events: Family<KindLabel, Counter>,
     reports: Counter,
+    reports_refused: Counter,
+    report_unknown_endpoints: Counter,
     instances: Family<StateLabels, Gauge>,
     rps: FloatFamily,
     errors: FloatFamily,
@@ -104,6 +106,14 @@ impl Default for Metrics {
         registry.register("events", "Events by kind", events.clone());
         let reports = Counter::default();
         registry.register("reports", "Reports received from proxies", reports.clone());
+        let reports_refused = Counter::default();
+        registry.register("reports_refused", "Reports refused as malformed (422)", reports_refused.clone());
+        let report_unknown_endpoints = Counter::default();
+        registry.register(
+            "report_unknown_endpoints",
+            "Endpoints in reports that name no instance of the service (dropped, not kept)",
+            report_unknown_endpoints.clone(),
+        );
         let instances = Family::<StateLabels, Gauge>::default();
         registry.register("instances", "Instances by table state", instances.clone());
         let rps = FloatFamily::default();
@@ -150,6 +160,8 @@ impl Default for Metrics {
             check_seconds,
             events,
             reports,
+            reports_refused,
+            report_unknown_endpoints,
             instances,
             rps,
             errors,
@@ -177,6 +189,14 @@ impl Metrics {
 
     pub fn instance_seconds(&self, service: &str, seconds: f64) {
         self.instance_seconds.get_or_create(&ServiceLabel { service: service.into() }).inc_by(seconds);
+    }
+
+    pub fn report_refused(&self) {
+        self.reports_refused.inc();
+    }
+
+    pub fn report_unknown_endpoints(&self, n: usize) {
+        self.report_unknown_endpoints.inc_by(n as u64);
     }
 
     pub fn report(&self) {

@@ -15,7 +15,12 @@ use crate::app::{App, now_ms};
 type Key = (String, String);
 
 pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap_or_default();
+    // redirects are not followed: an instance answers for its own health, it cannot borrow another host's
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default();
     let mut next: HashMap<Key, Instant> = HashMap::new();
     let running: Arc<Mutex<HashSet<Key>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_millis(50));

@@ -113,6 +113,14 @@ impl Service {
     }
 }
 
+/// The proxies' default table limit (the filter's `supervisor.max_table_bytes`), less room for the rest of the table.
+const MAX_TABLE_BYTES: usize = (1 << 20) - 4096;
+
+/// An upper bound of an endpoint's bytes in the table (its fields and the JSON around them).
+fn endpoint_bytes(spec: &InstanceSpec) -> usize {
+    spec.id.len() + spec.address.len() + spec.zone.len() + 96
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     #[error("no service `{0}`")]
@@ -123,6 +131,8 @@ pub enum RegistryError {
     Exists(String),
     #[error("address {0} is already used by instance `{1}`")]
     AddressTaken(String, String),
+    #[error("service `{service}` has {count} instances: one more would not fit the proxies' table")]
+    Full { service: String, count: usize },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -226,6 +236,12 @@ impl Registry {
         }
         if let Some(other) = svc.instances.values().find(|i| i.spec.address == spec.address) {
             return Err(RegistryError::AddressTaken(spec.address, other.spec.id.clone()));
+        }
+        // the proxies refuse a table with more endpoints (and keep a stale one): refuse the instance instead
+        let bytes: usize =
+            svc.instances.values().map(|i| endpoint_bytes(&i.spec)).sum::<usize>() + endpoint_bytes(&spec);
+        if svc.instances.len() >= equilibrio_filter::table::MAX_ENDPOINTS || bytes > MAX_TABLE_BYTES {
+            return Err(RegistryError::Full { service: service.to_string(), count: svc.instances.len() });
         }
         let id = spec.id.clone();
         let detail = serde_json::json!({"address": spec.address, "weight": spec.weight, "zone": spec.zone});
@@ -561,5 +577,25 @@ mod tests {
         let i = inst(&fresh);
         assert_eq!((i.unhealthy_since_ms, i.watched_since_ms, i.started_at_ms), (None, 900_000, 1000));
         assert_eq!(i.health, HealthState::default());
+    }
+
+    #[test]
+    fn a_service_takes_no_more_instances_than_a_proxy_table_holds() {
+        let mut r = registry();
+        let mut n = 1;
+        let err = loop {
+            let mut s = spec(&format!("i{n:0>120}"), 0);
+            s.address = format!("10.{}.{}.{}:8080", n / 65536, (n / 256) % 256, n % 256);
+            s.zone = "z".repeat(64);
+            match r.register("av", s, Source::Api, None, 1) {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, RegistryError::Full { .. }), "{err}");
+        assert!(n <= equilibrio_filter::table::MAX_ENDPOINTS);
+        let svc = r.service("av").unwrap();
+        let table = crate::table::endpoints(svc).to_string();
+        assert!(table.len() < 1 << 20, "{} bytes", table.len());
     }
 }

@@ -36,6 +36,51 @@ pub struct EndpointReport {
     pub ejected: bool,
 }
 
+/// Bounds of a report: far above anything a proxy sends in one window, low enough that sums over a window and over
+/// every proxy cannot overflow.
+const MAX_REQUESTS: u64 = 1_000_000_000;
+const MAX_IN_FLIGHT: i64 = 10_000_000;
+const MAX_LATENCY_MS: f64 = 86_400_000.0;
+const MAX_WINDOW_MS: u64 = 3_600_000;
+
+impl Report {
+    /// Checks a report from a proxy; on error gives the dotted field and the reason (the report is refused whole, and
+    /// what the supervisor knows stays as it was).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |f: String, r: &str| Err((f, r.to_string()));
+        if self.window_ms > MAX_WINDOW_MS {
+            return err("window_ms".into(), "must be at most 1 hour");
+        }
+        if self.endpoints.len() > equilibrio_filter::table::MAX_ENDPOINTS {
+            return err("endpoints".into(), "more endpoints than a table holds");
+        }
+        if self.rate_limited > MAX_REQUESTS {
+            return err("rate_limited".into(), "must be at most 1000000000");
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let f = |name: &str| format!("endpoints[{i}].{name}");
+            if e.requests > MAX_REQUESTS {
+                return err(f("requests"), "must be at most 1000000000");
+            }
+            if e.errors > e.requests {
+                return err(f("errors"), "must not exceed requests");
+            }
+            if !(0..=MAX_IN_FLIGHT).contains(&e.in_flight) {
+                return err(f("in_flight"), "must be between 0 and 10000000");
+            }
+            for (name, v) in [
+                ("latency_sum_ms", e.latency_sum_ms / (e.requests.max(1) as f64)),
+                ("latency_p95_ms", e.latency_p95_ms),
+            ] {
+                if !(v.is_finite() && (0.0..=MAX_LATENCY_MS).contains(&v)) {
+                    return err(f(name), "must be a finite number of milliseconds, at most a day per request");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Sample {
     at_ms: u64,
@@ -72,7 +117,8 @@ impl Reports {
     pub fn record(&mut self, r: &Report, now_ms: u64) {
         for e in &r.endpoints {
             let key = (r.service.clone(), e.id.clone());
-            *self.totals.entry(key.clone()).or_default() += e.requests;
+            let total = self.totals.entry(key.clone()).or_default();
+            *total = total.saturating_add(e.requests);
             let q = self.samples.entry(key).or_default();
             q.push_back(Sample {
                 at_ms: now_ms,
@@ -85,6 +131,12 @@ impl Reports {
             });
         }
         self.expire(now_ms);
+    }
+
+    /// Forgets what was kept for instances that are gone (`keep` says which still exist).
+    pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        self.totals.retain(|(s, id), _| keep(s, id));
+        self.samples.retain(|(s, id), _| keep(s, id));
     }
 
     fn expire(&mut self, now_ms: u64) {
@@ -110,8 +162,8 @@ impl Reports {
         let window_ms = window_ms.min(self.window_ms);
         let horizon = now_ms.saturating_sub(window_ms);
         let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= horizon).collect();
-        let requests: u64 = recent.iter().map(|s| s.requests).sum();
-        let errors: u64 = recent.iter().map(|s| s.errors).sum();
+        let requests: u64 = recent.iter().fold(0u64, |a, s| a.saturating_add(s.requests));
+        let errors: u64 = recent.iter().fold(0u64, |a, s| a.saturating_add(s.errors));
         let latency: f64 = recent.iter().map(|s| s.latency_sum_ms).sum();
         let span_ms = recent.first().map_or(window_ms, |s| now_ms.saturating_sub(s.at_ms)).max(1000);
         let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
@@ -180,5 +232,33 @@ mod tests {
         // the window forgets
         assert_eq!(r.in_flight("av", "a", 200_000), None);
         assert_eq!(r.traffic("av", "zz", 0), Traffic::default());
+    }
+
+    #[test]
+    fn hostile_reports_are_refused_naming_the_field() {
+        let mut bad = report("p", 10, 1);
+        bad.endpoints[0].requests = u64::MAX;
+        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].requests");
+        let mut bad = report("p", 10, 1);
+        bad.endpoints[0].errors = 11;
+        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].errors");
+        let mut bad = report("p", 10, -2);
+        bad.endpoints[0].in_flight = -2;
+        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].in_flight");
+        let mut bad = report("p", 10, 1);
+        bad.endpoints[0].latency_p95_ms = f64::INFINITY;
+        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].latency_p95_ms");
+        report("p", 10, 1).validate().unwrap();
+        // the largest accepted values still add up without overflow
+        let mut r = Reports::new(60_000);
+        let mut big = report("p", 10, 1);
+        big.endpoints[0].requests = MAX_REQUESTS;
+        big.endpoints[0].errors = 0;
+        for t in 0..100 {
+            r.record(&big, t);
+        }
+        assert_eq!(r.traffic("av", "a", 100).requests_total, 100 * MAX_REQUESTS);
+        r.retain(|_, id| id != "a");
+        assert_eq!(r.traffic("av", "a", 100), Traffic::default());
     }
 }

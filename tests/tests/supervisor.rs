@@ -502,3 +502,84 @@ async fn the_bundled_proxy_follows_the_supervisor_end_to_end() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_registrations_and_reports_are_refused_naming_the_field() {
+    let b = backends(1).await;
+    let mut s =
+        Supervisor::start(&service_yaml(&b, "{interval: 200ms, timeout: 100ms, retries: 2, rise: 1}")).await.unwrap();
+    let register = |body: serde_json::Value| {
+        let s = &s;
+        async move { s.call("POST", "/v1/services/agente-vendedor/instances", Some(body)).await.unwrap() }
+    };
+    // a zone that would make a table no proxy takes (600 KB): refused, not accepted and frozen in every proxy
+    let (st, e) = register(json!({"id": "big", "address": "127.0.0.1:9", "zone": "z".repeat(600_000)})).await;
+    assert_eq!((st, e["error"]["field"].as_str()), (422, Some("zone")), "{e}");
+    let (st, e) = register(json!({"id": "tags", "address": "127.0.0.1:9", "tags": vec!["t"; 100]})).await;
+    assert_eq!((st, e["error"]["field"].as_str()), (422, Some("tags")), "{e}");
+    // one backend, one spelling: the same address written differently is the same address
+    let port = b[0].addr.port();
+    for other in [format!("127.0.0.1:0{port}"), format!("[::ffff:127.0.0.1]:{port}")] {
+        let (st, e) = register(json!({"id": "twin", "address": other})).await;
+        assert_eq!((st, e["error"]["field"].as_str()), (409, Some("address")), "{other}: {e}");
+    }
+    for bad in ["127.0.0.1:0", "0.0.0.0:8080", "255.255.255.255:80"] {
+        let (st, e) = register(json!({"id": "nowhere", "address": bad})).await;
+        assert_eq!((st, e["error"]["field"].as_str()), (422, Some("address")), "{bad}: {e}");
+    }
+
+    // reports: overflowing numbers are refused whole; unknown endpoints are not kept
+    s.wait_state("agente-vendedor", "av-1", "healthy", Duration::from_secs(5)).await.unwrap();
+    let report = |endpoints: serde_json::Value| json!({"service": "agente-vendedor", "proxy": "attacker", "window_ms": 1000, "endpoints": endpoints});
+    let huge = report(json!([{"id": "av-1", "requests": u64::MAX, "errors": 0, "in_flight": 0}]));
+    let (st, e) = s.call("POST", "/v1/reports", Some(huge)).await.unwrap();
+    assert_eq!((st, e["error"]["field"].as_str()), (422, Some("endpoints[0].requests")), "{e}");
+    let made_up: Vec<serde_json::Value> =
+        (0..500).map(|n| json!({"id": format!("ghost-{n}"), "requests": 1, "errors": 0})).collect();
+    let (st, _) = s.call("POST", "/v1/reports", Some(report(json!(made_up)))).await.unwrap();
+    assert_eq!(st, 204);
+    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("equilibrio_supervisor_reports_refused_total 1"), "{metrics}");
+    assert!(metrics.contains("equilibrio_supervisor_report_unknown_endpoints_total 500"), "{metrics}");
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    assert_eq!(v[0]["traffic"]["requests_total"], 0, "the refused report left nothing: {v}");
+
+    // the state file holds the sticky secret: its owner's only; a write a crash interrupted is cleaned up
+    let (st, _) = register(json!({"id": "ok", "address": "127.0.0.1:9"})).await;
+    assert_eq!(st, 201);
+    use std::os::unix::fs::PermissionsExt;
+    let state = s.dir.join("state.json");
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
+    s.kill9();
+    let leftover = s.dir.join(".state.json.tmp-4242");
+    std::fs::write(&leftover, b"{\"services\": {half").unwrap();
+    s.restart().await.unwrap();
+    assert!(!leftover.exists(), "the crash leftover is still there");
+    assert_eq!(s.get("/v1/services/agente-vendedor/instances").await.unwrap().as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_do_not_follow_redirects() {
+    use axum::routing::get;
+    let b = backends(1).await;
+    // an instance that answers its health check with a redirect to a healthy host: it must not borrow that health
+    let target = format!("http://{}/health", b[0].addr);
+    let redirector = axum::Router::new().route(
+        "/health",
+        get(move || {
+            let target = target.clone();
+            async move { (axum::http::StatusCode::FOUND, [(axum::http::header::LOCATION, target)]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, redirector).await });
+    let yaml = service_yaml(&b, "{interval: 200ms, timeout: 100ms, retries: 2, rise: 1}")
+        .replace("instances: [", &format!("instances: [{{id: borrower, address: '{addr}'}}, "));
+    let s = Supervisor::start(&yaml).await.unwrap();
+    s.wait_state("agente-vendedor", "av-1", "healthy", Duration::from_secs(5)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    let borrower = v.as_array().unwrap().iter().find(|i| i["id"] == "borrower").unwrap();
+    assert_eq!(borrower["state"], "unhealthy", "{borrower}");
+}
