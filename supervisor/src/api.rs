@@ -124,7 +124,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 // ------------------------------------------------------------------------------------------------ auth
 
 fn authorized(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &app.config.token else { return Ok(()) };
+    let Some(token) = &app.config.token else { return local_host(headers) };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -137,6 +137,29 @@ fn authorized(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "a valid `Authorization: Bearer <token>` is required",
+            None,
+        ))
+    }
+}
+
+/// Without a token the supervisor listens on loopback only, and a change must name a loopback host: a page in a local
+/// browser that rebinds its own DNS name to 127.0.0.1 sends its own name in `Host`, and is refused.
+fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let loopback =
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "without a token, changes are taken only for a loopback `Host` (127.0.0.1, [::1], localhost)",
             None,
         ))
     }

@@ -583,3 +583,55 @@ async fn health_checks_do_not_follow_redirects() {
     let borrower = v.as_array().unwrap().iter().find(|i| i["id"] == "borrower").unwrap();
     assert_eq!(borrower["state"], "unhealthy", "{borrower}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_a_rebound_dns_name_cannot_change_anything() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = equilibrio_tests::work_dir("supervisor-no-token").unwrap();
+    let port = equilibrio_tests::supervisor::free_port().unwrap();
+    let cfg = dir.join("s.yaml");
+    std::fs::write(&cfg, format!("listen: 127.0.0.1:{port}\nservices:\n  av:\n    instances: []\n")).unwrap();
+    /// Kills the supervisor when the test ends, passed or failed.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Killed(
+        std::process::Command::new(binary().unwrap())
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("EQUILIBRIO_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while !reqwest::get(format!("{base}/livez")).await.is_ok_and(|r| r.status().is_success()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the supervisor did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // what a page on attacker.example sends once its name resolves to 127.0.0.1
+    let post = |host: String, id: &str, p: u16| {
+        let body = format!("{{\"id\": \"{id}\", \"address\": \"127.0.0.1:{p}\"}}");
+        async move {
+            let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let req = format!(
+                "POST /v1/services/av/instances HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).await.unwrap();
+            answer
+        }
+    };
+    let refused = post(format!("attacker.example:{port}"), "evil", 1).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let accepted = post(format!("127.0.0.1:{port}"), "mine", 2).await;
+    assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
+}

@@ -28,7 +28,7 @@ async fn call(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (StatusCode, HeaderMap, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut req = Request::builder().method(method).uri(uri).header("host", "127.0.0.1:9900");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
@@ -69,6 +69,32 @@ async fn changes_need_the_token() {
     }
     // reads are open
     assert_eq!(call(&a, "GET", "/v1/services/av", None, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_token_changes_need_a_loopback_host() {
+    let a = app_with("services:\n  av:\n    instances: []\n", None);
+    let post = |host: &'static str, port: u16| {
+        let a = a.clone();
+        async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri("/v1/services/av/instances")
+                .header("host", host)
+                .body(Body::from(
+                    json!({"id": host.replace([':', '.', '[', ']'], "-"), "address": format!("127.0.0.1:{port}")})
+                        .to_string(),
+                ))
+                .unwrap();
+            router(a).oneshot(req).await.unwrap().status()
+        }
+    };
+    // a rebound DNS name, as a page in a local browser would send it
+    assert_eq!(post("attacker.example:9900", 1).await, StatusCode::FORBIDDEN);
+    assert_eq!(post("127.0.0.1.nip.io:9900", 2).await, StatusCode::FORBIDDEN);
+    for (port, host) in (10..).zip(["127.0.0.1:9900", "localhost:9900", "[::1]:9900", "localhost"]) {
+        assert_eq!(post(host, port).await, StatusCode::CREATED, "{host}");
+    }
 }
 
 #[tokio::test]
