@@ -17,6 +17,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// Longest cookie value we try to verify (ids are at most 128 bytes).
 const MAX_VALUE_LEN: usize = 512;
 
+/// Cookies of the sticky name verified per request, in header order: a browser sends the name more than once only
+/// when cookies of several paths or domains carry it. Each check is an HMAC, so an unbounded number would let one
+/// request of 600 forged values cost 20 plain requests' CPU; beyond this many, the rest are not looked at.
+pub const MAX_CHECKED_VALUES: usize = 2;
+
 #[derive(Clone)]
 pub struct StickyCodec {
     mac: HmacSha256,

@@ -228,7 +228,7 @@ impl Worker {
             let name = &self.snap.config.sticky_sessions.cookie_name;
             if let Some(header) = req.header("cookie") {
                 let mut seen = false;
-                for value in cookie::values(&header, name) {
+                for value in cookie::values(&header, name).take(crate::sticky::MAX_CHECKED_VALUES) {
                     seen = true;
                     if let Some((id, expires)) = codec.decode(value, now_ms / 1000) {
                         pending.pinned = Some((id, expires));

@@ -293,6 +293,34 @@ async fn an_invalid_configuration_is_refused_with_our_message(kind: Kind) {
     assert!(log.contains("equilibrio: invalid configuration: `sticky_sessions.ttl`"), "{log}");
 }
 
+async fn only_the_first_two_sticky_cookies_are_checked(kind: Kind) {
+    let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "ttl": 600, "secure": false}});
+    let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
+    let first = s.client.get(s.proxy.url("/")).send().await.unwrap();
+    let cookie = first.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let pinned = first.text().await.unwrap();
+    let forged = "AGENTE_VENDEDOR_SESSION=bm9wZQ.9999999999.AAAA";
+    let served = |header: String| {
+        let (client, url) = (s.client.clone(), s.proxy.url("/"));
+        async move {
+            let mut by = std::collections::BTreeMap::new();
+            for _ in 0..30 {
+                let body = client.get(&url).header("cookie", &header).send().await.unwrap().text().await.unwrap();
+                *by.entry(body).or_insert(0usize) += 1;
+            }
+            by
+        }
+    };
+    // the valid cookie second (a browser's path-scoped duplicate): checked, pinned
+    let second = served(format!("{forged}; {cookie}")).await;
+    assert_eq!(second.get(&pinned), Some(&30), "{second:?}");
+    // behind two forged values (or 600: each would cost an HMAC): not looked at, balanced as a new session
+    let third = served(format!("{forged}; {forged}; {cookie}")).await;
+    assert!(third.len() == 3, "the third value was checked: {third:?}");
+    let many = served(format!("{}{cookie}", format!("{forged}; ").repeat(600))).await;
+    assert!(many.len() == 3, "{many:?}");
+}
+
 async fn a_draining_endpoint_keeps_its_sticky_sessions_only(kind: Kind) {
     let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}});
     let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
@@ -390,5 +418,6 @@ on_both_proxies!(
     reports_reach_the_supervisor,
     an_invalid_configuration_is_refused_with_our_message,
     a_draining_endpoint_keeps_its_sticky_sessions_only,
+    only_the_first_two_sticky_cookies_are_checked,
     abandoned_requests_still_end_their_accounting,
 );
