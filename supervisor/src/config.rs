@@ -150,6 +150,8 @@ struct RawConfig {
     token_file: Option<PathBuf>,
     state_file: Option<PathBuf>,
     drain_timeout: Option<Millis>,
+    header_read_timeout: Option<Millis>,
+    max_connections: Option<usize>,
     #[serde(default)]
     webhooks: Vec<String>,
     webhook_ca_file: Option<PathBuf>,
@@ -176,6 +178,10 @@ pub struct Config {
     pub token: Option<String>,
     pub state_file: Option<PathBuf>,
     pub drain_timeout_ms: u64,
+    /// A client must send a request's head within this (slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
     pub webhooks: Vec<String>,
     /// PEM certificates trusted for `https://` webhooks besides the platform's roots (a private CA).
     pub webhook_ca_pem: Option<Vec<u8>>,
@@ -280,6 +286,14 @@ impl Config {
                 return Err(err(format!("webhooks[{i}]"), "must be an http:// or https:// URL"));
             }
         }
+        let header_read_timeout_ms = raw.header_read_timeout.map_or(10_000, |m| m.0);
+        if !(100..=300_000).contains(&header_read_timeout_ms) {
+            return Err(err("header_read_timeout", "must be between 100ms and 5m"));
+        }
+        let max_connections = raw.max_connections.unwrap_or(1024);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(err("max_connections", "must be between 1 and 1000000"));
+        }
         let webhook_ca_pem = match &raw.webhook_ca_file {
             None => None,
             Some(path) => {
@@ -341,6 +355,8 @@ impl Config {
             token,
             state_file: raw.state_file,
             drain_timeout_ms,
+            header_read_timeout_ms,
+            max_connections,
             webhooks: raw.webhooks,
             webhook_ca_pem,
             services,

@@ -14,6 +14,7 @@
 //! | [`persist`] | the atomic state file |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`api`] | the REST API |
+//! | [`serve`] | the API's HTTP server and its limits (header read timeout, connection cap, graceful drain) |
 //! | [`app`] | shared state and the single path of every change |
 
 pub mod api;
@@ -27,4 +28,5 @@ pub mod persist;
 pub mod registry;
 pub mod reports;
 pub mod scaling;
+pub mod serve;
 pub mod table;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use equilibrio_supervisor::{api, app::App, config::Config, monitor, scaling};
+use equilibrio_supervisor::{api, app::App, config::Config, monitor, scaling, serve};
 
 #[derive(Parser)]
 #[command(
@@ -66,11 +66,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(scaling::controller::run(app.clone(), runtime, stop_rx.clone()))
     });
     let shutdown_app = app.clone();
-    let mut api_stop = stop_rx.clone();
-    let server = axum::serve(listener, api::router(app.clone())).with_graceful_shutdown(async move {
-        let _ = api_stop.changed().await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    let limits = serve::Limits {
+        header_read_timeout: Duration::from_millis(app.config.header_read_timeout_ms),
+        max_connections: app.config.max_connections,
+    };
+    let server = tokio::spawn(serve::run(listener, api::router(app.clone()), limits, stop_rx.clone()));
 
     shutdown_signal().await;
     tracing::info!("shutting down: not ready, finishing calls in flight");
@@ -80,8 +80,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(s) = scaler {
         let _ = s.await;
     }
-    // SSE streams never end on their own: bound the drain
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // the server drains the calls in flight itself (bounded: SSE streams never end on their own)
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     Ok(())
 }
 

@@ -635,3 +635,38 @@ async fn without_a_token_a_rebound_dns_name_cannot_change_anything() {
     let accepted = post(format!("127.0.0.1:{port}"), "mine", 2).await;
     assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_cut_off_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = backends(1).await;
+    let yaml = format!("header_read_timeout: 1s\nmax_connections: 50\n{}", service_yaml(&b, "{interval: 1}"));
+    let s = Supervisor::start(&yaml).await.unwrap();
+    // 100 clients that send part of a request head and then nothing (twice the connection cap)
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(b"GET /livez HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ").await.unwrap();
+        slow.push(c);
+    }
+    // a real client still gets its answer: each slow one is cut off after the header read timeout
+    let start = Instant::now();
+    let ok = tokio::time::timeout(Duration::from_secs(10), reqwest::get(s.url("/livez"))).await;
+    assert!(ok.is_ok_and(|r| r.is_ok_and(|r| r.status().is_success())), "not served beside the slow clients");
+    eprintln!("served after {:?} beside 100 slowloris connections", start.elapsed());
+    // and every slow connection is closed by the server (read gives end of file or an error), not held
+    for (i, c) in slow.iter_mut().enumerate() {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // hyper may answer 408 first
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "slow connection {i} is still open");
+    }
+}
