@@ -1,7 +1,10 @@
 //! The body of a response the proxy sends: the upstream's, streamed through, or a local reply's. It carries what
 //! must happen when the response ends: the upstream connection goes back to the pool (only after a complete body),
 //! and the filters get `proxy_on_log` and their contexts are deleted (when the body is dropped, complete or not).
+//! An upstream body that brings nothing for the route's `idle_timeout` ends in an error (the client's connection is
+//! cut, as Envoy's stream idle timeout does); the timer exists only once the body has had to wait.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -28,8 +31,27 @@ pub struct Release {
     pub sender: Sender,
 }
 
+/// The stream idle timeout of an upstream body: armed at the first wait, pushed back by every frame.
+struct Idle {
+    after: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The error a body cut off for idleness ends with.
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream response body idle for longer than the route's idle_timeout")
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
 pub struct ProxyBody {
     inner: Inner,
+    idle: Option<Idle>,
     release: Option<Release>,
     _guard: Option<StreamGuard>,
     conn: Option<Rc<ConnState>>,
@@ -44,15 +66,21 @@ impl Drop for ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: Incoming, release: Release, guard: StreamGuard) -> ProxyBody {
-        let mut b = ProxyBody { inner: Inner::Upstream(body), release: Some(release), _guard: Some(guard), conn: None };
+    pub fn upstream(body: Incoming, release: Release, guard: StreamGuard, idle: std::time::Duration) -> ProxyBody {
+        let mut b = ProxyBody {
+            inner: Inner::Upstream(body),
+            idle: Some(Idle { after: idle, timer: None }),
+            release: Some(release),
+            _guard: Some(guard),
+            conn: None,
+        };
         b.release_if_done();
         b
     }
 
     pub fn full(bytes: Bytes, guard: Option<StreamGuard>) -> ProxyBody {
         let data = if bytes.is_empty() { None } else { Some(bytes) };
-        ProxyBody { inner: Inner::Full(data), release: None, _guard: guard, conn: None }
+        ProxyBody { inner: Inner::Full(data), idle: None, release: None, _guard: guard, conn: None }
     }
 
     /// Marks the end of the request on its connection when this body is done.
@@ -82,12 +110,27 @@ impl Body for ProxyBody {
             Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match polled {
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => {
+                        if let Some(idle) = &mut this.idle {
+                            let after = idle.after;
+                            let timer = idle.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                            if timer.as_mut().poll(cx).is_ready() {
+                                // not back to the pool: the upstream connection is in an unknown state
+                                this.release = None;
+                                this.idle = None;
+                                return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+                            }
+                        }
+                        Poll::Pending
+                    }
                     Poll::Ready(None) => {
                         this.release_if_done();
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(Idle { after, timer: Some(timer) }) = &mut this.idle {
+                            timer.as_mut().reset(tokio::time::Instant::now() + *after);
+                        }
                         this.release_if_done();
                         Poll::Ready(Some(Ok(frame)))
                     }

@@ -79,11 +79,14 @@ pub struct RouteConfig {
     pub timeout: Millis,
     /// Further attempts on the next listed host after a connect failure or a reset (Envoy's `num_retries`).
     pub retries: u32,
+    /// A response body that brings nothing for this long is cut off (Envoy's stream idle timeout, 5 minutes): an
+    /// upstream that sends its headers and a few bytes and then hangs holds no client forever.
+    pub idle_timeout: Millis,
 }
 
 impl Default for RouteConfig {
     fn default() -> Self {
-        RouteConfig { cluster: "backend".into(), timeout: Millis(30_000), retries: 2 }
+        RouteConfig { cluster: "backend".into(), timeout: Millis(30_000), retries: 2, idle_timeout: Millis(300_000) }
     }
 }
 
@@ -238,6 +241,9 @@ impl Config {
         }
         if raw.route.timeout.0 == 0 {
             return Err(err("route.timeout", "must be more than 0"));
+        }
+        if raw.route.idle_timeout.0 == 0 {
+            return Err(err("route.idle_timeout", "must be more than 0"));
         }
         if raw.route.retries > 10 {
             return Err(err("route.retries", "at most 10"));

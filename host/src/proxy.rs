@@ -157,7 +157,8 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     }
     let out = head(guard.stream.as_deref(), client_version);
     let release = Release { pool: w.pool.clone(), addr, sender };
-    out.map(|()| ProxyBody::upstream(rbody, release, guard))
+    let idle = std::time::Duration::from_millis(w.route.idle_timeout.0);
+    out.map(|()| ProxyBody::upstream(rbody, release, guard, idle))
 }
 
 fn reply(status: u16, details: &str) -> LocalReply {

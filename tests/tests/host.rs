@@ -301,3 +301,34 @@ async fn sigterm_stops_accepting_and_drains_in_flight_requests() {
     let exit = host.wait_exit(Duration::from_secs(10)).await.expect("exits after draining");
     assert!(exit.success(), "{exit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_goes_silent_mid_body_is_cut_off_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // sends its headers and 7 bytes of a 100-byte body, then nothing, holding the connection
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n1234567").await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let cfg = config(&backend.to_string(), "").replace(
+        "route: {cluster: backend, timeout: 5s, retries: 2}",
+        "route: {cluster: backend, timeout: 5s, retries: 2, idle_timeout: 1s}",
+    );
+    let host = Host::start_with(&cfg, 1).await.unwrap();
+    let started = std::time::Instant::now();
+    let r = reqwest::get(url(&host, "/")).await.unwrap();
+    assert_eq!(r.status(), 200, "the headers came");
+    let body = tokio::time::timeout(Duration::from_secs(10), r.bytes()).await;
+    assert!(body.is_ok(), "the client is still held after 10 s");
+    assert!(body.unwrap().is_err(), "a body cut short must not look complete");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut before the idle timeout: {took:?}");
+}
