@@ -57,6 +57,24 @@ impl Default for ListenerConfig {
     }
 }
 
+/// What a filter may use, per VM: a bug that loops or leaks stops at these, not with the worker.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WasmLimits {
+    /// Linear memory per VM, MiB: a `memory.grow` beyond it traps, and the VM is re-created.
+    pub max_memory_mb: usize,
+    /// Longest a VM may run on one entry (a callback and what it calls): beyond it the call traps (the request gets a
+    /// 5xx, the VM is re-created, the worker serves on). `0` turns the check off (and its small cost per call and
+    /// loop iteration with it).
+    pub callback_timeout: Millis,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits { max_memory_mb: 256, callback_timeout: Millis(1000) }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -191,6 +209,8 @@ struct RawConfig {
     http_filters: Vec<PluginConfig>,
     #[serde(default)]
     log_level: Option<LogLevel>,
+    #[serde(default)]
+    wasm: WasmLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +225,7 @@ pub struct Config {
     /// HTTP filters, in order: one VM per worker each.
     pub http_filters: Vec<PluginConfig>,
     pub log_level: LogLevel,
+    pub wasm: WasmLimits,
 }
 
 impl Config {
@@ -241,6 +262,12 @@ impl Config {
         }
         if raw.route.timeout.0 == 0 {
             return Err(err("route.timeout", "must be more than 0"));
+        }
+        if !(1..=65_536).contains(&raw.wasm.max_memory_mb) {
+            return Err(err("wasm.max_memory_mb", "must be between 1 and 65536"));
+        }
+        if raw.wasm.callback_timeout.0 > 3_600_000 {
+            return Err(err("wasm.callback_timeout", "must be at most 1h (0: off)"));
         }
         if raw.route.idle_timeout.0 == 0 {
             return Err(err("route.idle_timeout", "must be more than 0"));
@@ -281,6 +308,7 @@ impl Config {
             wasm_services: raw.wasm_services,
             http_filters: raw.http_filters,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
+            wasm: raw.wasm,
         })
     }
 

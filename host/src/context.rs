@@ -33,6 +33,22 @@ pub struct Env {
     pub clusters: Vec<String>,
     /// The route's cluster (the `cluster_name` property).
     pub route_cluster: String,
+    /// Bounds of every VM.
+    pub limits: VmLimits,
+}
+
+/// A VM's bounds, as the runtime applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmLimits {
+    pub max_memory_bytes: usize,
+    /// Epoch ticks one entry may run (`None`: unbounded; the engine has no epoch checks).
+    pub deadline_ticks: Option<u64>,
+}
+
+impl Default for VmLimits {
+    fn default() -> Self {
+        VmLimits { max_memory_bytes: 256 << 20, deadline_ticks: None }
+    }
 }
 
 /// A reply the filter asked for (`proxy_send_local_response`).
@@ -130,11 +146,17 @@ pub struct HostState {
     pub next_token: u32,
     /// A line of guest stdout/stderr not yet ended by a newline.
     pub stdio_line: Vec<u8>,
+    /// The VM's memory bound (wasmtime's resource limiter).
+    pub store_limits: wasmtime::StoreLimits,
 }
 
 impl HostState {
     pub fn new(plugin: Arc<PluginInfo>, env: Arc<Env>) -> HostState {
         let shared = env.shared.scope(&plugin.vm_id);
+        let store_limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(env.limits.max_memory_bytes)
+            .trap_on_grow_failure(true)
+            .build();
         HostState {
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build_p1(),
             plugin,
@@ -149,6 +171,7 @@ impl HostState {
             effective_context: 0,
             next_token: 1,
             stdio_line: vec![],
+            store_limits,
         }
     }
 

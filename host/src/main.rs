@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The period of the epoch that bounds a callback's time.
+const EPOCH_TICK_MS: u64 = 10;
+
 fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.concurrency {
         config.listener.workers = n;
@@ -65,7 +68,23 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
     if args.wasm_perfmap {
         engine_config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
+    // a callback that runs too long is interrupted through epochs: a thread ticks every EPOCH_TICK
+    let callback_timeout = config.wasm.callback_timeout.0;
+    engine_config.epoch_interruption(callback_timeout > 0);
     let engine = wasmtime::Engine::new(&engine_config).map_err(|e| anyhow::anyhow!("wasmtime: {e:#}"))?;
+    let limits = equilibrio_host::context::VmLimits {
+        max_memory_bytes: config.wasm.max_memory_mb << 20,
+        deadline_ticks: (callback_timeout > 0).then(|| callback_timeout.div_ceil(EPOCH_TICK_MS) + 1),
+    };
+    if callback_timeout > 0 {
+        let ticking = engine.clone();
+        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(EPOCH_TICK_MS));
+                ticking.increment_epoch();
+            }
+        })?;
+    }
     let mut compiled = std::collections::HashMap::new();
     let mut load = |list: &[equilibrio_host::config::PluginConfig], key: &str| -> anyhow::Result<Vec<Arc<Plugin>>> {
         list.iter()
@@ -87,6 +106,7 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
         log_level: config.log_level,
         clusters: config.clusters.keys().cloned().collect(),
         route_cluster: config.route.cluster.clone(),
+        limits,
     });
     let config = Arc::new(config);
     let shared = Arc::new(Shared {

@@ -106,6 +106,7 @@ mod tests {
             log_level: crate::config::LogLevel::Info,
             clusters: vec![],
             route_cluster: "backend".into(),
+            limits: crate::context::VmLimits::default(),
         });
         let mut s = HostState::new(plugin, env);
         let (parts, ()) = http::Request::builder().uri("/a?b=1").body(()).unwrap().into_parts();

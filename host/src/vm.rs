@@ -117,7 +117,13 @@ where
 
 impl Vm {
     pub fn start(engine: &Engine, plugin: &Plugin, env: Arc<Env>) -> Result<Vm, StartError> {
+        let deadline = env.limits.deadline_ticks;
         let mut store = Store::new(engine, HostState::new(plugin.info.clone(), env));
+        store.limiter(|s| &mut s.store_limits);
+        if let Some(ticks) = deadline {
+            store.epoch_deadline_trap();
+            store.set_epoch_deadline(ticks);
+        }
         let instance = plugin.linker.instantiate(&mut store, &plugin.module).map_err(trap)?;
         store.data_mut().memory = instance.get_memory(&mut store, "memory");
         let malloc = match typed::<i32, i32>(&instance, &mut store, "proxy_on_memory_allocate")? {
@@ -165,6 +171,13 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Gives the next entry into the VM its whole time budget (the deadline counts from now).
+    fn arm(&mut self) {
+        if let Some(ticks) = self.store.data().env.limits.deadline_ticks {
+            self.store.set_epoch_deadline(ticks);
+        }
+    }
+
     pub fn plugin(&self) -> &PluginInfo {
         &self.store.data().plugin
     }
@@ -179,12 +192,14 @@ impl Vm {
     }
 
     pub fn on_tick(&mut self) -> Result<(), Trap> {
+        self.arm();
         let Some(f) = self.f.on_tick.clone() else { return Ok(()) };
         self.store.data_mut().effective_context = self.root_context;
         f.call(&mut self.store, self.root_context as i32).map_err(trap)
     }
 
     pub fn on_http_call_response(&mut self, context: u32, token: u32, response: CallResponse) -> Result<(), Trap> {
+        self.arm();
         let Some(f) = self.f.on_http_call_response.clone() else { return Ok(()) };
         let args = (
             context as i32,
@@ -203,6 +218,7 @@ impl Vm {
 
     /// Creates an HTTP context for a new stream.
     pub fn create_stream_context(&mut self) -> Result<u32, Trap> {
+        self.arm();
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(2);
         self.store.data_mut().effective_context = id;
@@ -219,6 +235,7 @@ impl Vm {
         stream: &mut Option<Box<Stream>>,
         call: impl FnOnce(&Exports, &mut Store<HostState>) -> R,
     ) -> R {
+        self.arm();
         let state = self.store.data_mut();
         state.stream = stream.take();
         state.effective_context = context;
@@ -259,6 +276,7 @@ impl Vm {
 
     /// The end of a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` (Envoy's order).
     pub fn finish_stream(&mut self, context: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Trap> {
+        self.arm();
         self.with_stream(context, stream, |f, store| {
             let ctx = context as i32;
             if let Some(func) = &f.on_done {

@@ -332,3 +332,38 @@ async fn an_upstream_that_goes_silent_mid_body_is_cut_off_at_the_idle_timeout() 
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900), "cut before the idle timeout: {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_loops_or_leaks_is_stopped_and_the_worker_serves_on() {
+    let b = Backend::start("av-1").await.unwrap();
+    // one worker: if the loop held it, nothing else would be served
+    let cfg = format!("{}wasm: {{max_memory_mb: 96, callback_timeout: 200ms}}\n", config(&b.addr.to_string(), ""));
+    let host = Host::start_with(&cfg, 1).await.unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let probe = |action: &'static str| {
+        let (client, url) = (client.clone(), url(&host, "/"));
+        async move {
+            let started = std::time::Instant::now();
+            let r = client.get(url).header("x-probe", action).send().await.expect("an answer, not a hang");
+            (r.status().as_u16(), r.text().await.unwrap_or_default(), started.elapsed())
+        }
+    };
+    let (status, _, took) = probe("loop").await;
+    assert!(status >= 500, "the looping request gets a 5xx, got {status}");
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+    let (status, body, _) = probe("none").await;
+    assert_eq!((status, body.as_str()), (200, "av-1"), "the worker serves on after the loop");
+    // 16 MiB a request against a 96 MiB limit: stopped within a few requests, never grows the proxy without bound
+    let mut stopped = false;
+    for _ in 0..10 {
+        let (status, _, _) = probe("leak").await;
+        if status >= 500 {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "the leak was never stopped");
+    let (status, body, _) = probe("none").await;
+    assert_eq!((status, body.as_str()), (200, "av-1"), "a fresh VM serves after the leak");
+    assert!(stat(&host, "wasm.probe.vm_restarts").await.unwrap_or(0) >= 2, "both VMs were re-created");
+}

@@ -6,7 +6,9 @@
 //! - `unsupported`: calls host functions the proxy does not implement (gRPC, shared queues, one of no ABI) and
 //!   answers with the status numbers it got, in `x-grpc-status`, `x-queue-status` and `x-future-status`;
 //! - `properties`: answers with the properties it reads, one `name=value` per line;
-//! - `reply`: answers 418 locally with a header and a body.
+//! - `reply`: answers 418 locally with a header and a body;
+//! - `loop`: never returns (a filter bug the host must interrupt);
+//! - `leak`: keeps 16 MiB more memory each request (a leak the host must stop at its limit).
 //!
 //! The response phase adds `x-probe-response-status` (the `:status` it saw).
 
@@ -98,6 +100,18 @@ mod wasm {
             let action = hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-probe").ok().flatten();
             match action.as_deref() {
                 Some("trap") => core::arch::wasm32::unreachable(),
+                // a bug that never returns: the host must stop it and keep the worker serving
+                Some("loop") => {
+                    let mut x = 1u64;
+                    loop {
+                        x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                }
+                // a leak: 16 MiB more each request, never freed; the host must stop it at its memory limit
+                Some("leak") => {
+                    let block = vec![1u8; 16 << 20];
+                    core::mem::forget(core::hint::black_box(block));
+                }
                 Some("unsupported") => {
                     let (g, q, f) = unsupported::call_all();
                     let (g, q, f) = (g.to_string(), q.to_string(), f.to_string());
