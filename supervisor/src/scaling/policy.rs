@@ -293,6 +293,15 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The unit a metric's values are shown in (scaling events and the log).
+fn unit(metric: usize) -> &'static str {
+    match metric {
+        0 | 1 => "%",
+        2 => "/min",
+        _ => " ms",
+    }
+}
+
 /// CPU or memory at or above this is saturated.
 const SATURATED: f64 = 95.0;
 
@@ -356,7 +365,8 @@ pub fn decide(p: &ScalingPolicy, current: u32, h: &mut History, now_ms: u64, tic
             }
             if want > up {
                 up = want;
-                reason = format!("{name} {v:.1} above scale_up_threshold {}", m.scale_up_threshold);
+                let unit = unit(i);
+                reason = format!("{name} {v:.1}{unit} above scale_up_threshold {}{unit}", m.scale_up_threshold);
             }
         }
     }
@@ -413,7 +423,11 @@ pub fn decide(p: &ScalingPolicy, current: u32, h: &mut History, now_ms: u64, tic
             (Ok(_), Some(v)) if !enough => Err(format!("{name} has {v:.1} over only part of its measurement_window")),
             (Ok(_), None) => Err(format!("{name} has no data over its measurement_window")),
             (Ok(_), Some(v)) if v >= m.scale_down_threshold => {
-                Err(format!("{name} {v:.1} not below scale_down_threshold {} over its window", m.scale_down_threshold))
+                let unit = unit(i);
+                Err(format!(
+                    "{name} {v:.1}{unit} not below scale_down_threshold {}{unit} over its window",
+                    m.scale_down_threshold
+                ))
             }
             (Ok(acc), Some(v)) => {
                 gate_weights += m.weight;
