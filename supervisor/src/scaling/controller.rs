@@ -452,25 +452,9 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 Err(e) => {
                     let message = e.to_string();
                     tracing::error!(%service, %message, "scale-up failed");
-                    if let Some(st) = app.scaling().get_mut(service) {
-                        st.failed(now);
-                        let (from, to) = (st.current, st.desired);
-                        st.record(ScalingEvent {
-                            time_ms: now,
-                            kind: "failed".into(),
-                            from,
-                            to,
-                            reason: message.clone(),
-                        });
-                        app.metrics.scaling_event(service, "failed");
-                    }
-                    app.observe(vec![event(
-                        now,
-                        EventKind::ScalingFailed,
-                        service,
-                        Some(&instance),
-                        serde_json::json!({"message": message}),
-                    )]);
+                    let detail = serde_json::json!({"message": message});
+                    let published = event(now, EventKind::ScalingFailed, service, Some(&instance), detail);
+                    record_failure(app, service, now, "failed", message, published);
                 }
             }
         }
@@ -517,27 +501,22 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
     }
 }
 
-/// Records a replacement (a failure for the crash-loop backoff) and publishes it.
+/// Records a replacement and publishes it.
 fn replaced(app: &App, service: &str, instance: &str, reason: &str, now: u64) {
+    let detail = serde_json::json!({"reason": reason});
+    let published = event(now, EventKind::InstanceReplaced, service, Some(instance), detail);
+    record_failure(app, service, now, "replaced", format!("{instance} {reason}"), published);
+}
+
+/// Records a failure (it feeds the crash-loop backoff) as a scaling event of `kind`, and publishes `published`.
+fn record_failure(app: &App, service: &str, now: u64, kind: &str, reason: String, published: Event) {
     if let Some(st) = app.scaling().get_mut(service) {
         st.failed(now);
         let (from, to) = (st.current, st.desired);
-        st.record(ScalingEvent {
-            time_ms: now,
-            kind: "replaced".into(),
-            from,
-            to,
-            reason: format!("{instance} {reason}"),
-        });
-        app.metrics.scaling_event(service, "replaced");
+        st.record(ScalingEvent { time_ms: now, kind: kind.into(), from, to, reason });
+        app.metrics.scaling_event(service, kind);
     }
-    app.observe(vec![event(
-        now,
-        EventKind::InstanceReplaced,
-        service,
-        Some(instance),
-        serde_json::json!({"reason": reason}),
-    )]);
+    app.observe(vec![published]);
 }
 
 /// What a registry change made by the controller can fail with.

@@ -29,7 +29,7 @@ pub struct CostStats {
     pub scale_downs: u64,
     pub failures: u64,
     #[serde(skip)]
-    last: Option<Observed>,
+    last: Option<Observation>,
     #[serde(skip)]
     cpu_seconds: f64,
     #[serde(skip)]
@@ -49,15 +49,6 @@ pub struct Observation {
     pub memory_percent: Option<f64>,
     /// The service's request rate now (requests per second, all instances).
     pub requests_per_second: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Observed {
-    at_mono_ms: u64,
-    running: usize,
-    cpu_percent: Option<f64>,
-    memory_percent: Option<f64>,
-    requests_per_second: f64,
 }
 
 impl CostStats {
@@ -92,13 +83,7 @@ impl CostStats {
             }
             _ => 0.0,
         };
-        self.last = Some(Observed {
-            at_mono_ms: o.at_mono_ms,
-            running: o.running,
-            cpu_percent: o.cpu_percent,
-            memory_percent: o.memory_percent,
-            requests_per_second: o.requests_per_second,
-        });
+        self.last = Some(o);
         added
     }
 
