@@ -272,24 +272,20 @@ NGINX
   esac
 }
 
-# wait until a filter Envoy has its table (EDS hosts and the filter's table version)
-bench_wait_envoy_table() { # admin-port
+# wait until a proxy's filter has its table (and, for Envoy, its EDS cluster the 3 hosts)
+bench_wait_table() { # admin-port [envoy]
   local v
   for _ in $(seq 1 100); do
     v=$(curl -fsS "http://127.0.0.1:$1/stats?filter=equilibrio_table_version" 2>/dev/null | awk '{print $2}')
-    [ "${v:-0}" -ge 1 ] && [ "$(curl -fsS "http://127.0.0.1:$1/clusters" | grep -c '^backend::.*::cx_active::')" -eq 3 ] && break
+    if [ "${v:-0}" -ge 1 ]; then
+      [ "${2:-}" != envoy ] && break
+      [ "$(curl -fsS "http://127.0.0.1:$1/clusters" | grep -c '^backend::.*::cx_active::')" -eq 3 ] && break
+    fi
     sleep 0.1
   done
 }
-
-bench_wait_host_table() { # admin-port
-  local v
-  for _ in $(seq 1 100); do
-    v=$(curl -fsS "http://127.0.0.1:$1/stats?filter=equilibrio_table_version" 2>/dev/null | awk '{print $2}')
-    [ "${v:-0}" -ge 1 ] && break
-    sleep 0.1
-  done
-}
+bench_wait_envoy_table() { bench_wait_table "$1" envoy; }
+bench_wait_host_table() { bench_wait_table "$1"; }
 
 # a valid session cookie from the sticky Envoy, for the case where clients come back with it
 bench_sticky_cookie() {

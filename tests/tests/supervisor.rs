@@ -29,6 +29,30 @@ async fn backends(n: usize) -> Vec<Backend> {
     v
 }
 
+/// 300 requests through `url` reach each of the three backends 95 to 105 times.
+async fn assert_even_thirds(client: &reqwest::Client, url: &str, b: &[Backend]) {
+    let counts = by_body(&load(client, url, 300, 4).await);
+    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
+    for x in b {
+        let n = counts.get(&x.id).copied().unwrap_or(0);
+        assert!((95..=105).contains(&n), "{counts:?}");
+    }
+}
+
+/// Waits (up to 5 s) until `id`'s drain is done: nothing of it in flight, as the proxies report.
+async fn wait_drain_done(s: &Supervisor, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+        let inst = v.as_array().unwrap().iter().find(|i| i["id"] == id).unwrap().clone();
+        if inst["drain"]["done_ms"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain never completed: {inst}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_become_healthy_and_a_dead_one_is_noticed_in_time() {
     let b = backends(3).await;
@@ -182,12 +206,7 @@ async fn envoy_and_the_filter_follow_the_supervisor() {
     let version = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap()["version"].as_u64().unwrap();
     envoy.wait_for_table(3, version).await.unwrap();
     let client = reqwest::Client::new();
-    let counts = by_body(&load(&client, &envoy.url("/"), 300, 4).await);
-    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
-    for x in &b {
-        let n = counts.get(&x.id).copied().unwrap_or(0);
-        assert!((95..=105).contains(&n), "{counts:?}");
-    }
+    assert_even_thirds(&client, &envoy.url("/"), &b).await;
     // drain av-3 through the API: no new traffic within two poll periods (plus EDS)
     let (st, v) = s.call("POST", "/v1/services/agente-vendedor/instances/av-3/drain", None).await.unwrap();
     assert_eq!((st, v["state"].as_str()), (200, Some("draining")));
@@ -213,16 +232,7 @@ async fn envoy_and_the_filter_follow_the_supervisor() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // and once nothing is in flight the drain completes
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
-        let av3 = v.as_array().unwrap().iter().find(|i| i["id"] == "av-3").unwrap().clone();
-        if av3["drain"]["done_ms"].is_u64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "drain never completed: {av3}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drain_done(&s, "av-3").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,12 +465,7 @@ async fn the_bundled_proxy_follows_the_supervisor_end_to_end() {
     proxy.wait_for_table(3, version).await.unwrap();
     // traffic follows: every registered instance gets its third
     let client = reqwest::Client::new();
-    let counts = by_body(&load(&client, &proxy.url("/"), 300, 4).await);
-    assert_eq!(counts.values().sum::<usize>(), 300, "{counts:?}");
-    for x in &b {
-        let n = counts.get(&x.id).copied().unwrap_or(0);
-        assert!((95..=105).contains(&n), "{counts:?}");
-    }
+    assert_even_thirds(&client, &proxy.url("/"), &b).await;
     // a drain empties an instance: no new request reaches it, and the drain completes
     let (st, _) = s.call("POST", "/v1/services/agente-vendedor/instances/av-3/drain", None).await.unwrap();
     assert_eq!(st, 200);
@@ -477,16 +482,7 @@ async fn the_bundled_proxy_follows_the_supervisor_end_to_end() {
     let counts = by_body(&load(&client, &proxy.url("/"), 60, 2).await);
     assert!(!counts.contains_key("av-3"), "{counts:?}");
     assert!(b[2].hits() - hits <= 2, "only health checks reach the drained instance");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
-        let av3 = v.as_array().unwrap().iter().find(|i| i["id"] == "av-3").unwrap().clone();
-        if av3["drain"]["done_ms"].is_u64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "drain never completed: {av3}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_drain_done(&s, "av-3").await;
     // a policy change applies: with ip_hash, every request of this one client goes to one instance
     let (st, v) =
         s.call("PUT", "/v1/services/agente-vendedor/policy", Some(json!({"algorithm": "ip_hash"}))).await.unwrap();
