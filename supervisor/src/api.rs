@@ -434,10 +434,8 @@ async fn update_instance(
     {
         return Err(ApiError::invalid("weight", format!("must be at most {}", equilibrio_filter::table::MAX_WEIGHT)));
     }
-    if let Some(z) = &u.zone
-        && !(z.len() <= crate::config::MAX_LABEL_BYTES && z.bytes().all(equilibrio_filter::config::is_id_byte))
-    {
-        return Err(ApiError::invalid("zone", "must be at most 64 of [A-Za-z0-9._-]"));
+    if let Some(z) = &u.zone {
+        crate::config::validate_zone(z).map_err(|r| ApiError::invalid("zone", r))?;
     }
     app.change(|reg, now| reg.update(&service, &id, &u, now).map(|e| ((), e)).map_err(ApiError::from))?;
     instance(&app, &service, &id)

@@ -82,9 +82,7 @@ impl InstanceSpec {
     pub fn validate(&mut self) -> Result<(), (&'static str, String)> {
         equilibrio_filter::table::validate_endpoint_fields(&self.id, &self.address, self.weight)?;
         self.address = canonical_address(&self.address).map_err(|r| ("address", r))?;
-        if !(self.zone.len() <= MAX_LABEL_BYTES && self.zone.bytes().all(equilibrio_filter::config::is_id_byte)) {
-            return Err(("zone", format!("must be at most {MAX_LABEL_BYTES} of [A-Za-z0-9._-]")));
-        }
+        validate_zone(&self.zone).map_err(|r| ("zone", r))?;
         if self.version.len() > MAX_LABEL_BYTES || self.version.bytes().any(|b| !b.is_ascii_graphic()) {
             return Err(("version", format!("must be at most {MAX_LABEL_BYTES} printable characters, no spaces")));
         }
@@ -97,6 +95,15 @@ impl InstanceSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// A zone: at most 64 of `[A-Za-z0-9._-]` (empty: none), at registration and on update alike.
+pub fn validate_zone(zone: &str) -> Result<(), String> {
+    if zone.len() <= MAX_LABEL_BYTES && zone.bytes().all(equilibrio_filter::config::is_id_byte) {
+        Ok(())
+    } else {
+        Err(format!("must be at most {MAX_LABEL_BYTES} of [A-Za-z0-9._-]"))
     }
 }
 
