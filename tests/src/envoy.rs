@@ -80,8 +80,13 @@ fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> 
 impl Envoy {
     /// Starts Envoy (`--concurrency 2`) and waits until its admin says it is live and the listener is bound.
     pub async fn start(filter_config: &Value, supervisor: SocketAddr) -> anyhow::Result<Envoy> {
+        Envoy::start_with(&render_config(filter_config, supervisor)?).await
+    }
+
+    /// Starts Envoy (`--concurrency 2`) with this whole configuration (e.g. a rendered one, edited by a test).
+    pub async fn start_with(config: &str) -> anyhow::Result<Envoy> {
         let dir = work_dir("envoy")?;
-        let mut child = spawn(&dir, &render_config(filter_config, supervisor)?, 2)?;
+        let mut child = spawn(&dir, config, 2)?;
         let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "envoy.log", "envoy").await?;
         Ok(Envoy { child, admin, listener, dir })
     }

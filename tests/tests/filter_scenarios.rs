@@ -92,6 +92,45 @@ async fn a_client_cannot_pick_the_upstream(kind: Kind) {
     }
 }
 
+/// Envoy removes a client's `x-equilibrio-upstream` before any filter runs (early header mutation), so even a request
+/// the filter keeps no state for cannot steer the override-host balancer. Here the HTTP filter runs the poller's root,
+/// which has no per-request state: the header reaches the router untouched unless the connection manager stripped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_strips_a_client_upstream_header_before_any_filter() {
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        backends.push(Backend::start(&format!("av-{i}")).await.unwrap());
+    }
+    let eps = backends.iter().map(|b| endpoint(&b.id, b.addr, 100, "healthy")).collect();
+    let table = TableServer::start(SERVICE, eps, Value::Null).await.unwrap();
+    let rendered =
+        equilibrio_tests::envoy::render_config(&filter_config(&table, "500ms", json!({})), table.addr()).unwrap();
+    let mut edited = String::new();
+    let mut http_filter_roots = 0;
+    for line in rendered.lines() {
+        if line.trim() == "root_id: equilibrio" {
+            http_filter_roots += 1;
+            edited.push_str(&line.replace("root_id: equilibrio", "root_id: equilibrio_poller"));
+        } else {
+            edited.push_str(line);
+        }
+        edited.push('\n');
+    }
+    assert_eq!(http_filter_roots, 1, "the shipped config has one HTTP filter root");
+    let proxy = Proxy::Envoy(equilibrio_tests::envoy::Envoy::start_with(&edited).await.unwrap());
+    proxy.wait_for_table(3, 1).await.unwrap();
+    let client = reqwest::Client::new();
+    let target = backends[2].addr.to_string();
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let r = client.get(proxy.url("/")).header("x-equilibrio-upstream", &target).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        *counts.entry(r.text().await.unwrap()).or_insert(0usize) += 1;
+    }
+    // the fallback round robin spreads them; a followed header would send all 60 to av-3
+    assert!(counts.len() == 3 && counts.values().all(|&n| n >= 10), "{counts:?}");
+}
+
 async fn sticky_sessions_pin_and_a_tampered_cookie_is_ignored(kind: Kind) {
     let policy = json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "ttl": 600, "secure": false}});
     let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
