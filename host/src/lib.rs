@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod admin;
 pub mod body;
+pub mod client_body;
 pub mod config;
 pub mod conn_timer;
 pub mod context;
@@ -15,6 +16,7 @@ pub mod driver;
 pub mod forward;
 pub mod headers;
 pub mod http_call;
+pub mod line_ends;
 pub mod properties;
 pub mod proxy;
 pub mod shared_data;

@@ -16,6 +16,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::abi::types::{Action, response_flags as rf};
 use crate::body::{ProxyBody, Release};
+use crate::client_body::ClientBody;
 use crate::config::RouteConfig;
 use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
@@ -35,6 +36,7 @@ pub struct ProxyStats {
     pub upstream_rq_5xx: MetricRef,
     pub no_healthy_upstream: MetricRef,
     pub local_replies: MetricRef,
+    pub downstream_cx_protocol_error: MetricRef,
 }
 
 pub type MetricRef = std::sync::Arc<Metric>;
@@ -127,7 +129,10 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     let (response, addr, sender) = match sent.unwrap_or(Err(rf::UPSTREAM_REQUEST_TIMEOUT)) {
         Ok(x) => x,
         Err(flags) => {
-            let (status, details, text): (u16, &str, &[u8]) = if flags & rf::UPSTREAM_REQUEST_TIMEOUT != 0 {
+            let (status, details, text): (u16, &str, &[u8]) = if flags & rf::DOWNSTREAM_PROTOCOL_ERROR != 0 {
+                w.stats.downstream_cx_protocol_error.inc();
+                (400, "http1.codec_error", b"Bad Request")
+            } else if flags & rf::UPSTREAM_REQUEST_TIMEOUT != 0 {
                 w.stats.upstream_rq_timeout.inc();
                 (504, "upstream_response_timeout", b"upstream request timeout")
             } else {
@@ -225,6 +230,7 @@ fn local(w: &Worker, mut guard: StreamGuard, version: Version, r: LocalReply, fl
             "no_healthy_upstream" => "no_healthy_upstream",
             "upstream_response_timeout" => "upstream_response_timeout",
             "upstream_reset_before_response_started" => "upstream_reset_before_response_started",
+            "http1.codec_error" => "http1.codec_error",
             _ => "local_reply",
         };
         s.response = Some(parts);
@@ -257,6 +263,7 @@ async fn send(
 ) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
     let bodyless = body.is_end_stream();
     let repeatable = bodyless && matches!(s.request.method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let (body, client_failed) = ClientBody::new(body);
     let mut body = Some(body);
     let mut flags = 0;
     'hosts: for (attempt, addr) in upstreams.enumerate() {
@@ -299,6 +306,10 @@ async fn send(
                 Ok(response) => return Ok((response, addr, sender)),
                 Err(mut e) => {
                     w.pool.evict(addr);
+                    if client_failed.get() {
+                        // the client's body was malformed: its fault, not the upstream's, and nothing to retry
+                        return Err(rf::DOWNSTREAM_PROTOCOL_ERROR);
+                    }
                     match e.take_message() {
                         // never written: the body is still ours
                         Some(req) => {

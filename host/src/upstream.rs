@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+use crate::client_body::ClientBody;
+
 /// The body of a request to an upstream: the client's, or nothing (a retry of a request without a body).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 pub type Sender = SendRequest<UpstreamBody>;
 
 #[derive(Debug, thiserror::Error)]

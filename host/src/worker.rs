@@ -21,6 +21,7 @@ use crate::config::{ClusterConfig, Config};
 use crate::conn_timer::{Close, Sweeper, TimedIo, Watched};
 use crate::context::Env;
 use crate::driver::VmSlot;
+use crate::line_ends::StrictLines;
 use crate::proxy::{ProxyStats, Worker};
 use crate::stats::Stats;
 use crate::upstream::Pool;
@@ -188,6 +189,7 @@ async fn run_worker(
             upstream_rq_5xx: counter(&format!("cluster.{cluster}.upstream_rq_5xx")),
             no_healthy_upstream: counter(&format!("cluster.{cluster}.upstream_cx_none_healthy")),
             local_replies: counter("http.ingress.local_replies"),
+            downstream_cx_protocol_error: counter("http.ingress.downstream_cx_protocol_error"),
         },
     });
     let listener_name = format!("listener.{}_{}", local.ip(), local.port());
@@ -242,7 +244,7 @@ async fn run_worker(
         let (id, state) = sweeper.track();
         let sweeper = sweeper.clone();
         tokio::task::spawn_local(async move {
-            let io = TokioIo::new(TimedIo::new(tcp, state.clone()));
+            let io = TokioIo::new(StrictLines::new(TimedIo::new(tcp, state.clone())));
             let conn_state = state.clone();
             let client = crate::forward::Peer::new(peer);
             let service = hyper::service::service_fn(move |req| {

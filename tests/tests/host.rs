@@ -367,3 +367,47 @@ async fn a_filter_that_loops_or_leaks_is_stopped_and_the_worker_serves_on() {
     assert_eq!((status, body.as_str()), (200, "av-1"), "a fresh VM serves after the leak");
     assert!(stat(&host, "wasm.probe.vm_restarts").await.unwrap_or(0) >= 2, "both VMs were re-created");
 }
+
+/// Sends `raw` on a new connection and reads until the proxy closes it (or 5 s).
+fn exchange(host: &Host, raw: &[u8]) -> String {
+    let mut c = std::net::TcpStream::connect(host.listener).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// blocking sockets below: the backend needs another runtime thread
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_shapes_get_400_bare_lf_heads_and_overflowing_chunk_sizes() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host = Host::start_with(&config(&b.addr.to_string(), ""), 1).await.unwrap();
+
+    // a bare LF ends a header line: a front proxy splitting at CRLF sees one header, we would see two
+    let bare = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let got = exchange(&host, bare);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    // as the request line's end, and in a request pipelined after a valid one with a body
+    let got = exchange(&host, b"GET / HTTP/1.1\nHost: x\r\n\r\n");
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    let pipelined =
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\na\nb\nGET / HTTP/1.1\r\nHost: x\nA: 1\r\n\r\n";
+    let got = exchange(&host, pipelined);
+    assert!(got.starts_with("HTTP/1.1 200") && got.matches("HTTP/1.1 ").count() == 2, "{got}");
+    assert!(got.contains("HTTP/1.1 400"), "the second request is refused: {got}");
+    assert_eq!(b.hits(), 1, "only the valid request reached the backend");
+
+    // a chunk size that overflows: the client's fault (400), not the upstream's (503)
+    let overflow =
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n";
+    let got = exchange(&host, overflow);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert_eq!(stat(&host, "http.ingress.downstream_cx_protocol_error").await, Some(1));
+
+    // valid requests on the same proxy are untouched, bodies with LFs included
+    let ok =
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\na\nb\r\n0\r\n\r\n";
+    let got = exchange(&host, ok);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}

@@ -148,4 +148,6 @@ pub mod response_flags {
     pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
     /// Upstream overflow / too many connections (UO).
     pub const UPSTREAM_OVERFLOW: u64 = 0x80;
+    /// Downstream protocol error (DPE): the client's request was malformed.
+    pub const DOWNSTREAM_PROTOCOL_ERROR: u64 = 0x40000;
 }

@@ -1,0 +1,45 @@
+//! The client's request body on its way to the upstream. It remembers whether reading it failed (a malformed chunked
+//! body: a chunk size that overflows, a bad line end), so that the proxy answers the client 400 (its request was bad)
+//! instead of a 503 that blames the upstream, as Envoy does for a downstream protocol error.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Rc<Cell<bool>>,
+}
+
+impl ClientBody {
+    /// The body, and a flag set if reading it fails.
+    pub fn new(inner: Incoming) -> (ClientBody, Rc<Cell<bool>>) {
+        let failed = Rc::new(Cell::new(false));
+        (ClientBody { inner, failed: failed.clone() }, failed)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.failed.set(true);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
