@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub ring: Ring,
     pub codec: Option<StickyCodec>,
     pub hash_key: KeySource,
+    /// The table's key-hashing seed (see [`Table::seed`]).
+    pub seed: u64,
     pub rate_key: KeySource,
     pub limits: Limits,
     pub inflight_keys: Vec<String>,
@@ -34,7 +36,8 @@ impl Snapshot {
         let by_address = table.endpoints.iter().enumerate().map(|(i, e)| (e.address.clone(), i)).collect();
         let ring = match config.algorithm {
             Algorithm::ConsistentHash | Algorithm::IpHash => {
-                Ring::build(table.endpoints.iter().map(|e| (e.id.as_str(), e.weight)), config.consistent_hash.vnodes)
+                let endpoints = table.endpoints.iter().map(|e| (e.id.as_str(), e.weight));
+                Ring::build(endpoints, config.consistent_hash.vnodes, table.seed())
             }
             _ => Ring::default(),
         };
@@ -42,6 +45,7 @@ impl Snapshot {
         let codec =
             if sticky.enabled { sticky.secret.as_deref().and_then(|s| StickyCodec::new(s.as_bytes())) } else { None };
         // validated by Config; the fallbacks only guard against a policy that skipped validation
+        let seed = table.seed();
         let hash_key = KeySource::parse(&config.consistent_hash.key).unwrap_or(KeySource::Path);
         let rate_key = KeySource::parse(&config.rate_limiting.key).unwrap_or(KeySource::ClientAddress);
         let limits = Limits {
@@ -67,6 +71,7 @@ impl Snapshot {
             ring,
             codec,
             hash_key,
+            seed,
             rate_key,
             limits,
             inflight_keys,

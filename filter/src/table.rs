@@ -49,6 +49,9 @@ pub struct Table {
     /// Runtime overrides of the balancing policy (see [`crate::config::Config::with_policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Value>,
+    /// The deployment's secret seed for key hashing (16 hex digits; see [`Table::seed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_seed: Option<String>,
 }
 
 /// The most endpoints a table may hold (bounds the work per table and the shared-data keys per endpoint).
@@ -127,7 +130,21 @@ impl Table {
         Ok(table)
     }
 
+    /// The seed of consistent-hash placement and rate-limit slots: the supervisor's per-deployment secret one, so
+    /// that clients cannot craft keys that collide; the fixed public one for a table without it (static endpoints).
+    pub fn seed(&self) -> u64 {
+        self.hash_seed
+            .as_deref()
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .unwrap_or(crate::balancer::ring::PUBLIC_SEED)
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if let Some(seed) = &self.hash_seed
+            && (seed.len() != 16 || !seed.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("hash_seed: `{seed}` must be 16 hexadecimal digits"));
+        }
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(format!("{} endpoints, the most is {MAX_ENDPOINTS}", self.endpoints.len()));
         }
@@ -168,6 +185,7 @@ impl Table {
                 })
                 .collect(),
             policy: None,
+            hash_seed: None,
         }
     }
 }
@@ -180,6 +198,19 @@ mod tests {
         {"id":"av-1","address":"127.0.0.1:32768","weight":100,"state":"healthy","zone":"a"},
         {"id":"av-2","address":"127.0.0.1:32769","state":"draining"}],
         "policy":{"algorithm":"random"}}"#;
+
+    #[test]
+    fn the_hash_seed_is_the_tables_or_the_public_one_and_must_be_16_hex_digits() {
+        let t = Table::parse(GOOD.as_bytes(), "av", None, 1 << 20).unwrap();
+        assert_eq!(t.seed(), crate::balancer::ring::PUBLIC_SEED);
+        let seeded = GOOD.replacen('{', r#"{"hash_seed":"00000000000000ff","#, 1);
+        assert_eq!(Table::parse(seeded.as_bytes(), "av", None, 1 << 20).unwrap().seed(), 255);
+        for bad in ["ff", "zzzzzzzzzzzzzzzz", "00000000000000ff0"] {
+            let body = GOOD.replacen('{', &format!(r#"{{"hash_seed":"{bad}","#), 1);
+            let e = Table::parse(body.as_bytes(), "av", None, 1 << 20).unwrap_err();
+            assert!(e.to_string().contains("hash_seed"), "{e}");
+        }
+    }
 
     #[test]
     fn parses_the_wire_format() {

@@ -319,7 +319,7 @@ impl Worker {
             }
             Algorithm::IpHash => {
                 let ip = client_of(req, snap.config.rate_limiting.xff_trusted_hops);
-                snap.ring.pick(hash_key(ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
+                snap.ring.pick(hash_key(snap.seed, ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
             }
             Algorithm::ConsistentHash => {
                 match hash_source(req, &snap.hash_key, snap.config.rate_limiting.xff_trusted_hops) {
@@ -334,7 +334,7 @@ impl Worker {
                             total,
                             candidates: candidates.len(),
                         };
-                        snap.ring.pick(hash_key(key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
+                        snap.ring.pick(hash_key(snap.seed, key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
                     }
                     None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
                 }
@@ -354,7 +354,8 @@ impl Worker {
             _ => None,
         };
         let key = by_header.unwrap_or_else(|| format!("a:{}", client_of(req, hops)));
-        let (decision, outcome) = ratelimit::check(store, &self.snap.limits, hash_key(key.as_bytes()), now_ms);
+        let (decision, outcome) =
+            ratelimit::check(store, &self.snap.limits, hash_key(self.snap.seed, key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }

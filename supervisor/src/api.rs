@@ -607,7 +607,8 @@ async fn endpoints(
     if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let body = table::endpoints(svc).to_string();
+    let seed = reg.secret.as_ref().map(|s| s.hash_seed(&service));
+    let body = table::endpoints(svc, seed.as_deref()).to_string();
     Ok(([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response())
 }
 

@@ -47,6 +47,17 @@ impl App {
         {
             registry.restore(saved, now);
         }
+        if registry.secret.is_none() {
+            // kept before anything uses it: a container signed with a secret that was never saved is an orphan
+            let secret = crate::secret::Secret::generate().map_err(|e| persist::PersistError::Write {
+                path: config.state_file.clone().unwrap_or_default(),
+                source: std::io::Error::other(format!("no random bytes for the deployment secret: {e}")),
+            })?;
+            registry.secret = Some(secret);
+            if let Some(path) = &config.state_file {
+                persist::save(path, &registry)?;
+            }
+        }
         let events = EventBus::new(&config.webhooks, config.webhook_ca_pem.as_deref());
         let scaling = Mutex::new(
             config

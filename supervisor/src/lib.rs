@@ -28,5 +28,6 @@ pub mod persist;
 pub mod registry;
 pub mod reports;
 pub mod scaling;
+pub mod secret;
 pub mod serve;
 pub mod table;

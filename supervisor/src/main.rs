@@ -60,9 +60,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let monitor = tokio::spawn(monitor::run(app.clone(), stop_rx.clone()));
     let templates: std::collections::HashMap<_, _> =
         app.config.services.iter().filter_map(|(n, s)| s.docker.clone().map(|t| (n.clone(), t))).collect();
+    let secret = app.registry().secret.clone().ok_or("no deployment secret")?;
     let scaler = (!templates.is_empty()).then(|| {
         tracing::info!(services = templates.len(), "auto-scaling through the Docker API");
-        let runtime = Arc::new(scaling::docker::DockerRuntime::new(templates));
+        let runtime = Arc::new(scaling::docker::DockerRuntime::new(templates, secret));
         tokio::spawn(scaling::controller::run(app.clone(), runtime, stop_rx.clone()))
     });
     let shutdown_app = app.clone();

@@ -138,6 +138,9 @@ pub enum RegistryError {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     pub services: BTreeMap<String, Service>,
+    /// The deployment secret (made at the first start, kept in the state file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<crate::secret::Secret>,
 }
 
 /// A change to an instance's administrative fields.
@@ -177,6 +180,9 @@ impl Registry {
     /// through the API, weights, zones, drains, policies and health-check settings. Health is re-learnt by checking,
     /// and every instance gets a fresh start grace from `now_ms`: what it did before the restart is not held against it.
     pub fn restore(&mut self, saved: Registry, now_ms: u64) {
+        if saved.secret.is_some() {
+            self.secret = saved.secret;
+        }
         for (name, saved_svc) in saved.services {
             let Some(svc) = self.services.get_mut(&name) else { continue };
             svc.policy = saved_svc.policy;
@@ -595,7 +601,7 @@ mod tests {
         assert!(matches!(err, RegistryError::Full { .. }), "{err}");
         assert!(n <= equilibrio_filter::table::MAX_ENDPOINTS);
         let svc = r.service("av").unwrap();
-        let table = crate::table::endpoints(svc).to_string();
+        let table = crate::table::endpoints(svc, Some("0123456789abcdef")).to_string();
         assert!(table.len() < 1 << 20, "{} bytes", table.len());
     }
 }

@@ -8,8 +8,9 @@ use serde_json::{Value, json};
 
 use crate::registry::Service;
 
-/// `GET /v1/services/{service}/endpoints`.
-pub fn endpoints(svc: &Service) -> Value {
+/// `GET /v1/services/{service}/endpoints`. `hash_seed` is the deployment's secret seed for the service
+/// ([`crate::secret::Secret::hash_seed`]).
+pub fn endpoints(svc: &Service, hash_seed: Option<&str>) -> Value {
     let endpoints: Vec<Value> = svc
         .instances
         .values()
@@ -23,7 +24,11 @@ pub fn endpoints(svc: &Service) -> Value {
             })
         })
         .collect();
-    json!({"service": svc.name, "version": svc.version, "endpoints": endpoints, "policy": svc.policy})
+    let mut table = json!({"service": svc.name, "version": svc.version, "endpoints": endpoints, "policy": svc.policy});
+    if let Some(seed) = hash_seed {
+        table["hash_seed"] = json!(seed);
+    }
+    table
 }
 
 pub fn etag(svc: &Service) -> String {
@@ -88,11 +93,13 @@ mod tests {
         let mut r = Registry::from_config(&c.services, 5);
         r.record_check("av", "a", true, 1.0, 6);
         let svc = r.service("av").unwrap();
-        let t = endpoints(svc);
+        let seed = crate::secret::Secret::generate().unwrap().hash_seed("av");
+        let t = endpoints(svc, Some(&seed));
         assert_eq!(t["endpoints"][0]["state"], "healthy");
         assert_eq!(t["endpoints"][1]["state"], "unhealthy");
         let parsed = equilibrio_filter::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
         assert_eq!(parsed.version, svc.version);
+        assert_eq!(parsed.hash_seed.as_deref(), Some(seed.as_str()), "the filter reads the seed it is sent");
         let e = eds(svc, "backend");
         let eps = &e["resources"][0]["endpoints"][0]["lb_endpoints"];
         assert_eq!(eps[0]["health_status"], "HEALTHY");

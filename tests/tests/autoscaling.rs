@@ -203,26 +203,40 @@ async fn a_killed_container_is_replaced_and_a_restart_adopts_without_duplicates(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_discovered() {
+async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_served_only_when_opted_in() {
     docker_ready();
     let service = service_name("faults");
     let containers = Containers(service.clone());
-    // a container a user starts by hand with the service label: discovered and registered, never stopped by us
-    let out = Command::new("docker")
-        .args([
-            "run",
-            "-d",
-            "--label",
-            &format!("io.equilibrio.service={service}"),
-            "--label",
-            "io.equilibrio.port=8080",
-        ])
-        .args(["-p", "127.0.0.1::8080", "--name", &format!("{service}-by-hand"), IMAGE])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let yaml = yaml(&service, "{min_instances: 2, max_instances: 3}").replace(IMAGE, "equilibrio/does-not-exist:1");
-    let s = Supervisor::start(&yaml).await.unwrap();
+    // containers someone starts by hand with the service label: one plain, one with every label the autoscaler
+    // writes forged (managed-by, an instance id, a port, a made-up signature)
+    let by_hand = |name: &str, labels: &[String]| {
+        let mut args: Vec<String> = vec!["run".into(), "-d".into()];
+        for l in labels {
+            args.extend(["--label".into(), l.clone()]);
+        }
+        args.extend([
+            "-p".into(),
+            "127.0.0.1::8080".into(),
+            "--name".into(),
+            format!("{service}-{name}"),
+            IMAGE.into(),
+        ]);
+        let out = Command::new("docker").args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    by_hand("plain", &[format!("io.equilibrio.service={service}")]);
+    by_hand(
+        "forged",
+        &[
+            format!("io.equilibrio.service={service}"),
+            "io.equilibrio.managed-by=equilibrio".into(),
+            "io.equilibrio.instance=i-1".into(),
+            "io.equilibrio.port=9".into(),
+            format!("io.equilibrio.signature={}", "ab".repeat(32)),
+        ],
+    );
+    let yaml = yaml(&service, "{min_instances: 2, max_instances: 4}").replace(IMAGE, "equilibrio/does-not-exist:1");
+    let mut s = Supervisor::start(&yaml).await.unwrap();
     let start = Instant::now();
     loop {
         let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
@@ -235,15 +249,28 @@ async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_disco
         assert!(start.elapsed() < Duration::from_secs(15), "no failed-scaling event: {events}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // by default neither is served nor counted (the autoscaler keeps trying to start its own two)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = s.get(&format!("/v1/services/{service}/instances")).await.unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "unsigned containers were adopted: {v}");
+    assert!(s.log().contains("no valid signature"), "the operator is told why:\n{}", s.log());
+    assert_eq!(containers.ids(true).len(), 2, "and they are left alone");
+
+    // opted in: served under their container names at the template's port, the forged labels not believed
+    s.kill9();
+    let opted_in = yaml.replace("stop_grace: 5", "stop_grace: 5, adopt_unsigned: true");
+    let s = Supervisor::start(&opted_in).await.unwrap();
     let start = Instant::now();
-    while healthy(&s, &service).await < 1 {
-        assert!(start.elapsed() < Duration::from_secs(15), "the user's container was not discovered");
+    while healthy(&s, &service).await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(15), "the user's containers were not discovered\n{}", s.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let v = s.get(&format!("/v1/services/{service}/instances")).await.unwrap();
-    assert_eq!(v[0]["id"], format!("{service}-by-hand"));
-    assert_eq!(v[0]["source"], "docker");
-    assert_eq!(containers.ids(true).len(), 1, "still running, and nothing else could start");
+    let mut ids: Vec<&str> = v.as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [format!("{service}-forged"), format!("{service}-plain")]);
+    assert!(v.as_array().unwrap().iter().all(|i| i["source"] == "docker"));
+    assert_eq!(containers.ids(true).len(), 2, "still running, never stopped by us, and nothing else could start");
 }
 
 /// The service's recent events (the SSE stream's history, read for a second).

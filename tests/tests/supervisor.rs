@@ -128,6 +128,18 @@ async fn runtime_changes_survive_kill_9_and_a_corrupt_state_file_stops_the_start
     assert_eq!(weight(&after, "av-1"), 30);
     assert_eq!(after["endpoints"].as_array().unwrap().len(), 2);
     assert!(after["version"].as_u64() > before["version"].as_u64(), "versions rise across restarts");
+    // the deployment's secret hash seed: in every table, kept across restarts (placement does not move), and
+    // another deployment's differs (clients cannot know it to craft colliding keys)
+    let seed = before["hash_seed"].as_str().unwrap().to_string();
+    assert!(seed.len() == 16 && seed.bytes().all(|b| b.is_ascii_hexdigit()), "{seed}");
+    assert_eq!(after["hash_seed"], seed.as_str());
+    let other = Supervisor::start(&service_yaml(&b[..1], "{interval: 200ms, timeout: 100ms}")).await.unwrap();
+    let theirs = other.get("/v1/services/agente-vendedor/endpoints").await.unwrap();
+    assert_ne!(theirs["hash_seed"], seed.as_str());
+    drop(other);
+    let mode =
+        std::fs::metadata(s.dir.join("state.json")).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+    assert_eq!(mode.unwrap() & 0o777, 0o600, "the state file holds the secret: owner only");
 
     // a corrupt state file: refuses to start, says why, leaves the file alone
     s.kill9();

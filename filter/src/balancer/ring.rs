@@ -4,19 +4,20 @@
 //! Each endpoint owns points on a 64-bit ring, in number proportional to its weight; a key goes to the first point at
 //! or after its hash. Adding or removing one of N endpoints moves only the keys of that endpoint's arcs, about 1/N of
 //! them: the cache-aware routing the plan asks for (the same search lands on the instance whose cache holds it).
-//! Points are placed by endpoint id (not address) with a fixed seed, so every worker, every proxy and every restart
-//! agree on placement. With bounded load, an endpoint already carrying more than `c x mean` in-flight requests is
+//! Points are placed by endpoint id (not address) with the table's seed (the same for every proxy of a deployment:
+//! secret, from the supervisor), so every worker, every proxy and every restart agree on placement. With bounded load, an endpoint already carrying more than `c x mean` in-flight requests is
 //! passed over and the walk continues clockwise, so a hot key cannot melt one instance.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Fixed so that placement agrees across workers, proxies and restarts. Changing it remaps every key.
-const SEED: u64 = 0x6571_7569_6c69_6272; // "equilibr"
+/// The seed of a table that brings none (static endpoints): public, so keys could be crafted to collide; the
+/// supervisor's tables carry a secret one. Changing a seed remaps every key.
+pub const PUBLIC_SEED: u64 = 0x6571_7569_6c69_6272; // "equilibr"
 /// Upper bound on ring points, whatever the endpoint count (memory and build time).
 const MAX_POINTS: usize = 1 << 16;
 
-pub fn hash_key(key: &[u8]) -> u64 {
-    xxh3_64_with_seed(key, SEED)
+pub fn hash_key(seed: u64, key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, seed)
 }
 
 /// The bounded-load check: current in-flight per endpoint, the factor c, the total in flight and the candidate count.
@@ -43,7 +44,7 @@ pub struct Ring {
 
 impl Ring {
     /// Builds the ring from `(id, weight)` per endpoint index; weight 0 places no points.
-    pub fn build<'a>(endpoints: impl Iterator<Item = (&'a str, u32)> + Clone, vnodes: u32) -> Ring {
+    pub fn build<'a>(endpoints: impl Iterator<Item = (&'a str, u32)> + Clone, vnodes: u32, seed: u64) -> Ring {
         let max_w = endpoints.clone().map(|(_, w)| w).max().unwrap_or(0);
         let n = endpoints.clone().filter(|(_, w)| *w > 0).count();
         if max_w == 0 || n == 0 {
@@ -58,7 +59,7 @@ impl Ring {
             let count = (vnodes * u64::from(w) / u64::from(max_w)).max(1);
             for k in 0..count {
                 let label = format!("{id}#{k}");
-                points.push((hash_key(label.as_bytes()), i as u32));
+                points.push((hash_key(seed, label.as_bytes()), i as u32));
             }
         }
         points.sort_unstable();
@@ -129,19 +130,19 @@ mod tests {
 
     #[test]
     fn empty_ring_picks_nothing() {
-        let r = Ring::build(std::iter::empty(), 160);
+        let r = Ring::build(std::iter::empty(), 160, PUBLIC_SEED);
         assert!(r.pick(1, 3, |_| true, None).is_empty());
-        let r = Ring::build([("a", 0u32)].into_iter(), 160);
+        let r = Ring::build([("a", 0u32)].into_iter(), 160, PUBLIC_SEED);
         assert!(r.is_empty());
     }
 
     #[test]
     fn spread_is_roughly_even() {
         let ids = ids(4);
-        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160);
+        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160, PUBLIC_SEED);
         let mut counts = [0usize; 4];
         for k in 0..40_000u64 {
-            counts[owner(&r, hash_key(&k.to_le_bytes()))] += 1;
+            counts[owner(&r, hash_key(PUBLIC_SEED, &k.to_le_bytes()))] += 1;
         }
         for c in counts {
             assert!((7_000..13_000).contains(&c), "{counts:?}");
@@ -150,8 +151,8 @@ mod tests {
 
     #[test]
     fn weights_shift_ownership() {
-        let r = Ring::build([("a", 100u32), ("b", 300)].into_iter(), 160);
-        let b = (0..40_000u64).filter(|k| owner(&r, hash_key(&k.to_le_bytes())) == 1).count();
+        let r = Ring::build([("a", 100u32), ("b", 300)].into_iter(), 160, PUBLIC_SEED);
+        let b = (0..40_000u64).filter(|k| owner(&r, hash_key(PUBLIC_SEED, &k.to_le_bytes())) == 1).count();
         assert!((26_000..34_000).contains(&b), "{b}");
     }
 
@@ -160,12 +161,12 @@ mod tests {
         for n in [3usize, 5, 10] {
             let before_ids = ids(n);
             let after_ids = ids(n + 1);
-            let before = Ring::build(before_ids.iter().map(|s| (s.as_str(), 100)), 160);
-            let after = Ring::build(after_ids.iter().map(|s| (s.as_str(), 100)), 160);
+            let before = Ring::build(before_ids.iter().map(|s| (s.as_str(), 100)), 160, PUBLIC_SEED);
+            let after = Ring::build(after_ids.iter().map(|s| (s.as_str(), 100)), 160, PUBLIC_SEED);
             let keys = 20_000u64;
             let moved = (0..keys)
                 .filter(|k| {
-                    let h = hash_key(&k.to_le_bytes());
+                    let h = hash_key(PUBLIC_SEED, &k.to_le_bytes());
                     owner(&before, h) != owner(&after, h)
                 })
                 .count();
@@ -175,7 +176,7 @@ mod tests {
             // and every moved key went to the new endpoint
             let wrong = (0..keys)
                 .filter(|k| {
-                    let h = hash_key(&k.to_le_bytes());
+                    let h = hash_key(PUBLIC_SEED, &k.to_le_bytes());
                     owner(&before, h) != owner(&after, h) && owner(&after, h) != n
                 })
                 .count();
@@ -186,9 +187,9 @@ mod tests {
     #[test]
     fn an_ineligible_endpoint_only_moves_its_own_keys() {
         let ids = ids(5);
-        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160);
+        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160, PUBLIC_SEED);
         for k in 0..5_000u64 {
-            let h = hash_key(&k.to_le_bytes());
+            let h = hash_key(PUBLIC_SEED, &k.to_le_bytes());
             let o = owner(&r, h);
             let without_2 = r.pick(h, 1, |i| i != 2, None)[0];
             if o != 2 {
@@ -200,8 +201,8 @@ mod tests {
     #[test]
     fn bounded_load_passes_over_a_hot_endpoint() {
         let ids = ids(3);
-        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160);
-        let h = hash_key(b"hot");
+        let r = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160, PUBLIC_SEED);
+        let h = hash_key(PUBLIC_SEED, b"hot");
         let o = owner(&r, h);
         let loads = move |i: usize| if i == o { 10 } else { 0 };
         let picked = r.pick(h, 3, |_| true, Some(LoadBound { load: &loads, factor: 1.25, total: 10, candidates: 3 }));
@@ -214,5 +215,17 @@ mod tests {
             r.pick(h, 1, |_| true, Some(LoadBound { load: &calm, factor: 1.25, total: 3, candidates: 3 }))[0],
             o
         );
+    }
+
+    #[test]
+    fn placement_depends_on_the_seed() {
+        // what a client cannot know, it cannot aim at: under another seed most keys land elsewhere
+        let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
+        let a = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160, 1);
+        let b = Ring::build(ids.iter().map(|s| (s.as_str(), 100)), 160, 2);
+        let moved = (0..1000u64)
+            .filter(|k| owner(&a, hash_key(1, &k.to_le_bytes())) != owner(&b, hash_key(2, &k.to_le_bytes())))
+            .count();
+        assert!(moved > 600, "{moved} of 1000 moved");
     }
 }

@@ -13,9 +13,10 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::runtime::{
-    Container, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_PORT, LABEL_SERVICE, MANAGED_BY, Runtime, RuntimeError, Stats,
-    Template,
+    Container, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_PORT, LABEL_SERVICE, LABEL_SIGNATURE, MANAGED_BY, Runtime,
+    RuntimeError, Stats, Template,
 };
+use crate::secret::{LabelClaims, Secret};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -25,6 +26,10 @@ pub struct DockerRuntime {
     docker: tokio::sync::Mutex<Option<Docker>>,
     /// The template per service, to know the container port and network when reading addresses.
     templates: HashMap<String, Template>,
+    /// Signs the labels of the containers started here; only those are adopted as ours (see [`crate::secret`]).
+    secret: Secret,
+    /// Containers with a service label but no valid signature, already logged (logged once each).
+    ignored: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn failed(e: bollard::errors::Error) -> RuntimeError {
@@ -45,8 +50,29 @@ async fn timed<T>(f: impl std::future::Future<Output = Result<T, bollard::errors
 
 impl DockerRuntime {
     /// The local daemon (`DOCKER_HOST`, or the unix socket `/var/run/docker.sock`); connects lazily.
-    pub fn new(templates: HashMap<String, Template>) -> DockerRuntime {
-        DockerRuntime { docker: tokio::sync::Mutex::new(None), templates }
+    pub fn new(templates: HashMap<String, Template>, secret: Secret) -> DockerRuntime {
+        DockerRuntime { docker: tokio::sync::Mutex::new(None), templates, secret, ignored: Default::default() }
+    }
+
+    /// Whether a container's labels carry this supervisor's signature for what they claim.
+    fn signed(&self, service: &str, name: &str, labels: &HashMap<String, String>) -> bool {
+        let (Some(instance), Some(port), Some(sig)) =
+            (labels.get(LABEL_INSTANCE), labels.get(LABEL_PORT), labels.get(LABEL_SIGNATURE))
+        else {
+            return false;
+        };
+        self.secret.verify(&LabelClaims { service, instance, port, name }, sig)
+    }
+
+    fn log_ignored_once(&self, service: &str, id: &str, name: &str) {
+        let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
+        if ignored.len() < 4096 && ignored.insert(id.to_string()) {
+            tracing::warn!(
+                %service, container = %name,
+                "a container labelled for this service was not started by this supervisor (no valid signature): \
+                 ignored (set `adopt_unsigned: true` in the service's docker template to serve it)"
+            );
+        }
     }
 
     async fn client(&self) -> Result<Docker, RuntimeError> {
@@ -72,11 +98,10 @@ impl DockerRuntime {
         r
     }
 
-    fn address(&self, service: &str, c: &ContainerSummary) -> Option<String> {
-        let labels = c.labels.as_ref();
+    /// Where a container serves. `signed_port` is its port label, believed only when signed; otherwise the template's.
+    fn address(&self, service: &str, c: &ContainerSummary, signed_port: Option<u16>) -> Option<String> {
         let template = self.templates.get(service);
-        let port =
-            labels.and_then(|l| l.get(LABEL_PORT)).and_then(|p| p.parse::<u16>().ok()).or(template.map(|t| t.port));
+        let port = signed_port.or(template.map(|t| t.port));
         if let Some(net) = template.and_then(|t| t.network.as_ref()) {
             let ip = c.network_settings.as_ref()?.networks.as_ref()?.get(net)?.ip_address.clone()?;
             let port = port?;
@@ -108,8 +133,15 @@ impl Runtime for DockerRuntime {
                 .and_then(|n| n.first())
                 .map(|n| n.trim_start_matches('/').to_string())
                 .unwrap_or_default();
-            let managed = labels.get(LABEL_MANAGED_BY).is_some_and(|m| m == MANAGED_BY);
-            let instance = labels.get(LABEL_INSTANCE).cloned().unwrap_or_else(|| name.clone());
+            // only what this supervisor signed is believed: any other container with the service label is served
+            // (under its own name, at the template's port, never stopped) only when the operator opted in
+            let managed = self.signed(service, &name, &labels);
+            if !managed && !self.templates.get(service).is_some_and(|t| t.adopt_unsigned) {
+                self.log_ignored_once(service, &id, &name);
+                continue;
+            }
+            let instance = if managed { labels.get(LABEL_INSTANCE).cloned() } else { None }.unwrap_or(name.clone());
+            let signed_port = if managed { labels.get(LABEL_PORT).and_then(|p| p.parse::<u16>().ok()) } else { None };
             // a paused container is alive (it holds its resources and its port) but answers nothing: the health checks
             // decide about it, like any hung process; left out, it would be forgotten and run on as an orphan
             let running =
@@ -128,7 +160,7 @@ impl Runtime for DockerRuntime {
                 continue;
             }
             out.push(Container {
-                address: if running { self.address(service, &c) } else { None },
+                address: if running { self.address(service, &c, signed_port) } else { None },
                 id,
                 name,
                 service: service.to_string(),
@@ -149,6 +181,10 @@ impl Runtime for DockerRuntime {
         labels.insert(LABEL_INSTANCE.into(), instance.into());
         labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
         labels.insert(LABEL_PORT.into(), t.port.to_string());
+        let name = format!("{service}-{instance}");
+        let port = t.port.to_string();
+        let signature = self.secret.sign(&LabelClaims { service, instance, port: &port, name: &name });
+        labels.insert(LABEL_SIGNATURE.into(), signature);
         let port_key = format!("{}/tcp", t.port);
         let mut env = t.env.clone();
         env.push(format!("INSTANCE_ID={instance}"));
@@ -175,7 +211,7 @@ impl Runtime for DockerRuntime {
             stop_timeout: Some(i64::from(t.stop_grace)),
             ..Default::default()
         };
-        let opts = CreateContainerOptions { name: Some(format!("{service}-{instance}")), ..Default::default() };
+        let opts = CreateContainerOptions { name: Some(name), ..Default::default() };
         let docker = self.client().await?;
         let created = self.forget_on_unreachable(timed(docker.create_container(Some(opts), body)).await).await?;
         if let Err(e) = timed(docker.start_container(&created.id, None::<StartContainerOptions>)).await {

@@ -15,6 +15,8 @@ pub const LABEL_INSTANCE: &str = "io.equilibrio.instance";
 pub const LABEL_MANAGED_BY: &str = "io.equilibrio.managed-by";
 pub const LABEL_PORT: &str = "io.equilibrio.port";
 pub const MANAGED_BY: &str = "equilibrio";
+/// HMAC of the labels above and the container name under the deployment secret ([`crate::secret`]).
+pub const LABEL_SIGNATURE: &str = "io.equilibrio.signature";
 
 /// How a service's containers are made (`services.<name>.docker` in the configuration).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -41,6 +43,11 @@ pub struct Template {
     /// Seconds between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_grace")]
     pub stop_grace: u32,
+    /// Also serve running containers that carry the service label but were not started by this supervisor (no valid
+    /// signature): under their container name, at `port`, counted as capacity, never stopped. Off by default: anyone
+    /// able to start a container could otherwise take a share of the traffic (docs/security.md).
+    #[serde(default)]
+    pub adopt_unsigned: bool,
 }
 
 fn default_grace() -> u32 {
