@@ -142,6 +142,27 @@ fn authorized(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Paths anyone who reaches the port may read: the dashboard page (its data needs the token), probes, the API's own
+/// description. The endpoint table checks the token itself; Envoy's EDS (`POST`) carries addresses only and cannot
+/// send a token (docs/security.md).
+const PUBLIC_READS: [&str; 4] = ["/", "/livez", "/readyz", "/openapi.json"];
+
+/// Reads need what writes need (the token, or a loopback `Host` without one) unless `public_reads` is set: they show
+/// every instance's address and the events.
+async fn guard_reads(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if read && !app.config.public_reads && !PUBLIC_READS.contains(&request.uri().path()) {
+        if let Err(e) = authorized(&app, request.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// Without a token the supervisor listens on loopback only, and a change must name a loopback host: a page in a local
 /// browser that rebinds its own DNS name to 127.0.0.1 sends its own name in `Host`, and is refused.
 fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -159,7 +180,7 @@ fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "without a token, changes are taken only for a loopback `Host` (127.0.0.1, [::1], localhost)",
+            "without a token, the API answers only a loopback `Host` (127.0.0.1, [::1], localhost)",
             None,
         ))
     }
@@ -915,6 +936,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/services/{service}/scaling/events", get(scaling_events))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", None) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard_reads))
         .with_state(app)
 }
 

@@ -160,6 +160,8 @@ struct RawConfig {
     header_read_timeout: Option<Millis>,
     max_connections: Option<usize>,
     #[serde(default)]
+    public_reads: bool,
+    #[serde(default)]
     webhooks: Vec<String>,
     webhook_ca_file: Option<PathBuf>,
     #[serde(default)]
@@ -189,6 +191,9 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Reads (services, instances, events, metrics) open to anyone who can reach the port. Off by default: with a
+    /// token, reads need it too (they show every instance's address).
+    pub public_reads: bool,
     pub webhooks: Vec<String>,
     /// PEM certificates trusted for `https://` webhooks besides the platform's roots (a private CA).
     pub webhook_ca_pem: Option<Vec<u8>>,
@@ -364,6 +369,7 @@ impl Config {
             drain_timeout_ms,
             header_read_timeout_ms,
             max_connections,
+            public_reads: raw.public_reads,
             webhooks: raw.webhooks,
             webhook_ca_pem,
             services,

@@ -275,7 +275,12 @@ async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_serve
 
 /// The service's recent events (the SSE stream's history, read for a second).
 async fn event_history(s: &Supervisor, service: &str) -> String {
-    let mut resp = Supervisor::client().get(s.url(&format!("/v1/events?service={service}"))).send().await.unwrap();
+    let mut resp = Supervisor::client()
+        .get(s.url(&format!("/v1/events?service={service}")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     let mut text = String::new();
     let until = Instant::now() + Duration::from_secs(1);
     while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), resp.chunk()).await {

@@ -1,5 +1,5 @@
 //! The dashboard in a real browser: headless Debian Chromium, driven by playwright-core (`tests/browser/`), loads the
-//! page the supervisor serves, sees the instances, is refused a drain without the token, drains one with it, and sees
+//! page the supervisor serves, sees nothing but the refusal without the token, the instances with it, drains one, and sees
 //! its state change and the event arrive over SSE. Saves a screenshot to `target/dashboard.png`.
 
 // test code: a failed unwrap is a failed test

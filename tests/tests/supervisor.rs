@@ -73,7 +73,7 @@ async fn instances_become_healthy_and_a_dead_one_is_noticed_in_time() {
     assert_eq!(healthy.len(), 2);
     assert!(healthy[0]["check_latency_ms"].as_f64().unwrap() < 100.0);
     // the transition is an event, in the SSE stream
-    let mut resp = Supervisor::client().get(s.url("/v1/events")).send().await.unwrap();
+    let mut resp = Supervisor::client().get(s.url("/v1/events")).bearer_auth(TOKEN).send().await.unwrap();
     let mut text = String::new();
     while !text.contains("\"unhealthy\"") {
         let chunk = tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await.unwrap().unwrap().unwrap();
@@ -81,7 +81,8 @@ async fn instances_become_healthy_and_a_dead_one_is_noticed_in_time() {
     }
     assert!(text.contains("event: event") && text.contains("\"instance\":\"av-2\""), "{text}");
     // and a metric
-    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    let metrics =
+        Supervisor::client().get(s.url("/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
     assert!(
         metrics.contains("equilibrio_supervisor_instances{service=\"agente-vendedor\",state=\"unhealthy\"} 1"),
         "{metrics}"
@@ -546,7 +547,8 @@ async fn hostile_registrations_and_reports_are_refused_naming_the_field() {
         (0..500).map(|n| json!({"id": format!("ghost-{n}"), "requests": 1, "errors": 0})).collect();
     let (st, _) = s.call("POST", "/v1/reports", Some(report(json!(made_up)))).await.unwrap();
     assert_eq!(st, 204);
-    let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+    let metrics =
+        Supervisor::client().get(s.url("/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("equilibrio_supervisor_reports_refused_total 1"), "{metrics}");
     assert!(metrics.contains("equilibrio_supervisor_report_unknown_endpoints_total 500"), "{metrics}");
     let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
@@ -642,6 +644,43 @@ async fn without_a_token_a_rebound_dns_name_cannot_change_anything() {
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     let accepted = post(format!("127.0.0.1:{port}"), "mine", 2).await;
     assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
+    // nor read the topology (instance addresses)
+    let read = |host: String| async move {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let req = format!("GET /v1/services/av/instances HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let refused = read(format!("attacker.example:{port}")).await;
+    assert!(refused.starts_with("HTTP/1.1 403") && !refused.contains("127.0.0.1:2"), "{refused}");
+    let shown = read(format!("localhost:{port}")).await;
+    assert!(shown.starts_with("HTTP/1.1 200") && shown.contains("127.0.0.1:2"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_reads_need_it_too_unless_public_reads_is_set() {
+    let b = backends(1).await;
+    let yaml = service_yaml(&b, "{interval: 200ms, timeout: 100ms}");
+    let s = Supervisor::start(&yaml).await.unwrap();
+    let plain = Supervisor::client();
+    for path in ["/v1/services", "/v1/services/agente-vendedor/instances", "/v1/events", "/metrics"] {
+        let r = plain.get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert!(!r.text().await.unwrap().contains(&b[0].addr.to_string()), "{path} shows an address");
+    }
+    for path in ["/livez", "/readyz", "/", "/openapi.json"] {
+        assert_eq!(plain.get(s.url(path)).send().await.unwrap().status(), 200, "{path}");
+    }
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    assert_eq!(v[0]["address"], b[0].addr.to_string(), "with the token: {v}");
+    drop(s);
+    let open = Supervisor::start(&format!("public_reads: true\n{yaml}")).await.unwrap();
+    let r = plain.get(open.url("/v1/services/agente-vendedor/instances")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = plain.get(open.url("/v1/services/agente-vendedor/endpoints")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the table carries the sticky secret: never public");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

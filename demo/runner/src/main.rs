@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         15,
     )
     .await?;
-    println!("\n  Dashboard: http://{}/   (token for changes: {TOKEN})", s.addr);
+    println!("\n  Dashboard: http://{}/   (token: {TOKEN})", s.addr);
     println!("  Supervisor API: http://{}/openapi.json\n", s.addr);
     println!("  Proxy ({}): {}\n", equilibrio_demo::proxy_name(args.proxy), proxy.url("/search?q=zapatos"));
 

@@ -67,8 +67,22 @@ async fn changes_need_the_token() {
         let (s, _, _) = call(&a, m, uri, Some(json!({})), None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri}");
     }
-    // reads are open
-    assert_eq!(call(&a, "GET", "/v1/services/av", None, None).await.0, StatusCode::OK);
+    // reads too (they show every instance's address), but for the probes, the page and the API description
+    for uri in ["/v1/services", "/v1/services/av", "/v1/services/av/instances", "/v1/events", "/metrics"] {
+        assert_eq!(call(&a, "GET", uri, None, None).await.0, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    assert_eq!(call(&a, "GET", "/v1/services/av", None, Some(TOKEN)).await.0, StatusCode::OK);
+    for uri in ["/", "/livez", "/readyz", "/openapi.json"] {
+        assert_eq!(call(&a, "GET", uri, None, None).await.0, StatusCode::OK, "{uri}");
+    }
+    // `public_reads` opens reads, never changes (nor the table, which carries the sticky secret)
+    let open = app_with("public_reads: true\nservices:\n  av:\n    instances: []\n", Some(TOKEN));
+    assert_eq!(call(&open, "GET", "/v1/services/av", None, None).await.0, StatusCode::OK);
+    assert_eq!(call(&open, "GET", "/v1/services/av/endpoints", None, None).await.0, StatusCode::UNAUTHORIZED);
+    let (s, _, _) =
+        call(&open, "POST", "/v1/services/av/instances", Some(json!({"id": "d", "address": "127.0.0.1:1004"})), None)
+            .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -89,8 +103,11 @@ async fn without_a_token_changes_need_a_loopback_host() {
             router(a).oneshot(req).await.unwrap().status()
         }
     };
-    // a rebound DNS name, as a page in a local browser would send it
+    // a rebound DNS name, as a page in a local browser would send it: no change, and no read either
     assert_eq!(post("attacker.example:9900", 1).await, StatusCode::FORBIDDEN);
+    let read = Request::builder().uri("/v1/services/av/instances").header("host", "attacker.example:9900");
+    let resp = router(a.clone()).oneshot(read.body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(post("127.0.0.1.nip.io:9900", 2).await, StatusCode::FORBIDDEN);
     for (port, host) in (10..).zip(["127.0.0.1:9900", "localhost:9900", "[::1]:9900", "localhost"]) {
         assert_eq!(post(host, port).await, StatusCode::CREATED, "{host}");
@@ -128,7 +145,7 @@ async fn bad_requests_name_the_field() {
     let (s, _, e) = call(&a, "PUT", "/v1/services/av/instances/zz", Some(json!({"weight": 1})), Some(TOKEN)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(e["error"]["code"], "not_found");
-    assert_eq!(call(&a, "GET", "/v1/services/nope", None, None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(call(&a, "GET", "/v1/services/nope", None, Some(TOKEN)).await.0, StatusCode::NOT_FOUND);
     let (s, _, e) =
         call(&a, "PUT", "/v1/services/av/health_check", Some(json!({"interval": 1, "timeout": 5})), Some(TOKEN)).await;
     assert_eq!((s, e["error"]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("timeout")));
@@ -181,7 +198,7 @@ async fn policies_are_validated_like_the_filter_and_the_secret_is_hidden() {
     let (s, _, v) = call(&a, "PUT", "/v1/services/av/policy", Some(policy), Some(TOKEN)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["sticky_sessions"]["secret"], "<redacted>");
-    let (_, _, shown) = call(&a, "GET", "/v1/services/av/policy", None, None).await;
+    let (_, _, shown) = call(&a, "GET", "/v1/services/av/policy", None, Some(TOKEN)).await;
     assert_eq!(shown["sticky_sessions"]["secret"], "<redacted>");
     // sending the redacted policy back keeps the secret
     let mut back = shown.clone();
@@ -199,14 +216,14 @@ async fn reports_become_instance_traffic() {
         "endpoints": [{"id": "a", "requests": 120, "errors": 6, "latency_sum_ms": 240.0, "latency_p95_ms": 4.5, "in_flight": 3}]});
     let (s, _, _) = call(&a, "POST", "/v1/reports", Some(report), Some(TOKEN)).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (_, _, v) = call(&a, "GET", "/v1/services/av/instances", None, None).await;
+    let (_, _, v) = call(&a, "GET", "/v1/services/av/instances", None, Some(TOKEN)).await;
     let t = &v[0]["traffic"];
     assert_eq!(t["in_flight"], 3);
     assert_eq!(t["latency_p95_ms"], 4.5);
     assert!((t["error_rate"].as_f64().unwrap() - 0.05).abs() < 1e-9);
     let (s, _, e) = call(&a, "POST", "/v1/reports", Some(json!({"service": "av"})), Some(TOKEN)).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
-    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let req = Request::get("/metrics").header("authorization", format!("Bearer {TOKEN}")).body(Body::empty()).unwrap();
     let body = router(a.clone()).oneshot(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains("equilibrio_supervisor_instance_in_flight{service=\"av\",instance=\"a\"} 3"), "{text}");
