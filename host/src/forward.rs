@@ -14,6 +14,10 @@ pub const UPSTREAM_HEADER: &str = equilibrio_filter::UPSTREAM_HEADER;
 
 // Header names built once: a `&str` key is parsed and validated on every map operation.
 pub static UPSTREAM: HeaderName = HeaderName::from_static(UPSTREAM_HEADER);
+/// Sent by the supervisor's health checks; answered with [`PROXY_MARK`] (routing-loop guard, see the supervisor's
+/// `monitor` module).
+pub static HEALTH_CHECK: HeaderName = HeaderName::from_static("x-equilibrio-health-check");
+pub static PROXY_MARK: HeaderName = HeaderName::from_static("x-equilibrio-proxy");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static HOP_BY_HOP: [HeaderName; 8] = [

@@ -60,7 +60,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     conn.request_started();
-    let response = serve(w, peer, req).await;
+    // the supervisor's health check: say that this is a proxy, so an instance registered at our own address (a
+    // routing loop) never becomes healthy
+    let health_check = req.headers().contains_key(&forward::HEALTH_CHECK);
+    let mut response = serve(w, peer, req).await;
+    if health_check {
+        response.headers_mut().insert(forward::PROXY_MARK.clone(), http::HeaderValue::from_static("equilibrio-host"));
+    }
     Ok(response.map(|body| body.on_connection(conn)))
 }
 

@@ -4,7 +4,7 @@
 //! A scheduler wakes every 50 ms, starts the checks that are due as separate tasks (so a slow instance never delays
 //! another), and never starts a second check of an instance whose previous one is still running. Each instance's next
 //! check is its interval with 10% jitter, so checks of many instances spread out instead of arriving in bursts. A check
-//! is healthy on any 2xx within the timeout.
+//! is healthy on any 2xx within the timeout that does not come from one of our proxies (see [`HEALTH_CHECK_HEADER`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 use crate::app::{App, now_ms};
 
 type Key = (String, String);
+
+/// Sent with every health check. A proxy (the bundled one, or Envoy with the shipped configuration) answers a request
+/// carrying it with [`PROXY_HEADER`], so an instance registered at a proxy's own address is never healthy: it would
+/// send every request it gets back through the proxy (a loop that multiplies the traffic).
+pub const HEALTH_CHECK_HEADER: &str = "x-equilibrio-health-check";
+/// See [`HEALTH_CHECK_HEADER`].
+pub const PROXY_HEADER: &str = "x-equilibrio-proxy";
 
 pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     // redirects are not followed: an instance answers for its own health, it cannot borrow another host's
@@ -23,6 +30,8 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
         .unwrap_or_default();
     let mut next: HashMap<Key, Instant> = HashMap::new();
     let running: Arc<Mutex<HashSet<Key>>> = Arc::default();
+    // instances found to be a proxy, logged once each
+    let looped: Arc<Mutex<HashSet<Key>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -55,10 +64,17 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
             if let Ok(mut r) = running.lock() {
                 r.insert(key.clone());
             }
-            let (app, client, running) = (app.clone(), client.clone(), running.clone());
+            let (app, client, running, looped) = (app.clone(), client.clone(), running.clone(), looped.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
-                let ok = matches!(client.get(&url).timeout(timeout).send().await, Ok(r) if r.status().is_success());
+                let answer = client.get(&url).header(HEALTH_CHECK_HEADER, "1").timeout(timeout).send().await;
+                // an address that is one of our proxies would route the proxies' traffic back to themselves
+                let proxy = answer.as_ref().is_ok_and(|r| r.headers().contains_key(PROXY_HEADER));
+                if proxy && looped.lock().is_ok_and(|mut l| l.len() < 4096 && l.insert(key.clone())) {
+                    tracing::warn!(service = %key.0, instance = %key.1, %url,
+                        "this instance's address is an Equilibrio proxy (a routing loop): it stays unhealthy");
+                }
+                let ok = matches!(answer, Ok(r) if r.status().is_success()) && !proxy;
                 let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
                 app.metrics.check(&key.0, ok, latency_ms / 1000.0);
                 let event = app.registry().record_check(&key.0, &key.1, ok, latency_ms, now_ms());

@@ -717,3 +717,49 @@ async fn slowloris_connections_are_cut_off_and_others_are_served() {
         assert!(closed.is_ok(), "slow connection {i} is still open");
     }
 }
+
+/// An instance registered at a proxy's own listener address would send the proxy's traffic back to itself (the attack
+/// run saw 40 requests become 54). The proxies answer the supervisor's health checks with a mark, so such an instance
+/// is never healthy and never gets a request.
+async fn an_instance_at_the_proxys_own_address_is_never_healthy(kind: equilibrio_tests::proxy::Kind) {
+    use equilibrio_tests::proxy::Proxy;
+    let b = backends(1).await;
+    let s = Supervisor::start(&service_yaml(&b, "{interval: 1s, timeout: 500ms, retries: 1, rise: 1}")).await.unwrap();
+    s.wait_state("agente-vendedor", "av-1", "healthy", Duration::from_secs(5)).await.unwrap();
+    let filter = json!({"service": "agente-vendedor",
+        "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Proxy::start(kind, &filter, s.addr).await.unwrap();
+    let own = proxy.url("").trim_start_matches("http://").to_string();
+    let (st, v) = s
+        .call("POST", "/v1/services/agente-vendedor/instances", Some(json!({"id": "loop", "address": own})))
+        .await
+        .unwrap();
+    assert_eq!(st, 201, "{v}");
+    // three check intervals: a proxy answering 200 for its backend would have been healthy after the first
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    let state = v.as_array().unwrap().iter().find(|i| i["id"] == "loop").unwrap()["state"].clone();
+    assert_eq!(state, "unhealthy", "{v}");
+    assert!(s.log().contains("routing loop"), "the operator is told why:\n{}", s.log());
+    let version = s.get("/v1/services/agente-vendedor/endpoints").await.unwrap()["version"].as_u64().unwrap();
+    proxy.wait_for_table(2, version).await.unwrap();
+    let before = proxy.stat("http.ingress.downstream_rq_total").await.unwrap_or(0);
+    let client = reqwest::Client::new();
+    let counts = by_body(&load(&client, &proxy.url("/"), 40, 2).await);
+    assert_eq!(counts.get("av-1"), Some(&40), "{counts:?}");
+    let after = proxy.stat("http.ingress.downstream_rq_total").await.unwrap_or(0);
+    // the 40, and at most the loop instance's health checks meanwhile: no request came back through the proxy
+    assert!(after - before <= 42, "{} proxy requests for 40", after - before);
+}
+
+mod loop_guard {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn envoy() {
+        super::an_instance_at_the_proxys_own_address_is_never_healthy(equilibrio_tests::proxy::Kind::Envoy).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host() {
+        super::an_instance_at_the_proxys_own_address_is_never_healthy(equilibrio_tests::proxy::Kind::Host).await
+    }
+}
