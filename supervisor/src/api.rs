@@ -155,10 +155,12 @@ async fn guard_reads(
     next: axum::middleware::Next,
 ) -> Response {
     let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
-    if read && !app.config.public_reads && !PUBLIC_READS.contains(&request.uri().path()) {
-        if let Err(e) = authorized(&app, request.headers()) {
-            return e.into_response();
-        }
+    if read
+        && !app.config.public_reads
+        && !PUBLIC_READS.contains(&request.uri().path())
+        && let Err(e) = authorized(&app, request.headers())
+    {
+        return e.into_response();
     }
     next.run(request).await
 }
