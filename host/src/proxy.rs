@@ -37,6 +37,7 @@ pub struct ProxyStats {
     pub no_healthy_upstream: MetricRef,
     pub local_replies: MetricRef,
     pub downstream_cx_protocol_error: MetricRef,
+    pub handler_panics: MetricRef,
 }
 
 pub type MetricRef = std::sync::Arc<Metric>;
@@ -51,6 +52,8 @@ pub struct Worker {
     pub next_fallback: Cell<usize>,
     pub local: SocketAddr,
     pub stats: ProxyStats,
+    /// Test-only fault injection (`EQUILIBRIO_FAULT_INJECTION=1`): `x-equilibrio-fault: panic` panics the request.
+    pub faults: bool,
 }
 
 pub async fn handle(
@@ -60,6 +63,12 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     conn.request_started();
+    if w.faults && req.headers().get("x-equilibrio-fault").is_some_and(|v| v == "panic") {
+        #[allow(clippy::panic)] // the one deliberate panic: what fault injection exists for
+        {
+            panic!("fault injected by x-equilibrio-fault");
+        }
+    }
     // the supervisor's health check: say that this is a proxy, so an instance registered at our own address (a
     // routing loop) never becomes healthy
     let health_check = req.headers().contains_key(&forward::HEALTH_CHECK);

@@ -100,8 +100,72 @@ where
                 return;
             }
         };
-        tokio::task::LocalSet::new().block_on(&rt, body(ready));
+        let run = std::panic::AssertUnwindSafe(|| tokio::task::LocalSet::new().block_on(&rt, body(ready)));
+        if std::panic::catch_unwind(run).is_err() {
+            fatal(&format!("thread {}", std::thread::current().name().unwrap_or("?")));
+        }
     })
+}
+
+/// A panic outside any one request (an accept loop, a filter's ticks) would leave the proxy half working: the process
+/// exits instead, for its service manager to restart it. (A request's panic costs only that request: see `serve_one`.)
+fn fatal(what: &str) -> ! {
+    tracing::error!("{what} panicked: exiting");
+    std::process::exit(70)
+}
+
+/// Runs a task the worker cannot do without; see [`fatal`].
+async fn essential(what: &'static str, task: impl std::future::Future<Output = ()>) {
+    use futures_util::FutureExt;
+    if std::panic::AssertUnwindSafe(task).catch_unwind().await.is_err() {
+        fatal(what);
+    }
+}
+
+/// One request, its panic contained: the client gets a 500, the connection and the worker serve on.
+async fn serve_one(
+    worker: Rc<Worker>,
+    client: crate::forward::Peer,
+    conn: Rc<crate::conn_timer::ConnState>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<crate::body::ProxyBody>, std::convert::Infallible> {
+    use futures_util::FutureExt;
+    let panics = worker.stats.handler_panics.clone();
+    let handled = crate::proxy::handle(worker, client, conn.clone(), req);
+    match std::panic::AssertUnwindSafe(handled).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            panics.inc();
+            let what = panic.downcast_ref::<&str>().copied().unwrap_or("(no message)");
+            tracing::error!(panic = what, "a request panicked in the proxy; answered 500");
+            let body = crate::body::ProxyBody::full(bytes::Bytes::from_static(b"internal error"), None);
+            let mut response = hyper::Response::new(body.on_connection(conn));
+            *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            Ok(response)
+        }
+    }
+}
+
+/// What a connection's task undoes when it ends, normally or by a panic in hyper's connection (a response body).
+struct ConnEnd {
+    sweeper: Rc<Sweeper>,
+    id: u64,
+    shared: Arc<Shared>,
+    cx_active: crate::proxy::MetricRef,
+    open: Rc<Cell<usize>>,
+    all_closed: Rc<tokio::sync::Notify>,
+}
+
+impl Drop for ConnEnd {
+    fn drop(&mut self) {
+        self.sweeper.forget(self.id);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.cx_active.increment(-1);
+        self.open.set(self.open.get() - 1);
+        if self.open.get() == 0 {
+            self.all_closed.notify_one();
+        }
+    }
 }
 
 /// Where a thread says it has started (or why it could not).
@@ -162,7 +226,7 @@ async fn run_worker(
         }
     };
     for slot in &filters {
-        tokio::task::spawn_local(slot.clone().run_ticks());
+        tokio::task::spawn_local(essential("a filter's ticks", slot.clone().run_ticks()));
     }
     let config = &shared.config;
     let route_cluster = shared.clusters.get(&config.route.cluster).cloned().unwrap_or_default();
@@ -190,7 +254,9 @@ async fn run_worker(
             no_healthy_upstream: counter(&format!("cluster.{cluster}.upstream_cx_none_healthy")),
             local_replies: counter("http.ingress.local_replies"),
             downstream_cx_protocol_error: counter("http.ingress.downstream_cx_protocol_error"),
+            handler_panics: counter("http.ingress.handler_panics"),
         },
+        faults: std::env::var("EQUILIBRIO_FAULT_INJECTION").is_ok_and(|v| v == "1"),
     });
     let listener_name = format!("listener.{}_{}", local.ip(), local.port());
     let cx_total = counter(&format!("{listener_name}.worker_{index}.downstream_cx_total"));
@@ -244,11 +310,12 @@ async fn run_worker(
         let (id, state) = sweeper.track();
         let sweeper = sweeper.clone();
         tokio::task::spawn_local(async move {
+            let _end = ConnEnd { sweeper, id, shared, cx_active, open, all_closed };
             let io = TokioIo::new(StrictLines::new(TimedIo::new(tcp, state.clone())));
             let conn_state = state.clone();
             let client = crate::forward::Peer::new(peer);
             let service = hyper::service::service_fn(move |req| {
-                crate::proxy::handle(worker.clone(), client.clone(), conn_state.clone(), req)
+                serve_one(worker.clone(), client.clone(), conn_state.clone(), req)
             });
             let conn = builder.serve_connection(io, service);
             tokio::pin!(conn);
@@ -259,13 +326,6 @@ async fn run_worker(
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
-            }
-            sweeper.forget(id);
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-            cx_active.increment(-1);
-            open.set(open.get() - 1);
-            if open.get() == 0 {
-                all_closed.notify_one();
             }
         });
     }

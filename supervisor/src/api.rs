@@ -165,6 +165,48 @@ async fn guard_reads(
     next.run(request).await
 }
 
+/// A panic in one request's handler costs that request a 500, not the process (release builds unwind): counted in
+/// `handler_panics` and logged with the request line.
+async fn contain_panics(
+    State(app): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use futures_util::FutureExt;
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            app.metrics.handler_panics.inc();
+            tracing::error!(%method, %path, panic = %what, "a request handler panicked; answered 500");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the supervisor failed on this request (logged); nothing else is affected",
+                None,
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Test-only fault injection (`EQUILIBRIO_FAULT_INJECTION=1` in the environment, never in production): a request
+/// carrying `x-equilibrio-fault: panic` panics in its handler, to show that one panic costs only that request.
+async fn inject_faults(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.headers().get("x-equilibrio-fault").is_some_and(|v| v == "panic") {
+        #[allow(clippy::panic)] // the one deliberate panic: what this layer exists for
+        {
+            panic!("fault injected by x-equilibrio-fault");
+        }
+    }
+    next.run(request).await
+}
+
 /// Without a token the supervisor listens on loopback only, and a change must name a loopback host: a page in a local
 /// browser that rebinds its own DNS name to 127.0.0.1 sends its own name in `Host`, and is refused.
 fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -915,7 +957,8 @@ pub const ROUTES: [(&str, &str); 25] = [
 
 /// The router (no socket: tests call it directly).
 pub fn router(app: AppState) -> Router {
-    Router::new()
+    let faults = app.config.fault_injection;
+    let routes = Router::new()
         .route("/", get(dashboard))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -937,8 +980,11 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/services/{service}/scale", post(scale))
         .route("/v1/services/{service}/scaling/events", get(scaling_events))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", None) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+    let routes = if faults { routes.layer(axum::middleware::from_fn(inject_faults)) } else { routes };
+    routes
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard_reads))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), contain_panics))
         .with_state(app)
 }
 

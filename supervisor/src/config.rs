@@ -194,6 +194,8 @@ pub struct Config {
     /// Reads (services, instances, events, metrics) open to anyone who can reach the port. Off by default: with a
     /// token, reads need it too (they show every instance's address).
     pub public_reads: bool,
+    /// Test-only: `EQUILIBRIO_FAULT_INJECTION=1` in the environment (set by `main`, never from the file).
+    pub fault_injection: bool,
     pub webhooks: Vec<String>,
     /// PEM certificates trusted for `https://` webhooks besides the platform's roots (a private CA).
     pub webhook_ca_pem: Option<Vec<u8>>,
@@ -370,6 +372,7 @@ impl Config {
             header_read_timeout_ms,
             max_connections,
             public_reads: raw.public_reads,
+            fault_injection: false,
             webhooks: raw.webhooks,
             webhook_ca_pem,
             services,

@@ -50,6 +50,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         config.listen = listen;
     }
+    config.fault_injection = std::env::var("EQUILIBRIO_FAULT_INJECTION").is_ok_and(|v| v == "1");
+    if config.fault_injection {
+        tracing::warn!("EQUILIBRIO_FAULT_INJECTION=1: test-only fault injection is on");
+    }
     let listen = config.listen;
     let app = Arc::new(App::new(config)?);
     let listener =
@@ -71,9 +75,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         header_read_timeout: Duration::from_millis(app.config.header_read_timeout_ms),
         max_connections: app.config.max_connections,
     };
-    let server = tokio::spawn(serve::run(listener, api::router(app.clone()), limits, stop_rx.clone()));
+    let mut server = tokio::spawn(serve::run(listener, api::router(app.clone()), limits, stop_rx.clone()));
+    let mut monitor = monitor;
+    let mut scaler = scaler;
+    let scaler_ended = async {
+        match scaler.as_mut() {
+            Some(s) => s.await,
+            None => std::future::pending().await,
+        }
+    };
 
-    shutdown_signal().await;
+    // a request's panic costs that request (api::contain_panics); a background task that ends before shutdown
+    // (a panic) would leave the supervisor half working: it exits instead, for its service manager to restart it
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        r = &mut monitor => return Err(format!("the health monitor stopped: {r:?}").into()),
+        r = &mut server => return Err(format!("the API server stopped: {r:?}").into()),
+        r = scaler_ended => return Err(format!("the autoscaler stopped: {r:?}").into()),
+    }
     tracing::info!("shutting down: not ready, finishing calls in flight");
     shutdown_app.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = stop_tx.send(true);

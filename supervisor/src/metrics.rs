@@ -83,6 +83,8 @@ pub struct Metrics {
     reports: Counter,
     reports_refused: Counter,
     report_unknown_endpoints: Counter,
+    /// Requests whose handler panicked (answered 500; the process serves on).
+    pub handler_panics: Counter,
     instances: Family<StateLabels, Gauge>,
     rps: FloatFamily,
     errors: FloatFamily,
@@ -113,6 +115,12 @@ impl Default for Metrics {
             "report_unknown_endpoints",
             "Endpoints in reports that name no instance of the service (dropped, not kept)",
             report_unknown_endpoints.clone(),
+        );
+        let handler_panics = Counter::default();
+        registry.register(
+            "handler_panics",
+            "API requests whose handler panicked: answered 500, logged, the process serves on",
+            handler_panics.clone(),
         );
         let instances = Family::<StateLabels, Gauge>::default();
         registry.register("instances", "Instances by table state", instances.clone());
@@ -162,6 +170,7 @@ impl Default for Metrics {
             reports,
             reports_refused,
             report_unknown_endpoints,
+            handler_panics,
             instances,
             rps,
             errors,

@@ -52,7 +52,7 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
     Ok(out)
 }
 
-fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> {
+fn spawn(dir: &Path, config: &str, concurrency: usize, env: &[(&str, &str)]) -> anyhow::Result<Child> {
     let cfg = dir.join("host.yaml");
     std::fs::write(&cfg, config)?;
     let log = std::fs::File::create(dir.join("host.log"))?;
@@ -62,6 +62,7 @@ fn spawn(dir: &Path, config: &str, concurrency: usize) -> anyhow::Result<Child> 
         .args(["--concurrency", &concurrency.to_string()])
         .arg("--admin-address-path")
         .arg(dir.join("admin"))
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -76,8 +77,13 @@ impl Host {
 
     /// Starts the proxy with a complete configuration.
     pub async fn start_with(config: &str, workers: usize) -> anyhow::Result<Host> {
+        Host::start_with_env(config, workers, &[]).await
+    }
+
+    /// [`Host::start_with`] with these environment variables added.
+    pub async fn start_with_env(config: &str, workers: usize, env: &[(&str, &str)]) -> anyhow::Result<Host> {
         let dir = work_dir("host")?;
-        let mut child = spawn(&dir, config, workers)?;
+        let mut child = spawn(&dir, config, workers, env)?;
         let (admin, listener) = admin::wait_until_ready(&mut child, &dir, "host.log", "equilibrio-host").await?;
         Ok(Host { child, admin, listener, dir })
     }
@@ -85,7 +91,7 @@ impl Host {
     /// Runs the proxy with a configuration that must be refused: returns its exit status and log.
     pub async fn start_expecting_failure(config: &str) -> anyhow::Result<(bool, String)> {
         let dir = work_dir("host")?;
-        let child = spawn(&dir, config, 1)?;
+        let child = spawn(&dir, config, 1, &[])?;
         admin::wait_for_refusal(child, &dir.join("host.log")).await
     }
 

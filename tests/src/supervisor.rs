@@ -17,6 +17,8 @@ pub struct Supervisor {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     config: PathBuf,
+    /// Environment variables added to the process (besides the token).
+    env: Vec<(String, String)>,
 }
 
 pub fn binary() -> anyhow::Result<PathBuf> {
@@ -35,11 +37,17 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl Supervisor {
     /// Writes `yaml` (without `listen`/`state_file`, which the harness sets) and starts the supervisor.
     pub async fn start(yaml: &str) -> anyhow::Result<Supervisor> {
+        Supervisor::start_with_env(yaml, &[]).await
+    }
+
+    /// [`Supervisor::start`] with these environment variables added.
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> anyhow::Result<Supervisor> {
         let dir = crate::work_dir("supervisor")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = dir.join("supervisor.yaml");
         std::fs::write(&config, format!("listen: {addr}\nstate_file: {}\n{yaml}", dir.join("state.json").display()))?;
-        let mut s = Supervisor { child: None, addr, dir, config };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Supervisor { child: None, addr, dir, config, env };
         s.restart().await?;
         Ok(s)
     }
@@ -51,6 +59,7 @@ impl Supervisor {
             .arg("--config")
             .arg(&self.config)
             .env("EQUILIBRIO_TOKEN", TOKEN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -411,3 +411,23 @@ async fn smuggling_shapes_get_400_bare_lf_heads_and_overflowing_chunk_sizes() {
     let got = exchange(&host, ok);
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+/// One panic while serving a request costs that request a 500 (counted), not the worker nor the process: with one
+/// worker, the next requests on the same and on new connections are served. (Fault injection is test-only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_request_costs_only_that_request() {
+    let b = Backend::start("av-1").await.unwrap();
+    let host = Host::start_with_env(&config(&b.addr.to_string(), ""), 1, &[("EQUILIBRIO_FAULT_INJECTION", "1")])
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    for _ in 0..3 {
+        let r = client.get(url(&host, "/")).header("x-equilibrio-fault", "panic").send().await.unwrap();
+        assert_eq!(r.status(), 500);
+        let r = client.get(url(&host, "/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the same worker serves the next request");
+    }
+    assert_eq!(stat(&host, "http.ingress.handler_panics").await, Some(3));
+    assert_eq!(reqwest::get(url(&host, "/")).await.unwrap().status(), 200, "a new connection too");
+    assert!(host.log().contains("a request panicked"), "{}", host.log());
+}

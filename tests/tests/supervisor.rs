@@ -763,3 +763,34 @@ mod loop_guard {
         super::an_instance_at_the_proxys_own_address_is_never_healthy(equilibrio_tests::proxy::Kind::Host).await
     }
 }
+
+/// One panic in a request handler costs that request a 500 (counted, logged), not the process: the next request, on
+/// the same supervisor, is served. (Release builds unwind; fault injection is test-only, from the environment.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_request_costs_only_that_request() {
+    let b = backends(1).await;
+    let yaml = service_yaml(&b, "{interval: 200ms, timeout: 100ms}");
+    let s = Supervisor::start_with_env(&yaml, &[("EQUILIBRIO_FAULT_INJECTION", "1")]).await.unwrap();
+    let client = Supervisor::client();
+    for _ in 0..3 {
+        let r = client
+            .get(s.url("/v1/services"))
+            .bearer_auth(TOKEN)
+            .header("x-equilibrio-fault", "panic")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+    }
+    let v = s.get("/v1/services/agente-vendedor/instances").await.unwrap();
+    assert_eq!(v[0]["id"], "av-1", "still serving: {v}");
+    let metrics = client.get(s.url("/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("equilibrio_supervisor_handler_panics_total 3"), "{metrics}");
+    assert!(s.log().contains("a request handler panicked"), "{}", s.log());
+    // without the variable, the header does nothing
+    let plain = Supervisor::start(&yaml).await.unwrap();
+    let r = client.get(plain.url("/v1/services")).bearer_auth(TOKEN).header("x-equilibrio-fault", "panic").send();
+    assert_eq!(r.await.unwrap().status(), 200);
+}
