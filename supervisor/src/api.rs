@@ -106,6 +106,13 @@ impl From<PersistError> for ApiError {
 
 /// Parses a JSON body, naming the offending field on error.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // every body is an object (serde would also take a struct's fields as an array: `[null, null]`)
+    if let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace())
+        && *first != b'{'
+    {
+        let message = "the body must be a JSON object";
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message, None));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -291,17 +298,20 @@ async fn livez() -> &'static str {
 }
 
 /// Ready for traffic (fails during shutdown).
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "shutting down")))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, description = "not ready: shutting down, or Docker unreachable while a service is auto-scaled")))]
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.is_ready() {
         "ok".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+        let why =
+            if app.ready.load(std::sync::atomic::Ordering::SeqCst) { "docker unreachable" } else { "shutting down" };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
     }
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition"),
+    (status = 401, body = ErrorBody)), security(("bearer" = [])))]
 async fn metrics(State(app): State<AppState>) -> Response {
     let now = now_ms();
     let samples: Vec<InstanceSample> = {
@@ -352,7 +362,8 @@ async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 /// The supervisor's host (cores, memory) and its services.
-#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = HostInfo)))]
+#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = HostInfo), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_services(State(app): State<AppState>) -> axum::Json<HostInfo> {
     let services = app
         .registry()
@@ -375,7 +386,8 @@ async fn list_services(State(app): State<AppState>) -> axum::Json<HostInfo> {
 
 /// One service: policy, health-check settings, instances with their traffic.
 #[utoipa::path(get, path = "/v1/services/{service}", params(("service" = String, Path)),
-    responses((status = 200, body = ServiceView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ServiceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_service(
     State(app): State<AppState>,
     Path(service): Path<String>,
@@ -393,7 +405,8 @@ async fn get_service(
 
 /// The instances of a service.
 #[utoipa::path(get, path = "/v1/services/{service}/instances", params(("service" = String, Path)),
-    responses((status = 200, body = [InstanceView]), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = [InstanceView]), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_instances(
     State(app): State<AppState>,
     Path(service): Path<String>,
@@ -410,13 +423,13 @@ pub struct Registration {
     #[serde(flatten)]
     pub instance: InstanceSpec,
     /// Without a heartbeat within this time the instance is removed.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<doc::Duration>)]
     pub heartbeat_ttl: Option<equilibrio_filter::config::Millis>,
 }
 
 /// Registers an instance.
-#[utoipa::path(post, path = "/v1/services/{service}/instances", params(("service" = String, Path)), request_body = Object,
-    responses((status = 201, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+#[utoipa::path(post, path = "/v1/services/{service}/instances", params(("service" = String, Path)), request_body = doc::Registration,
+    responses((status = 201, body = InstanceView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 async fn register(
     State(app): State<AppState>,
@@ -484,7 +497,7 @@ async fn deregister(
 /// Changes an instance's weight or zone.
 #[utoipa::path(put, path = "/v1/services/{service}/instances/{id}", params(("service" = String, Path), ("id" = String, Path)),
     request_body = InstanceUpdate,
-    responses((status = 200, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = InstanceView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn update_instance(
     State(app): State<AppState>,
@@ -521,14 +534,15 @@ fn instance(app: &App, service: &str, id: &str) -> Result<axum::Json<InstanceVie
 #[serde(deny_unknown_fields)]
 pub struct DrainRequest {
     /// Give up waiting for in-flight requests after this (default: the configured `drain_timeout`).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<doc::Duration>)]
     pub timeout: Option<equilibrio_filter::config::Millis>,
 }
 
 /// Drains an instance: no new traffic (its sticky sessions stay until they end); done when nothing is in flight.
 #[utoipa::path(post, path = "/v1/services/{service}/instances/{id}/drain", params(("service" = String, Path), ("id" = String, Path)),
-    request_body = DrainRequest,
-    responses((status = 200, body = InstanceView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    request_body = Option<DrainRequest>,
+    responses((status = 200, body = InstanceView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn drain(
     State(app): State<AppState>,
@@ -561,7 +575,8 @@ async fn heartbeat(
 
 /// The balancing policy (the sticky-session secret is redacted).
 #[utoipa::path(get, path = "/v1/services/{service}/policy", params(("service" = String, Path)),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_policy(State(app): State<AppState>, Path(service): Path<String>) -> Result<axum::Json<Value>, ApiError> {
     Ok(axum::Json(table::redact(&app.registry().service(&service)?.policy)))
 }
@@ -569,8 +584,8 @@ async fn get_policy(State(app): State<AppState>, Path(service): Path<String>) ->
 /// Replaces the balancing policy (`algorithm`, `consistent_hash`, `sticky_sessions`, `rate_limiting`,
 /// `passive_health`, `observation`), validated as the filter validates it. A `secret` of `<redacted>` keeps the
 /// current secret.
-#[utoipa::path(put, path = "/v1/services/{service}/policy", params(("service" = String, Path)), request_body = Object,
-    responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+#[utoipa::path(put, path = "/v1/services/{service}/policy", params(("service" = String, Path)), request_body = doc::PolicyUpdate,
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_policy(
     State(app): State<AppState>,
@@ -604,18 +619,24 @@ async fn put_policy(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckUpdate {
-    #[schema(value_type = Option<String>)]
+    /// At least the timeout.
+    #[schema(value_type = Option<doc::Duration>)]
     pub interval: Option<equilibrio_filter::config::Millis>,
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<doc::Duration>)]
     pub timeout: Option<equilibrio_filter::config::Millis>,
+    #[schema(minimum = 1, maximum = 100)]
     pub retries: Option<u32>,
+    #[schema(minimum = 1, maximum = 100)]
     pub rise: Option<u32>,
+    /// A path: `/`, then no space or control character.
+    #[schema(pattern = "^/[^\\u0000-\\u0020\\u007f]*$")]
     pub endpoint: Option<String>,
 }
 
 /// The health-check settings.
 #[utoipa::path(get, path = "/v1/services/{service}/health_check", params(("service" = String, Path)),
-    responses((status = 200, body = HealthCheck), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = HealthCheck), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_health_check(
     State(app): State<AppState>,
     Path(service): Path<String>,
@@ -625,7 +646,7 @@ async fn get_health_check(
 
 /// Changes health-check settings (the keys given; the others stay).
 #[utoipa::path(put, path = "/v1/services/{service}/health_check", params(("service" = String, Path)), request_body = HealthCheckUpdate,
-    responses((status = 200, body = HealthCheck), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = HealthCheck), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_health_check(
     State(app): State<AppState>,
@@ -679,8 +700,9 @@ async fn endpoints(
 
 /// Envoy's REST EDS: answers a `DiscoveryRequest` for `ClusterLoadAssignment`s. The cluster named in
 /// `resource_names` is the service of the same name, or the only service when there is one.
-#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = Object,
-    responses((status = 200, body = Object), (status = 304), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = doc::DiscoveryRequest,
+    responses((status = 200, body = Object), (status = 304), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     #[derive(Deserialize)]
     struct DiscoveryRequest {
@@ -707,7 +729,7 @@ async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiEr
 
 /// Takes a proxy's per-endpoint aggregates.
 #[utoipa::path(post, path = "/v1/reports", request_body = Report,
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 async fn reports(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
     authorized(&app, &headers)?;
     let mut report: Report = parse(&body).inspect_err(|_| app.metrics.report_refused())?;
@@ -736,7 +758,8 @@ struct EventsQuery {
 
 /// Server-sent events: the recent history, then every new event as it happens.
 #[utoipa::path(get, path = "/v1/events", params(("service" = Option<String>, Query, description = "only this service")),
-    responses((status = 200, description = "text/event-stream of Event")))]
+    responses((status = 200, content_type = "text/event-stream", body = doc::SseFrame), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn events(
     State(app): State<AppState>,
     Query(q): Query<EventsQuery>,
@@ -801,7 +824,8 @@ fn scaling_view(app: &App, service: &str) -> Result<ScalingView, ApiError> {
 
 /// The scaling policy and state.
 #[utoipa::path(get, path = "/v1/services/{service}/scaling", params(("service" = String, Path)),
-    responses((status = 200, body = ScalingView), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ScalingView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn get_scaling(
     State(app): State<AppState>,
     Path(service): Path<String>,
@@ -810,8 +834,9 @@ async fn get_scaling(
 }
 
 /// Changes the scaling policy (the keys given are merged into the current policy, then validated).
-#[utoipa::path(put, path = "/v1/services/{service}/scaling", params(("service" = String, Path)), request_body = Object,
-    responses((status = 200, body = ScalingView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+#[utoipa::path(put, path = "/v1/services/{service}/scaling", params(("service" = String, Path)),
+    request_body = crate::scaling::policy::ScalingPolicy,
+    responses((status = 200, body = ScalingView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn put_scaling(
     State(app): State<AppState>,
@@ -831,15 +856,16 @@ async fn put_scaling(
 #[serde(deny_unknown_fields)]
 pub struct ScaleRequest {
     /// The instance count to run (within min_instances and max_instances).
+    #[schema(maximum = 1000)]
     pub instances: u32,
     /// How long the count holds before the autoscaler decides again (default 10 minutes).
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<doc::Duration>)]
     pub hold: Option<equilibrio_filter::config::Millis>,
 }
 
 /// Scales by hand: runs `instances` and holds that count for `hold`.
 #[utoipa::path(post, path = "/v1/services/{service}/scale", params(("service" = String, Path)), request_body = ScaleRequest,
-    responses((status = 200, body = ScalingView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = ScalingView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn scale(
     State(app): State<AppState>,
@@ -882,7 +908,8 @@ async fn scale(
 
 /// Every scaling decision (time, from, to, reason), oldest first.
 #[utoipa::path(get, path = "/v1/services/{service}/scaling/events", params(("service" = String, Path)),
-    responses((status = 200, body = [crate::scaling::controller::ScalingEvent]), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = [crate::scaling::controller::ScalingEvent]), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn scaling_events(
     State(app): State<AppState>,
     Path(service): Path<String>,
@@ -899,8 +926,9 @@ async fn scaling_events(
         get_scaling, put_scaling, scale, scaling_events),
     components(schemas(ErrorBody, ErrorDetail, ServiceSummary, ServiceView, InstanceView, HostInfo, InstanceSpec, InstanceUpdate,
         DrainRequest, HealthCheck, HealthCheckUpdate, Report, Traffic, Event, ScalingView, ScaleRequest,
-        crate::scaling::policy::ScalingPolicy, crate::scaling::controller::ScalingEvent, crate::scaling::cost::CostStats)),
-    modifiers(&BearerAuth)
+        crate::scaling::policy::ScalingPolicy, crate::scaling::controller::ScalingEvent, crate::scaling::cost::CostStats,
+        doc::Registration, doc::PolicyUpdate, doc::DiscoveryRequest, doc::SseFrame)),
+    modifiers(&BearerAuth, &OpenComposedSchemas)
 )]
 pub struct ApiDoc;
 
@@ -987,6 +1015,9 @@ pub fn router(app: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(app.clone(), contain_panics))
         .with_state(app)
 }
+
+mod doc;
+use doc::OpenComposedSchemas;
 
 #[cfg(test)]
 mod tests;

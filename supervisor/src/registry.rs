@@ -147,7 +147,9 @@ pub struct Registry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceUpdate {
+    #[schema(maximum = 1_000_000)]
     pub weight: Option<u32>,
+    #[schema(pattern = "^[A-Za-z0-9._-]{0,64}$")]
     pub zone: Option<String>,
 }
 

@@ -13,24 +13,36 @@ use serde::{Deserialize, Serialize};
 pub struct Report {
     pub service: String,
     pub proxy: String,
+    /// The version of the table the proxy used (unix milliseconds).
     #[serde(default)]
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     pub table_version: u64,
+    #[schema(maximum = 3_600_000)]
     pub window_ms: u64,
     #[serde(default)]
+    #[schema(maximum = 1_000_000_000)]
     pub rate_limited: u64,
+    #[schema(max_items = 4096)]
     pub endpoints: Vec<EndpointReport>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct EndpointReport {
     pub id: String,
+    #[schema(maximum = 1_000_000_000)]
     pub requests: u64,
+    /// At most `requests`.
+    #[schema(maximum = 1_000_000_000)]
     pub errors: u64,
+    /// At most a day per request.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub latency_sum_ms: f64,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 86_400_000)]
     pub latency_p95_ms: f64,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 10_000_000)]
     pub in_flight: i64,
     #[serde(default)]
     pub ejected: bool,
@@ -48,6 +60,10 @@ impl Report {
     /// what the supervisor knows stays as it was).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |f: String, r: &str| Err((f, r.to_string()));
+        if self.table_version > i64::MAX as u64 {
+            // versions are unix milliseconds; the document's integers are int64
+            return err("table_version".into(), "must be at most 9223372036854775807");
+        }
         if self.window_ms > MAX_WINDOW_MS {
             return err("window_ms".into(), "must be at most 1 hour");
         }
