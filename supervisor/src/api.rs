@@ -150,21 +150,28 @@ fn authorized(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Paths anyone who reaches the port may read: the dashboard page (its data needs the token), probes, the API's own
-/// description. The endpoint table checks the token itself; Envoy's EDS (`POST`) carries addresses only and cannot
-/// send a token (docs/security.md).
+/// description.
 const PUBLIC_READS: [&str; 4] = ["/", "/livez", "/readyz", "/openapi.json"];
+/// Calls open without the token: Envoy's REST EDS, which cannot send one and carries addresses only (docs/security.md).
+const OPEN_CALLS: [(&str, &str); 1] = [("POST", "/v3/discovery:endpoints")];
 
-/// Reads need what writes need (the token, or a loopback `Host` without one) unless `public_reads` is set: they show
-/// every instance's address and the events.
-async fn guard_reads(
-    State(app): State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
-    if read
-        && !app.config.public_reads
-        && !PUBLIC_READS.contains(&request.uri().path())
+/// Whether a call needs the token (or, without one configured, a loopback `Host`): every call that changes state,
+/// the endpoint table (it carries the sticky secret and the hash seed), and every other read unless `public_reads`.
+fn needs_auth(app: &App, method: &axum::http::Method, path: &str) -> bool {
+    if OPEN_CALLS.iter().any(|(m, p)| m == method && *p == path) {
+        return false;
+    }
+    if !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        return true;
+    }
+    let table = path.starts_with("/v1/services/") && path.ends_with("/endpoints");
+    !PUBLIC_READS.contains(&path) && (table || !app.config.public_reads)
+}
+
+/// The one place calls are authorized: a layer over every route, so a handler cannot be added unprotected by
+/// forgetting a check.
+async fn guard(State(app): State<AppState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if needs_auth(&app, request.method(), request.uri().path())
         && let Err(e) = authorized(&app, request.headers())
     {
         return e.into_response();
@@ -214,27 +221,46 @@ async fn inject_faults(request: axum::extract::Request, next: axum::middleware::
     next.run(request).await
 }
 
-/// Without a token the supervisor listens on loopback only, and a change must name a loopback host: a page in a local
-/// browser that rebinds its own DNS name to 127.0.0.1 sends its own name in `Host`, and is refused.
-fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+/// Whether a `Host` or an origin's host names this machine's loopback.
+fn is_loopback_name(host: &str) -> bool {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => name,
         _ => host,
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
-    let loopback =
-        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if loopback {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Without a token the supervisor listens on loopback only, and takes a call only from this machine's own pages or
+/// from clients that are not browsers:
+/// - `Host` must be a loopback name: a page that rebinds its own DNS name to 127.0.0.1 sends its own name;
+/// - a browser's cross-site request is refused: `Sec-Fetch-Site: cross-site`, or an `Origin` that is not a loopback
+///   one (`null` included). A page elsewhere could otherwise post a form to 127.0.0.1 and drain an instance (it cannot
+///   read the answer, but the change is made). curl and the proxies send neither header.
+fn local_host(headers: &HeaderMap) -> Result<(), ApiError> {
+    let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+    if !is_loopback_name(text(header::HOST).unwrap_or_default()) {
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "without a token, the API answers only a loopback `Host` (127.0.0.1, [::1], localhost)",
             None,
-        ))
+        ));
     }
+    let cross_site = text(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site");
+    let foreign_origin = text(header::ORIGIN).is_some_and(|o| {
+        let host = o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")).unwrap_or("");
+        !is_loopback_name(host)
+    });
+    if cross_site || foreign_origin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "without a token, calls from another site's page are refused",
+            None,
+        ));
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------------ views
@@ -431,13 +457,7 @@ pub struct Registration {
 #[utoipa::path(post, path = "/v1/services/{service}/instances", params(("service" = String, Path)), request_body = doc::Registration,
     responses((status = 201, body = InstanceView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
-async fn register(
-    State(app): State<AppState>,
-    Path(service): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    authorized(&app, &headers)?;
+async fn register(State(app): State<AppState>, Path(service): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     // flatten and deny_unknown_fields do not mix in serde: check the keys by hand
     let raw: Value = parse(&body)?;
     if let Some(obj) = raw.as_object() {
@@ -485,9 +505,7 @@ fn without(v: &Value, key: &str) -> Value {
 async fn deregister(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    authorized(&app, &headers)?;
     app.change(|reg, now| {
         reg.deregister(&service, &id, now, "deregistered through the API").map(|e| ((), e)).map_err(ApiError::from)
     })?;
@@ -502,10 +520,8 @@ async fn deregister(
 async fn update_instance(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<InstanceView>, ApiError> {
-    authorized(&app, &headers)?;
     let u: InstanceUpdate = parse(&body)?;
     if let Some(w) = u.weight
         && w > equilibrio_filter::table::MAX_WEIGHT
@@ -547,10 +563,8 @@ pub struct DrainRequest {
 async fn drain(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<InstanceView>, ApiError> {
-    authorized(&app, &headers)?;
     let req: DrainRequest = if body.is_empty() { DrainRequest::default() } else { parse(&body)? };
     let timeout = req.timeout.map_or(app.config.drain_timeout_ms, |m| m.0);
     if !(100..=3_600_000).contains(&timeout) {
@@ -566,9 +580,7 @@ async fn drain(
 async fn heartbeat(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    authorized(&app, &headers)?;
     app.registry().heartbeat(&service, &id, now_ms())?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -590,10 +602,8 @@ async fn get_policy(State(app): State<AppState>, Path(service): Path<String>) ->
 async fn put_policy(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorized(&app, &headers)?;
     let mut policy: Value = parse(&body)?;
     let Some(obj) = policy.as_object() else { return Err(ApiError::invalid("", "expected a JSON object")) };
     const KEYS: &[&str] = &equilibrio_filter::config::POLICY_KEYS;
@@ -651,10 +661,8 @@ async fn get_health_check(
 async fn put_health_check(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<HealthCheck>, ApiError> {
-    authorized(&app, &headers)?;
     let u: HealthCheckUpdate = parse(&body)?;
     let mut h = app.registry().service(&service)?.health_check.clone();
     if let Some(v) = u.interval {
@@ -686,7 +694,6 @@ async fn endpoints(
     Path(service): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorized(&app, &headers)?;
     let reg = app.registry();
     let svc = reg.service(&service)?;
     let etag = table::etag(svc);
@@ -730,8 +737,7 @@ async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiEr
 /// Takes a proxy's per-endpoint aggregates.
 #[utoipa::path(post, path = "/v1/reports", request_body = Report,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
-async fn reports(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<StatusCode, ApiError> {
-    authorized(&app, &headers)?;
+async fn reports(State(app): State<AppState>, body: Bytes) -> Result<StatusCode, ApiError> {
     let mut report: Report = parse(&body).inspect_err(|_| app.metrics.report_refused())?;
     if let Err((field, reason)) = report.validate() {
         app.metrics.report_refused();
@@ -841,10 +847,8 @@ async fn get_scaling(
 async fn put_scaling(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<ScalingView>, ApiError> {
-    authorized(&app, &headers)?;
     let patch: Value = parse(&body)?;
     let current = scaling_view(&app, &service)?.policy;
     let policy = current.with_overrides(Some(&patch)).map_err(|(f, r)| ApiError::invalid(f, r))?;
@@ -870,10 +874,8 @@ pub struct ScaleRequest {
 async fn scale(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<axum::Json<ScalingView>, ApiError> {
-    authorized(&app, &headers)?;
     let req: ScaleRequest = parse(&body)?;
     let policy = scaling_view(&app, &service)?.policy;
     if req.instances < policy.min_instances || req.instances > policy.max_instances {
@@ -1011,7 +1013,7 @@ pub fn router(app: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
     let routes = if faults { routes.layer(axum::middleware::from_fn(inject_faults)) } else { routes };
     routes
-        .layer(axum::middleware::from_fn_with_state(app.clone(), guard_reads))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .layer(axum::middleware::from_fn_with_state(app.clone(), contain_panics))
         .with_state(app)
 }

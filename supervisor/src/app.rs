@@ -1,5 +1,5 @@
 //! The running supervisor's shared state, and the one path every change takes: mutate the registry under its lock,
-//! save the state file, publish the events.
+//! keep it in the store, publish the events.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +13,7 @@ use crate::registry::Registry;
 use crate::reports::Reports;
 use crate::scaling::controller::ScalingState;
 use crate::scaling::runtime::Template;
+use crate::store::{NoStore, Store};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -25,6 +26,8 @@ pub const REPORT_WINDOW_MS: u64 = 60_000;
 pub struct App {
     pub config: Config,
     registry: Mutex<Registry>,
+    /// Where the registry is kept between runs.
+    store: Box<dyn Store>,
     pub events: EventBus,
     pub reports: Mutex<Reports>,
     pub metrics: Metrics,
@@ -40,12 +43,25 @@ pub struct App {
 impl App {
     /// Builds the state from the configuration and the state file (runtime changes win over the file's defaults).
     pub fn new(config: Config) -> Result<App, persist::PersistError> {
+        let store: Box<dyn Store> = match &config.state_file {
+            Some(path) => Box::new(persist::FileStore { path: path.clone() }),
+            None => Box::new(NoStore),
+        };
+        App::with_store(config, store)
+    }
+
+    /// Builds the state from the configuration and what `store` kept.
+    pub fn with_store(config: Config, store: Box<dyn Store>) -> Result<App, persist::PersistError> {
         let now = now_ms();
         let mut registry = Registry::from_config(&config.services, now);
-        if let Some(path) = &config.state_file
-            && let Some(saved) = persist::load(path)?
-        {
+        if let Some(saved) = store.load()? {
             registry.restore(saved, now);
+        }
+        if !store.is_durable() && config.services.values().any(|s| s.docker.is_some()) {
+            tracing::warn!(
+                "no state_file: runtime changes and the deployment secret last only as long as this process, and the \
+                 containers it starts will not be adopted by the next one"
+            );
         }
         if registry.secret.is_none() {
             // kept before anything uses it: a container signed with a secret that was never saved is an orphan
@@ -54,9 +70,7 @@ impl App {
                 source: std::io::Error::other(format!("no random bytes for the deployment secret: {e}")),
             })?;
             registry.secret = Some(secret);
-            if let Some(path) = &config.state_file {
-                persist::save(path, &registry)?;
-            }
+            store.save(&registry)?;
         }
         let events = EventBus::new(&config.webhooks, config.webhook_ca_pem.as_deref());
         let scaling = Mutex::new(
@@ -69,6 +83,7 @@ impl App {
         Ok(App {
             config,
             registry: Mutex::new(registry),
+            store,
             events,
             reports: Mutex::new(Reports::new(REPORT_WINDOW_MS)),
             metrics: Metrics::default(),
@@ -88,7 +103,7 @@ impl App {
         self.reports.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies a change that users made: saved to the state file before it is acknowledged (a failed save undoes it).
+    /// Applies a change that users made: kept in the store before it is acknowledged (a failed save undoes it).
     pub fn change<T, E: From<persist::PersistError>>(
         &self,
         f: impl FnOnce(&mut Registry, u64) -> Result<(T, Vec<Event>), E>,
@@ -97,8 +112,7 @@ impl App {
         let before = reg.clone();
         let (out, events) = f(&mut reg, now_ms())?;
         if !events.is_empty()
-            && let Some(path) = &self.config.state_file
-            && let Err(e) = persist::save(path, &reg)
+            && let Err(e) = self.store.save(&reg)
         {
             *reg = before;
             return Err(e.into());
@@ -145,5 +159,48 @@ impl App {
 
     pub fn scaling_template(&self, service: &str) -> Option<Template> {
         self.scaling().get(service).map(|s| s.template.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::PersistError;
+
+    /// A store whose writes fail (a full disk, a lost etcd quorum).
+    struct Failing;
+
+    impl Store for Failing {
+        fn load(&self) -> Result<Option<Registry>, PersistError> {
+            Ok(None)
+        }
+        fn save(&self, _: &Registry) -> Result<(), PersistError> {
+            Err(PersistError::Write { path: "failing".into(), source: std::io::Error::other("disk full") })
+        }
+    }
+
+    #[test]
+    fn a_change_the_store_refuses_is_undone_and_not_acknowledged() {
+        let config = Config::parse("services:\n  av:\n    instances: []\n", None).unwrap();
+        // the first save (the new deployment secret) fails too: the start says so
+        assert!(App::with_store(config.clone(), Box::new(Failing)).is_err());
+        let app = App::with_store(config, Box::new(NoStore)).unwrap();
+        let app = App { store: Box::new(Failing), ..app };
+        let spec = crate::config::InstanceSpec {
+            id: "a".into(),
+            address: "127.0.0.1:9".into(),
+            weight: 100,
+            zone: String::new(),
+            tags: vec![],
+            version: String::new(),
+            capabilities: vec![],
+        };
+        let r = app.change(|reg, now| {
+            reg.register("av", spec, crate::registry::Source::Api, None, now)
+                .map(|e| ((), e))
+                .map_err(|_| PersistError::Write { path: "x".into(), source: std::io::Error::other("no") })
+        });
+        assert!(r.is_err());
+        assert!(app.registry().service("av").unwrap().instances.is_empty(), "undone");
     }
 }

@@ -30,4 +30,5 @@ pub mod reports;
 pub mod scaling;
 pub mod secret;
 pub mod serve;
+pub mod store;
 pub mod table;

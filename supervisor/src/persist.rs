@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::registry::Registry;
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -18,6 +19,21 @@ pub enum PersistError {
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot write state file {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+}
+
+/// The state file as a [`Store`].
+pub struct FileStore {
+    pub path: PathBuf,
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<Option<Registry>, PersistError> {
+        load(&self.path)
+    }
+
+    fn save(&self, registry: &Registry) -> Result<(), PersistError> {
+        save(&self.path, registry)
+    }
 }
 
 /// The saved registry, `None` if there is no file yet. Removes the temporary files of writes a crash interrupted.

@@ -644,6 +644,15 @@ async fn without_a_token_a_rebound_dns_name_cannot_change_anything() {
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     let accepted = post(format!("127.0.0.1:{port}"), "mine", 2).await;
     assert!(accepted.starts_with("HTTP/1.1 201"), "{accepted}");
+    // another site's page posting a form to 127.0.0.1 (the Host is loopback, the Origin is not): no drain
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let form = format!(
+        "POST /v1/services/av/instances/mine/drain HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\norigin: http://attacker.example\r\ncontent-type: text/plain\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    c.write_all(form.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     // nor read the topology (instance addresses)
     let read = |host: String| async move {
         let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -103,6 +103,26 @@ async fn without_a_token_changes_need_a_loopback_host() {
             router(a).oneshot(req).await.unwrap().status()
         }
     };
+    // a page of another site posting a form to 127.0.0.1 (loopback Host, but its own Origin): refused
+    for (name, value) in [("origin", "http://attacker.example"), ("origin", "null"), ("sec-fetch-site", "cross-site")] {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/services/av/instances/x/drain")
+            .header("host", "127.0.0.1:9900")
+            .header(name, value)
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(router(a.clone()).oneshot(req).await.unwrap().status(), StatusCode::FORBIDDEN, "{name}: {value}");
+    }
+    // the dashboard, served from the supervisor itself, sends its own loopback origin: taken
+    let req = Request::builder()
+        .uri("/v1/services")
+        .header("host", "127.0.0.1:9900")
+        .header("origin", "http://127.0.0.1:9900")
+        .header("sec-fetch-site", "same-origin")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(router(a.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
     // a rebound DNS name, as a page in a local browser would send it: no change, and no read either
     assert_eq!(post("attacker.example:9900", 1).await, StatusCode::FORBIDDEN);
     let read = Request::builder().uri("/v1/services/av/instances").header("host", "attacker.example:9900");
@@ -278,4 +298,28 @@ async fn openapi_covers_every_route() {
         };
         assert!(!is_fallback, "{method} {uri} is not routed");
     }
+}
+
+#[tokio::test]
+async fn every_operation_of_the_document_needs_the_token_but_the_open_ones() {
+    // walks the OpenAPI document, so that a route added later is checked without anyone listing it here
+    let a = app();
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let m = method.to_uppercase();
+            let uri = path.replace("{service}", "av").replace("{id}", "a");
+            let open = (m == "GET" && PUBLIC_READS.contains(&path.as_str()))
+                || OPEN_CALLS.iter().any(|(om, op)| *om == m && op == path);
+            let (s, _, _) = call(&a, &m, &uri, Some(json!({})), None).await;
+            if open {
+                assert_ne!(s, StatusCode::UNAUTHORIZED, "{m} {uri} is open");
+            } else {
+                assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {uri} needs the token");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, ROUTES.len(), "every route is in the document");
 }
