@@ -7,7 +7,7 @@
 //! | module | concept |
 //! |---|---|
 //! | [`config`] | the plugin JSON, strict validation, runtime policy merge |
-//! | [`table`] | the endpoint table wire format from the supervisor |
+//! | [`table`] | the endpoint table wire format from the supervisor (the `equilibrio-contract` crate) |
 //! | [`snapshot`] | a worker's derived view of one table |
 //! | [`worker`] | per-request decisions: rate limit, sticky pin, selection, passive health, aggregates |
 //! | [`poller`] | table fetch, publication to all workers, reports |
@@ -34,11 +34,12 @@ pub mod sampling;
 pub mod shared;
 pub mod snapshot;
 pub mod sticky;
-pub mod table;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
 
 /// The request header that carries the ordered upstream list to the proxy. Never trusted from clients.
-pub const UPSTREAM_HEADER: &str = "x-equilibrio-upstream";
+pub use equilibrio_contract::UPSTREAM_HEADER;
+/// The endpoint table wire format, from the contract crate (shared with the supervisor).
+pub use equilibrio_contract::table;

@@ -5,8 +5,6 @@
 //! takes and resets the shared aggregates each period. Latency goes into a fixed histogram (milliseconds, roughly
 //! 1-2-5 steps), enough for a p95 estimate that is exact to the bucket and interpolated inside it.
 
-use serde::Serialize;
-
 /// Upper bounds of the latency buckets in ms; the last bucket is everything above.
 pub const BOUNDS_MS: [u64; 15] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000];
 const BUCKETS: usize = BOUNDS_MS.len() + 1;
@@ -156,29 +154,8 @@ impl GlobalStats {
     }
 }
 
-/// One endpoint's line in a report to the supervisor.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EndpointReport {
-    pub id: String,
-    pub requests: u64,
-    pub errors: u64,
-    pub latency_sum_ms: f64,
-    pub latency_p95_ms: f64,
-    pub in_flight: i64,
-    pub ejected: bool,
-}
-
-/// The body of `POST /v1/reports`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
-    pub service: String,
-    pub proxy: String,
-    /// The table version the proxy was using.
-    pub table_version: u64,
-    pub window_ms: u64,
-    pub rate_limited: u64,
-    pub endpoints: Vec<EndpointReport>,
-}
+/// The report's wire types (the contract crate: the supervisor reads the same ones).
+pub use equilibrio_contract::report::{EndpointReport, Report};
 
 #[cfg(test)]
 mod tests {

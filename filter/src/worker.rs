@@ -112,7 +112,7 @@ pub struct Worker {
 impl Worker {
     /// A worker on the static configuration (and its static endpoints, if any). `seed` feeds the random choices.
     pub fn new(base: ParsedConfig, seed: u64) -> Worker {
-        let snap = Rc::new(Snapshot::build(Table::from_static(&base.config), base.config.clone()));
+        let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.clone()));
         let n = snap.endpoints().len();
         Worker {
             base,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use equilibrio_filter::config::{Millis, deserialize_keyed};
+use equilibrio_contract::keyed::{Millis, deserialize_keyed};
 use serde::Deserialize;
 use serde_json::Value;
 

@@ -10,7 +10,7 @@ use http::header::{
 use http::{HeaderMap, request};
 
 /// The header through which the filter names the upstream hosts, in order (as with Envoy's `override_host`).
-pub const UPSTREAM_HEADER: &str = equilibrio_filter::UPSTREAM_HEADER;
+pub const UPSTREAM_HEADER: &str = equilibrio_contract::UPSTREAM_HEADER;
 
 // Header names built once: a `&str` key is parsed and validated on every map operation.
 pub static UPSTREAM: HeaderName = HeaderName::from_static(UPSTREAM_HEADER);

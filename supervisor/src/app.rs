@@ -11,14 +11,17 @@ use crate::metrics::Metrics;
 use crate::persist;
 use crate::registry::Registry;
 use crate::reports::Reports;
-use crate::scaling::controller::ScalingState;
 use crate::scaling::runtime::Template;
+use crate::scaling::state::ScalingState;
 use crate::store::{NoStore, Store};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+/// The state the API's handlers share.
+pub type AppState = std::sync::Arc<App>;
 
 /// How long proxies' reports are kept for rates and p95.
 pub const REPORT_WINDOW_MS: u64 = 60_000;

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use equilibrio_filter::config::{Config as FilterConfig, Millis, deserialize_keyed, is_id_byte};
+use equilibrio_contract::is_id_byte;
+use equilibrio_contract::keyed::{Millis, deserialize_keyed};
+use equilibrio_filter::config::Config as FilterConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -57,7 +59,7 @@ pub struct InstanceSpec {
     pub id: String,
     /// `ip:port` where the proxies reach it.
     pub address: String,
-    #[serde(default = "equilibrio_filter::table::default_weight")]
+    #[serde(default = "equilibrio_contract::table::default_weight")]
     pub weight: u32,
     #[serde(default)]
     pub zone: String,
@@ -80,7 +82,7 @@ impl InstanceSpec {
     /// on error gives the field and the reason. Every field is bounded: what is accepted here always fits the table
     /// the proxies take (a zone of 600 KB once froze every proxy on a stale table).
     pub fn validate(&mut self) -> Result<(), (&'static str, String)> {
-        equilibrio_filter::table::validate_endpoint_fields(&self.id, &self.address, self.weight)?;
+        equilibrio_contract::table::validate_endpoint_fields(&self.id, &self.address, self.weight)?;
         self.address = canonical_address(&self.address).map_err(|r| ("address", r))?;
         validate_zone(&self.zone).map_err(|r| ("zone", r))?;
         if self.version.len() > MAX_LABEL_BYTES || self.version.bytes().any(|b| !b.is_ascii_graphic()) {
@@ -88,7 +90,7 @@ impl InstanceSpec {
         }
         for (field, labels) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
             let ok = |l: &String| {
-                !l.is_empty() && l.len() <= MAX_LABEL_BYTES && l.bytes().all(equilibrio_filter::config::is_id_byte)
+                !l.is_empty() && l.len() <= MAX_LABEL_BYTES && l.bytes().all(equilibrio_contract::is_id_byte)
             };
             if labels.len() > MAX_LABELS || !labels.iter().all(ok) {
                 return Err((field, format!("at most {MAX_LABELS}, each 1 to {MAX_LABEL_BYTES} of [A-Za-z0-9._-]")));
@@ -100,7 +102,7 @@ impl InstanceSpec {
 
 /// A zone: at most 64 of `[A-Za-z0-9._-]` (empty: none), at registration and on update alike.
 pub fn validate_zone(zone: &str) -> Result<(), String> {
-    if zone.len() <= MAX_LABEL_BYTES && zone.bytes().all(equilibrio_filter::config::is_id_byte) {
+    if zone.len() <= MAX_LABEL_BYTES && zone.bytes().all(equilibrio_contract::is_id_byte) {
         Ok(())
     } else {
         Err(format!("must be at most {MAX_LABEL_BYTES} of [A-Za-z0-9._-]"))

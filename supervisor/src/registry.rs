@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use equilibrio_contract::table::EndpointState;
+
 use crate::config::{HealthCheck, InstanceSpec, ServiceConfig};
 use crate::events::{Event, EventKind};
 use crate::health::{Health, HealthState, Thresholds};
@@ -81,12 +83,17 @@ impl Instance {
     }
 
     /// The state the proxies see.
-    pub fn table_state(&self) -> &'static str {
+    pub fn endpoint_state(&self) -> EndpointState {
         match (self.health.health, self.drain.is_some()) {
-            (Health::Healthy, false) => "healthy",
-            (Health::Healthy, true) => "draining",
-            _ => "unhealthy",
+            (Health::Healthy, false) => EndpointState::Healthy,
+            (Health::Healthy, true) => EndpointState::Draining,
+            _ => EndpointState::Unhealthy,
         }
+    }
+
+    /// [`Instance::endpoint_state`] by name: `healthy`, `draining` or `unhealthy`.
+    pub fn table_state(&self) -> &'static str {
+        self.endpoint_state().as_str()
     }
 }
 
@@ -248,7 +255,7 @@ impl Registry {
         // the proxies refuse a table with more endpoints (and keep a stale one): refuse the instance instead
         let bytes: usize =
             svc.instances.values().map(|i| endpoint_bytes(&i.spec)).sum::<usize>() + endpoint_bytes(&spec);
-        if svc.instances.len() >= equilibrio_filter::table::MAX_ENDPOINTS || bytes > MAX_TABLE_BYTES {
+        if svc.instances.len() >= equilibrio_contract::table::MAX_ENDPOINTS || bytes > MAX_TABLE_BYTES {
             return Err(RegistryError::Full { service: service.to_string(), count: svc.instances.len() });
         }
         let id = spec.id.clone();
@@ -601,7 +608,7 @@ mod tests {
             }
         };
         assert!(matches!(err, RegistryError::Full { .. }), "{err}");
-        assert!(n <= equilibrio_filter::table::MAX_ENDPOINTS);
+        assert!(n <= equilibrio_contract::table::MAX_ENDPOINTS);
         let svc = r.service("av").unwrap();
         let table = crate::table::endpoints(svc, Some("0123456789abcdef")).to_string();
         assert!(table.len() < 1 << 20, "{} bytes", table.len());

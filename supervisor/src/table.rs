@@ -6,29 +6,35 @@
 
 use serde_json::{Value, json};
 
+use equilibrio_contract::table::{Endpoint, Table};
+
 use crate::registry::Service;
 
-/// `GET /v1/services/{service}/endpoints`. `hash_seed` is the deployment's secret seed for the service
-/// ([`crate::secret::Secret::hash_seed`]).
-pub fn endpoints(svc: &Service, hash_seed: Option<&str>) -> Value {
-    let endpoints: Vec<Value> = svc
-        .instances
-        .values()
-        .map(|i| {
-            json!({
-                "id": i.spec.id,
-                "address": i.spec.address,
-                "weight": i.spec.weight,
-                "state": i.table_state(),
-                "zone": i.spec.zone,
+/// The filter's table of `svc` (`GET /v1/services/{service}/endpoints`), typed by the contract. `hash_seed` is the
+/// deployment's secret seed for the service ([`crate::secret::Secret::hash_seed`]).
+pub fn table(svc: &Service, hash_seed: Option<&str>) -> Table {
+    Table {
+        service: svc.name.clone(),
+        version: svc.version,
+        endpoints: svc
+            .instances
+            .values()
+            .map(|i| Endpoint {
+                id: i.spec.id.clone(),
+                address: i.spec.address.clone(),
+                weight: i.spec.weight,
+                state: i.endpoint_state(),
+                zone: i.spec.zone.clone(),
             })
-        })
-        .collect();
-    let mut table = json!({"service": svc.name, "version": svc.version, "endpoints": endpoints, "policy": svc.policy});
-    if let Some(seed) = hash_seed {
-        table["hash_seed"] = json!(seed);
+            .collect(),
+        policy: Some(svc.policy.clone()),
+        hash_seed: hash_seed.map(str::to_string),
     }
-    table
+}
+
+/// The table as JSON.
+pub fn endpoints(svc: &Service, hash_seed: Option<&str>) -> Value {
+    serde_json::to_value(table(svc, hash_seed)).unwrap_or(Value::Null)
 }
 
 pub fn etag(svc: &Service) -> String {
@@ -36,34 +42,10 @@ pub fn etag(svc: &Service) -> String {
 }
 
 /// Envoy's REST EDS `DiscoveryResponse` for the `ClusterLoadAssignment` named `cluster` (the same name as the
-/// service: the proxy config names its cluster after the service or lists it in `resource_names`).
+/// service: the proxy config names its cluster after the service or lists it in `resource_names`), from the same
+/// endpoints as the filter's table.
 pub fn eds(svc: &Service, cluster: &str) -> Value {
-    let lb_endpoints: Vec<Value> = svc
-        .instances
-        .values()
-        .filter_map(|i| {
-            let addr: std::net::SocketAddr = i.spec.address.parse().ok()?;
-            let health = match i.table_state() {
-                "healthy" => "HEALTHY",
-                "draining" => "DRAINING",
-                _ => "UNHEALTHY",
-            };
-            Some(json!({
-                "endpoint": {"address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}},
-                "health_status": health,
-                "load_balancing_weight": i.spec.weight.max(1),
-            }))
-        })
-        .collect();
-    json!({
-        "version_info": svc.version.to_string(),
-        "type_url": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-            "cluster_name": cluster,
-            "endpoints": [{"lb_endpoints": lb_endpoints}],
-        }],
-    })
+    equilibrio_contract::eds::discovery_response(cluster, svc.version, &table(svc, None).endpoints)
 }
 
 /// A policy fit to show to anyone: the sticky-session secret is replaced.
@@ -97,7 +79,7 @@ mod tests {
         let t = endpoints(svc, Some(&seed));
         assert_eq!(t["endpoints"][0]["state"], "healthy");
         assert_eq!(t["endpoints"][1]["state"], "unhealthy");
-        let parsed = equilibrio_filter::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
+        let parsed = equilibrio_contract::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
         assert_eq!(parsed.version, svc.version);
         assert_eq!(parsed.hash_seed.as_deref(), Some(seed.as_str()), "the filter reads the seed it is sent");
         let e = eds(svc, "backend");

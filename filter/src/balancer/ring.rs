@@ -10,9 +10,7 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// The seed of a table that brings none (static endpoints): public, so keys could be crafted to collide; the
-/// supervisor's tables carry a secret one. Changing a seed remaps every key.
-pub const PUBLIC_SEED: u64 = 0x6571_7569_6c69_6272; // "equilibr"
+pub use equilibrio_contract::table::PUBLIC_SEED;
 /// Upper bound on ring points, whatever the endpoint count (memory and build time).
 const MAX_POINTS: usize = 1 << 16;
 

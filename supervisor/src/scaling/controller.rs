@@ -7,95 +7,26 @@
 //! is a `scaling_failed` event with Docker's message; containers that die on their own are replaced, and a template
 //! that keeps failing is retried with exponential backoff (1 s doubling to 5 min).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde::Serialize;
 
 use crate::app::{App, now_ms};
 use crate::config::InstanceSpec;
 use crate::events::{Event, EventKind};
 use crate::persist::PersistError;
 use crate::registry::Source;
-use crate::scaling::cost::{CostStats, Observation};
+use crate::scaling::cost::Observation;
 use crate::scaling::planner::{self, Action, Health, Known, PlanInput};
-use crate::scaling::policy::{self, History, Sample, ScalingPolicy};
-use crate::scaling::runtime::{Container, Runtime, Template};
+use crate::scaling::policy::{self, Sample, ScalingPolicy};
+use crate::scaling::runtime::{Container, Runtime};
+use crate::scaling::state::{Episode, ScalingEventKind};
 
 /// Evaluation period.
 pub const TICK_MS: u64 = 1000;
 /// Request rate and latency of a sample: the proxies' reports of the last few seconds (the policy's measurement
 /// windows do the averaging).
 const SAMPLE_TRAFFIC_MS: u64 = 3000;
-const HISTORY_EVENTS: usize = 500;
-
-/// One scaling decision or failure, as `GET /v1/services/{service}/scaling/events` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-pub struct ScalingEvent {
-    pub time_ms: u64,
-    /// `scale_up`, `scale_down`, `manual`, `failed`, `replaced`, `replacements_held`.
-    pub kind: String,
-    pub from: u32,
-    pub to: u32,
-    pub reason: String,
-}
-
-/// The autoscaler's memory for one service.
-pub struct ScalingState {
-    pub template: Template,
-    pub history: History,
-    pub events: VecDeque<ScalingEvent>,
-    pub failures: u32,
-    pub backoff_until_ms: u64,
-    /// A manual scale holds the count until then.
-    pub hold_until_ms: u64,
-    pub manual_desired: Option<u32>,
-    pub current: u32,
-    pub desired: u32,
-    pub cost: CostStats,
-    last_failure_ms: u64,
-    /// Replacements are held (too much of the service unhealthy at once): the episode's event was published.
-    replacements_held: bool,
-    /// When the last such episode ended.
-    replacements_resumed_ms: u64,
-}
-
-impl ScalingState {
-    pub fn new(template: Template) -> ScalingState {
-        ScalingState {
-            template,
-            history: History::default(),
-            events: VecDeque::new(),
-            failures: 0,
-            backoff_until_ms: 0,
-            hold_until_ms: 0,
-            manual_desired: None,
-            current: 0,
-            desired: 0,
-            cost: CostStats::default(),
-            last_failure_ms: 0,
-            replacements_held: false,
-            replacements_resumed_ms: 0,
-        }
-    }
-
-    pub fn record(&mut self, e: ScalingEvent) {
-        tracing::info!(kind = %e.kind, from = e.from, to = e.to, reason = %e.reason, "scaling");
-        if self.events.len() >= HISTORY_EVENTS {
-            self.events.pop_front();
-        }
-        self.events.push_back(e);
-    }
-
-    fn failed(&mut self, now: u64) {
-        self.failures = self.failures.saturating_add(1);
-        self.cost.failures += 1;
-        self.last_failure_ms = now;
-        let backoff = 1000u64.saturating_mul(1 << self.failures.min(9).saturating_sub(1)).min(300_000);
-        self.backoff_until_ms = now + backoff;
-    }
-}
 
 /// The time of a round: wall-clock for events and the registry, monotonic for measured intervals (cost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,19 +228,17 @@ async fn scale_service<R: Runtime>(
     let (desired, reason, decided, (backoff_until_ms, failing_counts_from_ms)) = {
         let mut states = app.scaling();
         let Some(st) = states.get_mut(service) else { return };
-        st.history.record(sample, keep_ms);
-        let added = st.cost.observe(Observation {
+        let observation = Observation {
             at_mono_ms: clock.mono_ms,
             running: containers.iter().filter(|c| c.running).count(),
             cpu_percent: sample.values[0],
             memory_percent: sample.values[1],
             requests_per_second: rps_sum,
-        });
+        };
+        let added = st.observe(sample, keep_ms, observation);
         app.metrics.instance_seconds(service, added);
-        if st.failures > 0 && now.saturating_sub(st.last_failure_ms) > 60_000 && serving.len() as u32 >= current {
-            st.failures = 0;
-        }
-        let (desired, reason) = match st.manual_desired.filter(|_| now < st.hold_until_ms) {
+        st.forgive_failures(now, serving.len() as u32, current);
+        let (desired, reason) = match st.manual_target(now) {
             Some(d) => (d.clamp(policy.min_instances, policy.max_instances), "manual scale".to_string()),
             None => {
                 let d = policy::decide(policy, current, &mut st.history, now, TICK_MS);
@@ -317,29 +246,11 @@ async fn scale_service<R: Runtime>(
             }
         };
         // a new decision (not the one already under way) is recorded and published once
-        let decided = desired != current && desired != st.desired;
-        if desired != st.desired || current != st.current {
-            if decided {
-                let kind = if desired > current { "scale_up" } else { "scale_down" };
-                if desired > current {
-                    st.cost.scale_ups += 1;
-                } else {
-                    st.cost.scale_downs += 1;
-                }
-                st.record(ScalingEvent {
-                    time_ms: now,
-                    kind: kind.into(),
-                    from: current,
-                    to: desired,
-                    reason: reason.clone(),
-                });
-                app.metrics.scaling_event(service, kind);
-            }
-            st.current = current;
-            st.desired = desired;
+        let decided = st.decide(now, current, desired, &reason);
+        if let Some(kind) = decided {
+            app.metrics.scaling_event(service, kind.as_str());
         }
-        let failing_counts_from_ms = if st.replacements_held { now } else { st.replacements_resumed_ms };
-        (desired, reason, decided, (st.backoff_until_ms, failing_counts_from_ms))
+        (desired, reason, decided.is_some(), (st.backoff_until_ms, st.failing_counts_from_ms(now)))
     };
     if decided {
         let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
@@ -394,40 +305,19 @@ fn secs(s: f64) -> u64 {
 /// Publishes the start and the end of an episode where replacements are held (once each, not every round): the
 /// alert that the health checks fail for most of the service at once.
 fn hold_replacements(app: &App, service: &str, held: Option<(u32, u32)>, now: u64) {
-    let mut states = app.scaling();
-    let Some(st) = states.get_mut(service) else { return };
-    match held {
-        Some((unhealthy, running)) if !st.replacements_held => {
-            st.replacements_held = true;
-            let reason = format!(
-                "{unhealthy} of {running} instances unhealthy at once: replacements held (the health checks, the network or overload, not the containers?)"
-            );
+    let episode = app.scaling().get_mut(service).and_then(|st| st.replacements(held, now));
+    match episode {
+        Some(Episode::Held { reason }) => {
             tracing::error!(%service, %reason, "replacements held");
-            let (from, to) = (st.current, st.desired);
-            st.record(ScalingEvent {
-                time_ms: now,
-                kind: "replacements_held".into(),
-                from,
-                to,
-                reason: reason.clone(),
-            });
-            app.metrics.scaling_event(service, "replacements_held");
-            drop(states);
-            app.observe(vec![event(
-                now,
-                EventKind::ReplacementsHeld,
-                service,
-                None,
-                serde_json::json!({"unhealthy": unhealthy, "running": running, "reason": reason}),
-            )]);
+            app.metrics.scaling_event(service, ScalingEventKind::ReplacementsHeld.as_str());
+            let (unhealthy, running) = held.unwrap_or_default();
+            let detail = serde_json::json!({"unhealthy": unhealthy, "running": running, "reason": reason});
+            app.observe(vec![event(now, EventKind::ReplacementsHeld, service, None, detail)]);
         }
-        None if st.replacements_held => {
-            st.replacements_held = false;
-            st.replacements_resumed_ms = now;
-            drop(states);
+        Some(Episode::Resumed) => {
             app.observe(vec![event(now, EventKind::ReplacementsResumed, service, None, serde_json::json!({}))]);
         }
-        _ => {}
+        None => {}
     }
 }
 
@@ -454,7 +344,7 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                     tracing::error!(%service, %message, "scale-up failed");
                     let detail = serde_json::json!({"message": message});
                     let published = event(now, EventKind::ScalingFailed, service, Some(&instance), detail);
-                    record_failure(app, service, now, "failed", message, published);
+                    record_failure(app, service, now, ScalingEventKind::Failed, message, published);
                 }
             }
         }
@@ -505,16 +395,14 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
 fn replaced(app: &App, service: &str, instance: &str, reason: &str, now: u64) {
     let detail = serde_json::json!({"reason": reason});
     let published = event(now, EventKind::InstanceReplaced, service, Some(instance), detail);
-    record_failure(app, service, now, "replaced", format!("{instance} {reason}"), published);
+    record_failure(app, service, now, ScalingEventKind::Replaced, format!("{instance} {reason}"), published);
 }
 
 /// Records a failure (it feeds the crash-loop backoff) as a scaling event of `kind`, and publishes `published`.
-fn record_failure(app: &App, service: &str, now: u64, kind: &str, reason: String, published: Event) {
+fn record_failure(app: &App, service: &str, now: u64, kind: ScalingEventKind, reason: String, published: Event) {
     if let Some(st) = app.scaling().get_mut(service) {
-        st.failed(now);
-        let (from, to) = (st.current, st.desired);
-        st.record(ScalingEvent { time_ms: now, kind: kind.into(), from, to, reason });
-        app.metrics.scaling_event(service, kind);
+        st.failed(now, kind, reason);
+        app.metrics.scaling_event(service, kind.as_str());
     }
     app.observe(vec![published]);
 }
@@ -529,7 +417,7 @@ enum ActError {
 }
 
 fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
-    let full = equilibrio_filter::table::DEFAULT_WEIGHT;
+    let full = equilibrio_contract::table::DEFAULT_WEIGHT;
     let spec = InstanceSpec {
         id: instance.into(),
         address: address.into(),
@@ -567,7 +455,8 @@ fn deregister(app: &App, service: &str, instance: &str, why: &str) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::scaling::runtime::{FakeRuntime, Stats};
+    use crate::scaling::fake_runtime::FakeRuntime;
+    use crate::scaling::runtime::Stats;
 
     fn app(extra: &str) -> App {
         let yaml = format!(

@@ -153,9 +153,9 @@ impl ScalingPolicy {
             return Err((String::new(), "expected an object".into()));
         }
         let mut merged = serde_json::to_value(self).map_err(|e| (String::new(), e.to_string()))?;
-        equilibrio_filter::config::merge(&mut merged, o);
+        equilibrio_contract::keyed::merge(&mut merged, o);
         rate::normalize(&mut merged)?;
-        let p: ScalingPolicy = equilibrio_filter::config::deserialize_keyed(&merged)?;
+        let p: ScalingPolicy = equilibrio_contract::keyed::deserialize_keyed(&merged)?;
         p.validate()?;
         Ok(p)
     }

@@ -1,4 +1,4 @@
-//! The endpoint table: the contract between the supervisor and the filter.
+//! The endpoint table: what the supervisor serves and every proxy's filter takes.
 //!
 //! `GET /v1/services/{service}/endpoints` answers
 //! `{"service", "version", "endpoints": [{"id", "address", "weight", "state", "zone"}], "policy": {...}}`.
@@ -19,6 +19,17 @@ pub enum EndpointState {
     Draining,
     /// Takes nothing.
     Unhealthy,
+}
+
+impl EndpointState {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Draining => "draining",
+            EndpointState::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,13 +57,17 @@ pub struct Table {
     pub service: String,
     pub version: u64,
     pub endpoints: Vec<Endpoint>,
-    /// Runtime overrides of the balancing policy (see [`crate::config::Config::with_policy`]).
+    /// Runtime overrides of the balancing policy (the filter's policy keys; the filter validates them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Value>,
     /// The deployment's secret seed for key hashing (16 hex digits; see [`Table::seed`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_seed: Option<String>,
 }
+
+/// The seed of a table that brings none (static endpoints): public, so keys could be crafted to collide; the
+/// supervisor's tables carry a secret one. Changing a seed remaps every key.
+pub const PUBLIC_SEED: u64 = 0x6571_7569_6c69_6272; // "equilibr"
 
 /// The most endpoints a table may hold (bounds the work per table and the shared-data keys per endpoint).
 pub const MAX_ENDPOINTS: usize = 4096;
@@ -98,7 +113,7 @@ impl fmt::Display for TableError {
 
 /// Validates the fields of one endpoint; on error gives the field name and the reason.
 pub fn validate_endpoint_fields(id: &str, address: &str, weight: u32) -> Result<(), (&'static str, String)> {
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(crate::config::is_id_byte) {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(crate::is_id_byte) {
         return Err(("id", format!("`{id}` must be 1 to 128 of [A-Za-z0-9._-]")));
     }
     if address.parse::<std::net::SocketAddr>().is_err() {
@@ -133,10 +148,7 @@ impl Table {
     /// The seed of consistent-hash placement and rate-limit slots: the supervisor's per-deployment secret one, so
     /// that clients cannot craft keys that collide; the fixed public one for a table without it (static endpoints).
     pub fn seed(&self) -> u64 {
-        self.hash_seed
-            .as_deref()
-            .and_then(|s| u64::from_str_radix(s, 16).ok())
-            .unwrap_or(crate::balancer::ring::PUBLIC_SEED)
+        self.hash_seed.as_deref().and_then(|s| u64::from_str_radix(s, 16).ok()).unwrap_or(PUBLIC_SEED)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -167,27 +179,6 @@ impl Table {
         }
         Ok(())
     }
-
-    /// The table made of the static endpoints of the configuration (all healthy).
-    pub fn from_static(config: &crate::config::Config) -> Table {
-        Table {
-            service: config.service.clone(),
-            version: 0,
-            endpoints: config
-                .endpoints
-                .iter()
-                .map(|e| Endpoint {
-                    id: e.id.clone(),
-                    address: e.address.clone(),
-                    weight: e.weight,
-                    state: EndpointState::Healthy,
-                    zone: e.zone.clone(),
-                })
-                .collect(),
-            policy: None,
-            hash_seed: None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -202,7 +193,7 @@ mod tests {
     #[test]
     fn the_hash_seed_is_the_tables_or_the_public_one_and_must_be_16_hex_digits() {
         let t = Table::parse(GOOD.as_bytes(), "av", None, 1 << 20).unwrap();
-        assert_eq!(t.seed(), crate::balancer::ring::PUBLIC_SEED);
+        assert_eq!(t.seed(), PUBLIC_SEED);
         let seeded = GOOD.replacen('{', r#"{"hash_seed":"00000000000000ff","#, 1);
         assert_eq!(Table::parse(seeded.as_bytes(), "av", None, 1 << 20).unwrap().seed(), 255);
         for bad in ["ff", "zzzzzzzzzzzzzzzz", "00000000000000ff0"] {

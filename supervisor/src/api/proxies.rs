@@ -1,0 +1,123 @@
+//! What the proxies call: the endpoint table, Envoy's EDS, reports; and the event stream.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::stream::Stream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::doc;
+use super::errors::{ApiError, ErrorBody, parse};
+use crate::app::{AppState, now_ms};
+use crate::events::Event;
+use crate::registry::RegistryError;
+use crate::reports::Report;
+use crate::table;
+
+/// The endpoint table for the proxies (the filter's wire format), with `ETag`; `If-None-Match` gives 304.
+#[utoipa::path(get, path = "/v1/services/{service}/endpoints", params(("service" = String, Path)),
+    responses((status = 200, body = Object), (status = 304), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn endpoints(
+    State(app): State<AppState>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let reg = app.registry();
+    let svc = reg.service(&service)?;
+    let etag = table::etag(svc);
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let seed = reg.secret.as_ref().map(|s| s.hash_seed(&service));
+    let body = table::endpoints(svc, seed.as_deref()).to_string();
+    Ok(([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response())
+}
+
+/// Envoy's REST EDS: answers a `DiscoveryRequest` for `ClusterLoadAssignment`s. The cluster named in
+/// `resource_names` is the service of the same name, or the only service when there is one.
+#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = doc::DiscoveryRequest,
+    responses((status = 200, body = Object), (status = 304), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    #[derive(Deserialize)]
+    struct DiscoveryRequest {
+        #[serde(default)]
+        version_info: String,
+        #[serde(default)]
+        resource_names: Vec<String>,
+    }
+    let req: DiscoveryRequest = parse(&body)?;
+    let cluster = req.resource_names.first().cloned().unwrap_or_else(|| "backend".into());
+    let reg = app.registry();
+    let svc = match reg.services.get(&cluster) {
+        Some(s) => s,
+        None if reg.services.len() == 1 => {
+            reg.services.values().next().ok_or_else(|| RegistryError::NoService(cluster.clone()))?
+        }
+        None => return Err(RegistryError::NoService(cluster).into()),
+    };
+    if req.version_info == svc.version.to_string() {
+        return Ok(StatusCode::NOT_MODIFIED.into_response());
+    }
+    Ok(axum::Json(table::eds(svc, &cluster)).into_response())
+}
+
+/// Takes a proxy's per-endpoint aggregates.
+#[utoipa::path(post, path = "/v1/reports", request_body = Report,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn reports(State(app): State<AppState>, body: Bytes) -> Result<StatusCode, ApiError> {
+    let mut report: Report = parse(&body).inspect_err(|_| app.metrics.report_refused())?;
+    if let Err((field, reason)) = report.validate() {
+        app.metrics.report_refused();
+        tracing::warn!(proxy = %report.proxy, %field, %reason, "report refused");
+        return Err(ApiError::invalid(field, reason));
+    }
+    // only the service's instances are kept: a report cannot grow the supervisor's memory with made-up ids
+    let before = report.endpoints.len();
+    {
+        let reg = app.registry();
+        let known = reg.service(&report.service).ok().map(|s| &s.instances);
+        report.endpoints.retain(|e| known.is_some_and(|k| k.contains_key(&e.id)));
+    }
+    app.metrics.report_unknown_endpoints(before - report.endpoints.len());
+    app.reports().record(&report, now_ms());
+    app.metrics.report();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    pub service: Option<String>,
+}
+
+/// Server-sent events: the recent history, then every new event as it happens.
+#[utoipa::path(get, path = "/v1/events", params(("service" = Option<String>, Query, description = "only this service")),
+    responses((status = 200, content_type = "text/event-stream", body = doc::SseFrame), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(app): State<AppState>,
+    Query(q): Query<EventsQuery>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let live = BroadcastStream::new(app.events.subscribe());
+    let history = app.events.history(q.service.as_deref());
+    let filter = q.service.clone();
+    let to_sse = |e: &Event| SseEvent::default().event("event").json_data(e).unwrap_or_else(|_| SseEvent::default());
+    let past = tokio_stream::iter(history.iter().map(to_sse).map(Ok).collect::<Vec<_>>());
+    let live = live.filter_map(move |item| match item {
+        Ok(e) if filter.as_ref().is_none_or(|s| *s == e.service) => Some(Ok(to_sse(&e))),
+        Ok(_) => None,
+        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+            Some(Ok(SseEvent::default().event("lagged").data(n.to_string())))
+        }
+    });
+    Sse::new(past.chain(live)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
