@@ -16,14 +16,7 @@ use equilibrio_contract::is_id_byte;
 use equilibrio_contract::keyed::{Millis, deserialize_keyed};
 use equilibrio_filter::config::Config as FilterConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Environment {
-    Production,
-    Staging,
-    #[default]
-    Development,
-}
+pub use crate::environment::Environment;
 
 /// Health-check settings of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -39,11 +32,12 @@ pub struct HealthCheck {
     pub endpoint: String,
 }
 
-impl Environment {
-    /// Profile defaults. Faster than the plan's 30 s interval (which needs 90 s to notice a dead instance): the plan's
-    /// own failover target is 30 s, and HAProxy's defaults (2 s, fall 3, rise 2) notice in about 6 s.
-    pub fn health_defaults(self) -> HealthCheck {
-        let (interval_ms, timeout_ms, retries, rise) = match self {
+impl HealthCheck {
+    /// The profile's defaults. Faster than the user's first plan's 30 s interval (which needs 90 s to notice a dead
+    /// instance, three times its own 30 s failover target): HAProxy's defaults (2 s, fall 3, rise 2) notice in about
+    /// 6 s (docs/supervisor.md).
+    pub fn for_environment(env: Environment) -> HealthCheck {
+        let (interval_ms, timeout_ms, retries, rise) = match env {
             Environment::Production => (2000, 1000, 3, 2),
             Environment::Staging => (2000, 1000, 3, 2),
             Environment::Development => (1000, 500, 2, 1),
@@ -322,7 +316,7 @@ impl Config {
                 Some(pem)
             }
         };
-        let defaults = raw.environment.health_defaults();
+        let defaults = HealthCheck::for_environment(raw.environment);
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
             let key = format!("services.{name}");

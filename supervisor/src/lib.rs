@@ -20,6 +20,7 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod environment;
 pub mod events;
 pub mod health;
 pub mod metrics;

@@ -9,17 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::registry::Registry;
+pub use crate::store::PersistError;
 use crate::store::Store;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PersistError {
-    #[error("cannot read state file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("state file {path} is corrupt ({reason}); it was left untouched: fix or move it, then start again")]
-    Corrupt { path: PathBuf, reason: String },
-    #[error("cannot write state file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-}
 
 /// The state file as a [`Store`].
 pub struct FileStore {

@@ -409,7 +409,7 @@ impl Registry {
         }
         svc.policy = policy;
         svc.bump(now_ms);
-        let shown = crate::table::redact(&svc.policy);
+        let shown = equilibrio_contract::policy::redact(&svc.policy);
         Ok(vec![Event::new(now_ms, EventKind::PolicyChanged, service, None, shown)])
     }
 

@@ -2,8 +2,20 @@
 //! a file ([`crate::persist::FileStore`]) or nothing ([`NoStore`]: `state_file` unset); a shared store for several
 //! supervisors is one more implementation.
 
-use crate::persist::PersistError;
+use std::path::PathBuf;
+
 use crate::registry::Registry;
+
+/// Why the state could not be read or kept (named after the file store, the first one).
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot read state file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("state file {path} is corrupt ({reason}); it was left untouched: fix or move it, then start again")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot write state file {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
 
 pub trait Store: Send + Sync {
     /// The saved registry; `None` when nothing was saved yet. A store that cannot be read, or holds something that

@@ -4,7 +4,7 @@
 //! healthy instances are `HEALTHY`, draining ones `DRAINING` (Envoy's `override_host` still reaches them for their
 //! sticky sessions), and unhealthy or not yet checked ones `UNHEALTHY`.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use equilibrio_contract::table::{Endpoint, Table};
 
@@ -48,17 +48,6 @@ pub fn eds(svc: &Service, cluster: &str) -> Value {
     equilibrio_contract::eds::discovery_response(cluster, svc.version, &table(svc, None).endpoints)
 }
 
-/// A policy fit to show to anyone: the sticky-session secret is replaced.
-pub fn redact(policy: &Value) -> Value {
-    let mut p = policy.clone();
-    if let Some(secret) = p.pointer_mut("/sticky_sessions/secret")
-        && !secret.is_null()
-    {
-        *secret = json!("<redacted>");
-    }
-    p
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,12 +76,5 @@ mod tests {
         assert_eq!(eps[0]["health_status"], "HEALTHY");
         assert_eq!(eps[1]["health_status"], "UNHEALTHY");
         assert_eq!(eps[1]["load_balancing_weight"], 1, "EDS weights are at least 1");
-    }
-
-    #[test]
-    fn redacts_the_secret() {
-        let p = json!({"sticky_sessions": {"enabled": true, "secret": "s3cr3t-s3cr3t-s3cr3t"}});
-        assert_eq!(redact(&p)["sticky_sessions"]["secret"], "<redacted>");
-        assert_eq!(redact(&json!({}))["algorithm"], Value::Null);
     }
 }

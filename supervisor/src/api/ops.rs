@@ -8,7 +8,6 @@ use super::errors::{ApiError, ErrorBody};
 use super::views::{HostInfo, ServiceSummary, ServiceView, instance_view};
 use crate::app::{AppState, now_ms};
 use crate::metrics::InstanceSample;
-use crate::table;
 
 /// The dashboard: services, instances, traffic, scaling and events, live (SSE). One file, served by the binary.
 #[utoipa::path(get, path = "/", responses((status = 200, description = "text/html")))]
@@ -122,7 +121,7 @@ pub async fn get_service(
     Ok(axum::Json(ServiceView {
         name: svc.name.clone(),
         version: svc.version,
-        policy: table::redact(&svc.policy),
+        policy: equilibrio_contract::policy::redact(&svc.policy),
         health_check: svc.health_check.clone(),
         instances: svc.instances.values().map(|i| instance_view(&app, &service, i, now)).collect(),
     }))

@@ -10,7 +10,6 @@ use super::doc;
 use super::errors::{ApiError, ErrorBody, parse};
 use crate::app::AppState;
 use crate::config::{HealthCheck, validate_health, validate_policy};
-use crate::table;
 
 /// The balancing policy (the sticky-session secret is redacted).
 #[utoipa::path(get, path = "/v1/services/{service}/policy", params(("service" = String, Path)),
@@ -20,7 +19,7 @@ pub async fn get_policy(
     State(app): State<AppState>,
     Path(service): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    Ok(axum::Json(table::redact(&app.registry().service(&service)?.policy)))
+    Ok(axum::Json(equilibrio_contract::policy::redact(&app.registry().service(&service)?.policy)))
 }
 
 /// Replaces the balancing policy (`algorithm`, `consistent_hash`, `sticky_sessions`, `rate_limiting`,
@@ -52,7 +51,7 @@ pub async fn put_policy(
         ApiError::invalid(field, e.reason)
     })?;
     app.change(|reg, now| reg.set_policy(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
-    Ok(axum::Json(table::redact(&policy)))
+    Ok(axum::Json(equilibrio_contract::policy::redact(&policy)))
 }
 
 /// Health-check settings as the API takes them (durations in seconds or with a unit).

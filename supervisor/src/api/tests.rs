@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::app::{App, now_ms};
-use std::sync::Arc;
 use crate::config::Config;
 use axum::body::Body;
 use axum::http::Request;
@@ -10,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use serde_json::json;
+use std::sync::Arc;
 use tower::ServiceExt;
 
 const TOKEN: &str = "test-token-0123456789";

@@ -39,7 +39,7 @@ pub struct ServiceView {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HostInfo {
-    pub environment: crate::config::Environment,
+    pub environment: crate::environment::Environment,
     pub cpu_cores: usize,
     pub memory_bytes: u64,
     pub services: Vec<ServiceSummary>,

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Environment;
+use crate::environment::Environment;
 use crate::scaling::rate;
 
 /// One metric's part in the decision (the plan's `SCALING_METRICS`).
