@@ -4,6 +4,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::field_error::FieldError;
+
 /// A duration given as seconds (a number) or a string with a unit (`"500ms"`, `"2s"`, `"5m"`, `"1h"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Millis(pub u64);
@@ -47,11 +49,11 @@ pub fn parse_duration(v: &Value) -> Result<u64, String> {
 /// Deserializes `v` into `T`; on failure, the dotted key the error is about (see [`error_key`]) and the reason.
 /// Every configuration in the project (the filter's JSON, the supervisor's and the bundled proxy's YAML, scaling
 /// policies) reports its errors this way.
-pub fn deserialize_keyed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, (String, String)> {
+pub fn deserialize_keyed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        (error_key(&path, &inner), inner)
+        FieldError::new(error_key(&path, &inner), inner)
     })
 }
 

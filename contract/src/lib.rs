@@ -1,15 +1,20 @@
-//! The wire contract between the supervisor and the proxies, typed once for both sides (and for the tests' stand-in
-//! supervisor): the endpoint table the filter takes ([`table`]), Envoy's EDS answer made from the same endpoints
-//! ([`eds`]), the reports the filter sends back ([`report`]), what may be shown of a policy ([`policy`]), and the header through which the filter names the
-//! upstream; and what every configuration shares ([`keyed`]: durations, errors that name the key). No proxy-wasm dependency: it builds for `wasm32-wasip1` (the filter) and natively (the supervisor, the
-//! bundled proxy, the tests). A field added here is seen by every side, or by none.
+//! The contracts between the project's parts, typed once for every side: the endpoint table the supervisor serves
+//! and the filter takes ([`table`]), Envoy's EDS answer made from the same endpoints ([`eds`]), the reports the filter
+//! sends back ([`report`]), the balancing policy both sides parse the same way ([`policy`]), the header through which
+//! the filter names the upstream, the proxy-wasm header-map encoding the filter and the bundled proxy exchange
+//! ([`pairs`]); and what every configuration shares ([`keyed`]: durations, the keyed deserializer; [`field_error`]: one
+//! error naming the key). No proxy-wasm dependency: it builds for `wasm32-wasip1` (the filter) and natively (the
+//! supervisor, the bundled proxy, the tests). A field added here is seen by every side, or by none.
 
 pub mod eds;
+pub mod field_error;
 pub mod keyed;
+pub mod pairs;
 pub mod policy;
 pub mod report;
 pub mod table;
 
+pub use field_error::FieldError;
 /// The request header through which the filter names the upstream hosts, in order (Envoy's `override_host`). A
 /// client's own is removed before any filter runs.
 pub const UPSTREAM_HEADER: &str = "x-equilibrio-upstream";

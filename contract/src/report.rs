@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::field_error::FieldError;
+
 /// The body of `POST /v1/reports`: what a proxy's filter saw of each endpoint over one window.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
@@ -55,8 +57,8 @@ const MAX_WINDOW_MS: u64 = 3_600_000;
 impl Report {
     /// Checks a report from a proxy; on error gives the dotted field and the reason (the report is refused whole, and
     /// what the supervisor knows stays as it was).
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |f: String, r: &str| Err((f, r.to_string()));
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let err = |f: String, r: &str| Err(FieldError::new(f, r));
         if self.table_version > i64::MAX as u64 {
             // versions are unix milliseconds; the document's integers are int64
             return err("table_version".into(), "must be at most 9223372036854775807");
@@ -120,11 +122,11 @@ mod tests {
     #[test]
     fn a_report_outside_its_bounds_names_the_field() {
         assert!(report(10, 1).validate().is_ok());
-        assert_eq!(report(10, 11).validate().unwrap_err().0, "endpoints[0].errors");
-        assert_eq!(report(u64::MAX, 0).validate().unwrap_err().0, "endpoints[0].requests");
+        assert_eq!(report(10, 11).validate().unwrap_err().key, "endpoints[0].errors");
+        assert_eq!(report(u64::MAX, 0).validate().unwrap_err().key, "endpoints[0].requests");
         let mut r = report(1, 0);
         r.table_version = u64::MAX;
-        assert_eq!(r.validate().unwrap_err().0, "table_version");
+        assert_eq!(r.validate().unwrap_err().key, "table_version");
         let json = serde_json::to_string(&report(3, 1)).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report(3, 1), "the wire form round-trips");
     }

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::field_error::FieldError;
 use std::fmt;
 
 /// What the supervisor says about an endpoint.
@@ -112,15 +114,15 @@ impl fmt::Display for TableError {
 }
 
 /// Validates the fields of one endpoint; on error gives the field name and the reason.
-pub fn validate_endpoint_fields(id: &str, address: &str, weight: u32) -> Result<(), (&'static str, String)> {
+pub fn validate_endpoint_fields(id: &str, address: &str, weight: u32) -> Result<(), FieldError> {
     if id.is_empty() || id.len() > 128 || !id.bytes().all(crate::is_id_byte) {
-        return Err(("id", format!("`{id}` must be 1 to 128 of [A-Za-z0-9._-]")));
+        return Err(FieldError::new("id", format!("`{id}` must be 1 to 128 of [A-Za-z0-9._-]")));
     }
     if address.parse::<std::net::SocketAddr>().is_err() {
-        return Err(("address", format!("`{address}` is not an ip:port socket address")));
+        return Err(FieldError::new("address", format!("`{address}` is not an ip:port socket address")));
     }
     if weight > MAX_WEIGHT {
-        return Err(("weight", format!("{weight} is above {MAX_WEIGHT}")));
+        return Err(FieldError::new("weight", format!("{weight} is above {MAX_WEIGHT}")));
     }
     Ok(())
 }
@@ -164,7 +166,7 @@ impl Table {
         let mut addresses = std::collections::HashSet::new();
         for (i, e) in self.endpoints.iter().enumerate() {
             validate_endpoint_fields(&e.id, &e.address, e.weight)
-                .map_err(|(field, reason)| format!("endpoints[{i}].{field}: {reason}"))?;
+                .map_err(|e| format!("endpoints[{i}].{}: {}", e.key, e.reason))?;
             if !ids.insert(e.id.as_str()) {
                 return Err(format!("endpoints[{i}].id: `{}` appears twice", e.id));
             }

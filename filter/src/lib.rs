@@ -6,10 +6,13 @@
 //!
 //! | module | concept |
 //! |---|---|
-//! | [`config`] | the plugin JSON, strict validation, runtime policy merge |
+//! | [`config`] | the plugin JSON, strict validation, runtime policy merge (the policy's types: `equilibrio-contract`) |
 //! | [`table`] | the endpoint table wire format from the supervisor (the `equilibrio-contract` crate) |
 //! | [`snapshot`] | a worker's derived view of one table |
-//! | [`worker`] | per-request decisions: rate limit, sticky pin, selection, passive health, aggregates |
+//! | [`worker`] | a worker's state and the order of a request's decisions |
+//! | [`request`] | what the filter reads of a request: client address, hash and rate-limit keys |
+//! | [`selector`] | the policy's algorithm over a snapshot, with the state it keeps |
+//! | [`inflight`] | in-flight counts per endpoint, exact across workers when balanced on |
 //! | [`poller`] | table fetch, publication to all workers, reports |
 //! | [`balancer`] | smooth WRR, power of two choices, peak EWMA, consistent hashing with bounded load, random |
 //! | [`sticky`], [`cookie`] | signed session cookies |
@@ -19,18 +22,19 @@
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
 //! | [`sampling`] | which requests' outcomes a worker reads, under load |
 //! | [`shared`] | the shared-data store abstraction and CAS updates |
-//! | [`pairs`] | the ABI's serialized header map, as the filter sends it |
 
 pub mod balancer;
 pub mod client;
 pub mod config;
 pub mod cookie;
+pub mod inflight;
 pub mod outlier;
-pub mod pairs;
 pub mod poller;
 pub mod ratelimit;
 pub mod report;
+pub mod request;
 pub mod sampling;
+pub mod selector;
 pub mod shared;
 pub mod snapshot;
 pub mod sticky;

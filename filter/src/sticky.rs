@@ -11,6 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::StickyConfig;
+use crate::cookie;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -69,6 +70,38 @@ impl StickyCodec {
         self.tag(&id, expires).verify_slice(&tag).ok()?;
         (expires > now_unix_s).then_some((id, expires))
     }
+}
+
+/// What a request's cookies say about its session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pin {
+    /// The endpoint id and expiry (unix seconds) of the first valid value.
+    pub pinned: Option<(String, u64)>,
+    /// Values of the cookie's name were sent, and none was valid.
+    pub invalid: bool,
+}
+
+/// Reads the session cookie `name` from a `Cookie` header: at most [`MAX_CHECKED_VALUES`] values are verified.
+pub fn resolve(codec: &StickyCodec, cookie_header: Option<&str>, name: &str, now_unix_s: u64) -> Pin {
+    let Some(header) = cookie_header else { return Pin::default() };
+    let mut seen = false;
+    for value in cookie::values(header, name).take(MAX_CHECKED_VALUES) {
+        seen = true;
+        if let Some(pinned) = codec.decode(value, now_unix_s) {
+            return Pin { pinned: Some(pinned), invalid: false };
+        }
+    }
+    Pin { pinned: None, invalid: seen }
+}
+
+/// The expiry (unix seconds) of a new cookie for a client served by endpoint `served`, or `None` when its cookie may
+/// stay: same endpoint and still in the first half of its life (a sliding session without a cookie per reply).
+pub fn renewal(pinned: Option<&(String, u64)>, served: &str, now_ms: u64, ttl_ms: u64) -> Option<u64> {
+    let renew = match pinned {
+        Some((id, expires)) if id == served => expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2),
+        _ => true,
+    };
+    renew.then(|| (now_ms + ttl_ms) / 1000)
 }
 
 /// The `Set-Cookie` header value for `value`.
@@ -141,6 +174,24 @@ mod tests {
                 prop_assert!(d.is_none() || d.map(|(id, _)| id).as_deref() == Some("av-7"));
             }
         }
+    }
+
+    #[test]
+    fn resolves_the_first_valid_value_and_renews_in_the_second_half_of_life() {
+        let c = codec();
+        let good = c.encode("av-1", 2_000);
+        let header = format!("S=garbage; S={good}");
+        assert_eq!(resolve(&c, Some(&header), "S", 1_000).pinned, Some(("av-1".into(), 2_000)));
+        assert!(resolve(&c, Some("S=garbage"), "S", 0).invalid);
+        assert_eq!(resolve(&c, Some("other=1"), "S", 0), Pin::default());
+        // a third value is not checked
+        let header = format!("S=x; S=y; S={good}");
+        assert_eq!(resolve(&c, Some(&header), "S", 1_000), Pin { pinned: None, invalid: true });
+        let pinned = ("av-1".to_string(), 2_000);
+        assert_eq!(renewal(Some(&pinned), "av-1", 1_000_000, 1_800_000), None, "early in its life");
+        assert_eq!(renewal(Some(&pinned), "av-1", 1_500_000, 1_800_000), Some(3_300));
+        assert_eq!(renewal(Some(&pinned), "av-2", 1_000_000, 1_800_000), Some(2_800), "another endpoint served");
+        assert_eq!(renewal(None, "av-1", 1_000_000, 1_800_000), Some(2_800));
     }
 
     #[test]

@@ -7,31 +7,27 @@
 //!
 //! Order of decisions: rate limit, then sticky pin (if valid and the endpoint keeps sessions), then the algorithm over
 //! the candidates (healthy, weight above 0, not ejected; if every such endpoint is ejected the ejections are ignored,
-//! like Envoy's panic threshold), then up to two distinct retry hosts.
+//! like Envoy's panic threshold), then up to two distinct retry hosts. Each decision's logic is in its own module
+//! ([`crate::ratelimit`], [`crate::sticky`], [`crate::selector`], [`crate::outlier`], [`crate::inflight`]); this one
+//! holds the worker's state and the order.
 
-use crate::balancer::ewma::PeakEwma;
-use crate::balancer::ring::{LoadBound, hash_key};
-use crate::balancer::swrr::Swrr;
-use crate::balancer::{MAX_UPSTREAMS, fill_retries, p2c, random};
-use crate::client::client_ip;
-use crate::config::{Algorithm, KeySource, ParsedConfig};
+use crate::balancer::ring::hash_key;
+use crate::balancer::{MAX_UPSTREAMS, fill_retries};
+use crate::config::{KeySource, ParsedConfig};
+use crate::inflight::{Held, InFlight};
 use crate::outlier::{Ejections, Outcome, Streak};
 use crate::ratelimit::{self, Decision};
 use crate::report::{Aggregate, GlobalStats};
+use crate::request::client_of;
 use crate::sampling::Sampler;
+use crate::selector::Selector;
 use crate::shared::{self, SharedStore, keys};
 use crate::snapshot::{Snapshot, remap};
+use crate::sticky;
 use crate::table::Table;
-use crate::{cookie, sticky};
 use std::rc::Rc;
 
-/// What the engine needs to know about a request. Lookups are lazy: only the headers a decision needs are read.
-pub trait RequestView {
-    /// A request header by lower-case name (`:path` for the path with its query).
-    fn header(&self, name: &str) -> Option<String>;
-    /// The peer address, `ip:port`.
-    fn peer(&self) -> Option<String>;
-}
+pub use crate::request::RequestView;
 
 /// A reply the filter sends itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +54,8 @@ pub struct Pending {
     /// Indices into `snap`, in listed order.
     listed: Vec<usize>,
     start_ms: u64,
-    /// The endpoint (index into `snap`) whose in-flight count this request holds, and whether it is the shared count.
-    inflight: Option<(usize, bool)>,
+    /// The in-flight count this request holds (on an endpoint of `snap`).
+    inflight: Option<Held>,
     /// The endpoint the client's valid cookie named, and the cookie's expiry.
     pinned: Option<(String, u64)>,
     /// The response was seen (`on_response` ran).
@@ -91,43 +87,45 @@ pub struct ResponseInfo<'a> {
     pub gateway_failure: bool,
 }
 
+/// What a worker keeps per endpoint of its current snapshot, carried over by id when the table changes.
+#[derive(Debug, Clone, Default)]
+struct EndpointLocal {
+    /// Outcomes in a row, toward an ejection.
+    streak: Streak,
+    /// Counts not yet merged into the shared aggregates (merged before a table change, so they start empty).
+    aggregate: Aggregate,
+}
+
 pub struct Worker {
     base: ParsedConfig,
     snap: Rc<Snapshot>,
     seq: u64,
-    swrr: Swrr,
-    ewma: Vec<PeakEwma>,
-    streaks: Vec<Streak>,
-    aggregates: Vec<Aggregate>,
+    selector: Selector,
+    /// Indexed like `snap`'s endpoints.
+    endpoints: Vec<EndpointLocal>,
+    inflight: InFlight,
     stats: GlobalStats,
     rng: fastrand::Rng,
     sampler: Sampler,
     ejections: Option<(u32, Ejections)>,
-    /// In-flight requests per endpoint id counted locally, and the part of them already added to the shared counts.
-    local_inflight: std::collections::HashMap<String, i64>,
-    published_inflight: std::collections::HashMap<String, i64>,
     logs: Vec<String>,
 }
 
 impl Worker {
     /// A worker on the static configuration (and its static endpoints, if any). `seed` feeds the random choices.
     pub fn new(base: ParsedConfig, seed: u64) -> Worker {
-        let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.clone()));
-        let n = snap.endpoints().len();
+        let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.policy.clone()));
         Worker {
             base,
+            selector: Selector::new(&snap),
+            endpoints: vec![EndpointLocal::default(); snap.endpoints().len()],
             snap,
             seq: 0,
-            swrr: Swrr::new(n),
-            ewma: vec![PeakEwma::default(); n],
-            streaks: vec![Streak::default(); n],
-            aggregates: vec![Aggregate::default(); n],
+            inflight: InFlight::default(),
             stats: GlobalStats::default(),
             rng: fastrand::Rng::with_seed(seed),
             sampler: Sampler::default(),
             ejections: None,
-            local_inflight: Default::default(),
-            published_inflight: Default::default(),
             logs: Vec::new(),
         }
     }
@@ -158,27 +156,31 @@ impl Worker {
             self.logs.push(format!("published table {seq} does not parse; keeping table {}", self.snap.table.version));
             return;
         };
-        let config = match &table.policy {
-            Some(policy) => crate::config::Config::with_policy(&self.base.source, policy).unwrap_or_else(|e| {
-                self.logs.push(format!("published policy refused ({e}); using the static policy"));
-                self.base.config.clone()
-            }),
-            None => self.base.config.clone(),
+        let policy = match &table.policy {
+            Some(policy) => match crate::config::Config::with_policy(&self.base.source, policy) {
+                Ok(config) => config.policy,
+                Err(e) => {
+                    self.logs.push(format!("published policy refused ({e}); using the static policy"));
+                    self.base.config.policy.clone()
+                }
+            },
+            None => self.base.config.policy.clone(),
         };
         self.flush(store);
-        let snap = Rc::new(Snapshot::build(table, config));
+        let snap = Rc::new(Snapshot::build(table, policy));
         let mapping = snap.mapping_from(&self.snap);
-        self.swrr = self.swrr.remap(&mapping);
-        self.ewma = remap(&self.ewma, &mapping);
-        self.streaks = remap(&self.streaks, &mapping);
-        self.aggregates = vec![Aggregate::default(); mapping.len()];
+        self.selector = self.selector.rebuild(&snap, &mapping);
+        self.endpoints = remap(&self.endpoints, &mapping)
+            .into_iter()
+            .map(|e| EndpointLocal { streak: e.streak, aggregate: Aggregate::default() })
+            .collect();
         self.snap = snap;
         self.seq = seq;
     }
 
     /// Re-reads the shared ejections (parsing them again only when they changed).
     fn load_ejections<S: SharedStore + ?Sized>(&mut self, store: &S) {
-        if !self.snap.config.passive_health.enabled {
+        if !self.snap.policy.passive_health.enabled {
             self.ejections = None;
             return;
         }
@@ -197,7 +199,7 @@ impl Worker {
             // no table yet: look on every request until the first one arrives (afterwards the tick refreshes)
             self.refresh(store);
         }
-        if self.snap.config.rate_limiting.enabled
+        if self.snap.policy.rate_limiting.enabled
             && let Some(reply) = self.rate_limit(req, now_ms, store)
         {
             return Verdict::Reply(reply);
@@ -225,20 +227,12 @@ impl Worker {
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         if let Some(codec) = &self.snap.codec {
-            let name = &self.snap.config.sticky_sessions.cookie_name;
-            if let Some(header) = req.header("cookie") {
-                let mut seen = false;
-                for value in cookie::values(&header, name).take(crate::sticky::MAX_CHECKED_VALUES) {
-                    seen = true;
-                    if let Some((id, expires)) = codec.decode(value, now_ms / 1000) {
-                        pending.pinned = Some((id, expires));
-                        break;
-                    }
-                }
-                if seen && pending.pinned.is_none() {
-                    self.stats.sticky_invalid += 1;
-                }
+            let name = &self.snap.policy.sticky_sessions.cookie_name;
+            let pin = sticky::resolve(codec, req.header("cookie").as_deref(), name, now_ms / 1000);
+            if pin.invalid {
+                self.stats.sticky_invalid += 1;
             }
+            pending.pinned = pin.pinned;
             if let Some((id, _)) = &pending.pinned
                 && let Some(&i) = self.snap.by_id.get(id)
                 && self.snap.keeps_sessions(i)
@@ -250,7 +244,8 @@ impl Worker {
         }
 
         if order.is_empty() {
-            order = self.choose(req, &candidates, now_ms, store);
+            let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
+            order = self.selector.pick(&snap, req, &candidates, inflight, now_ms, &mut self.rng);
         }
         fill_retries(&mut order, &candidates);
 
@@ -275,71 +270,9 @@ impl Worker {
         pending.weight = if self.snap.codec.is_some() {
             1
         } else {
-            self.sampler.sample(now_ms, self.snap.config.observation.max_per_second, &mut self.rng)
+            self.sampler.sample(now_ms, self.snap.policy.observation.max_per_second, &mut self.rng)
         };
         Verdict::Forward(pending)
-    }
-
-    /// The algorithm's pick: a primary, and for some algorithms their own ordered retries.
-    fn choose<S: SharedStore + ?Sized>(
-        &mut self,
-        req: &dyn RequestView,
-        candidates: &[usize],
-        now_ms: u64,
-        store: &S,
-    ) -> Vec<usize> {
-        let snap = &self.snap;
-        let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
-        let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
-        let eligible = |i: usize| candidates.contains(&i);
-        match snap.config.algorithm {
-            Algorithm::WeightedRoundRobin => {
-                self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect()
-            }
-            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
-            Algorithm::Random => {
-                let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
-                random::pick(&weighted, &mut self.rng).into_iter().collect()
-            }
-            Algorithm::LeastConnections => {
-                let load = |i: usize| (inflight(i) as f64 + 1.0) / f64::from(weight(i).max(1));
-                p2c::pick(candidates, &mut self.rng, load)
-                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
-                    .unwrap_or_default()
-            }
-            Algorithm::ResponseTime => {
-                let ewma = &self.ewma;
-                let load = |i: usize| {
-                    let e = ewma.get(i).copied().unwrap_or_default();
-                    e.load(now_ms, inflight(i)) / f64::from(weight(i).max(1))
-                };
-                p2c::pick(candidates, &mut self.rng, load)
-                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
-                    .unwrap_or_default()
-            }
-            Algorithm::IpHash => {
-                let ip = client_of(req, snap.config.rate_limiting.xff_trusted_hops);
-                snap.ring.pick(hash_key(snap.seed, ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
-            }
-            Algorithm::ConsistentHash => {
-                match hash_source(req, &snap.hash_key, snap.config.rate_limiting.xff_trusted_hops) {
-                    Some(key) => {
-                        let loads: Vec<i64> =
-                            (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
-                        let total: i64 = loads.iter().sum();
-                        let load = |i: usize| loads.get(i).copied().unwrap_or(0);
-                        let bound = LoadBound {
-                            load: &load,
-                            factor: snap.config.consistent_hash.load_factor,
-                            total,
-                            candidates: candidates.len(),
-                        };
-                        snap.ring.pick(hash_key(snap.seed, key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
-                    }
-                    None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
-                }
-            }
-        }
     }
 
     fn rate_limit<S: SharedStore + ?Sized>(
@@ -348,8 +281,8 @@ impl Worker {
         now_ms: u64,
         store: &S,
     ) -> Option<LocalReply> {
-        let hops = self.snap.config.rate_limiting.xff_trusted_hops;
-        let by_header = match &self.snap.rate_key {
+        let hops = self.snap.policy.rate_limiting.xff_trusted_hops;
+        let by_header = match &self.snap.policy.rate_limiting.key {
             KeySource::Header(name) => req.header(name).map(|v| format!("h:{v}")),
             _ => None,
         };
@@ -414,7 +347,7 @@ impl Worker {
                 self.passive(current, outcome, now_ms, store);
             }
             // move the in-flight count to the host that actually holds the request
-            if p.inflight.map(|(held, _)| held) != Some(i) {
+            if p.inflight.map(|held| held.index) != Some(i) {
                 self.release_inflight(p, store);
                 self.acquire_inflight(p, i, store);
             }
@@ -426,16 +359,9 @@ impl Worker {
         if resp.status >= 500 || resp.status == 0 {
             return None;
         }
-        let ttl_ms = snap.config.sticky_sessions.ttl.0;
-        let renew = match &p.pinned {
-            // same endpoint: renew only in the second half of its life (a sliding session without a cookie per reply)
-            Some((pinned, expires)) if pinned == id => expires.saturating_mul(1000) < now_ms.saturating_add(ttl_ms / 2),
-            _ => true,
-        };
-        renew.then(|| {
-            let expires = (now_ms + ttl_ms) / 1000;
-            sticky::set_cookie(&snap.config.sticky_sessions, &codec.encode(id, expires))
-        })
+        let ttl_ms = snap.policy.sticky_sessions.ttl.0;
+        let expires = sticky::renewal(p.pinned.as_ref(), id, now_ms, ttl_ms)?;
+        Some(sticky::set_cookie(&snap.policy.sticky_sessions, &codec.encode(id, expires)))
     }
 
     /// Whether the adapter must call [`Worker::on_response`] at the response headers (to add a cookie).
@@ -454,11 +380,11 @@ impl Worker {
 
     /// Records an outcome for endpoint `i` of the current snapshot; ejects it when its streak calls for it.
     fn passive<S: SharedStore + ?Sized>(&mut self, i: usize, outcome: Outcome, now_ms: u64, store: &S) {
-        let cfg = &self.snap.config.passive_health;
+        let cfg = &self.snap.policy.passive_health;
         if !cfg.enabled {
             return;
         }
-        let Some(streak) = self.streaks.get_mut(i) else { return };
+        let Some(streak) = self.endpoints.get_mut(i).map(|e| &mut e.streak) else { return };
         if !streak.record(outcome, cfg) {
             return;
         }
@@ -480,48 +406,18 @@ impl Worker {
         }
     }
 
-    /// Counts the request as in flight on endpoint `i` of the request's snapshot: directly in shared data when the
-    /// algorithm balances on it (exact across workers), otherwise locally, published on the worker's tick (four host
-    /// calls per request saved).
+    /// Counts the request as in flight on endpoint `i` of the request's snapshot: exact across workers when the
+    /// algorithm balances on it (see [`crate::inflight`]).
     fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, i: usize, store: &S) {
         let Some(id) = p.id(i) else { return };
-        if self.snap.config.algorithm.balances_on_inflight() {
-            if shared::add_i64(store, &keys::inflight(id), 1).is_ok() {
-                p.inflight = Some((i, true));
-            }
-        } else {
-            match self.local_inflight.get_mut(id) {
-                Some(n) => *n += 1,
-                None => {
-                    self.local_inflight.insert(id.to_string(), 1);
-                }
-            }
-            p.inflight = Some((i, false));
-        }
+        p.inflight = self.inflight.acquire(store, i, id, self.snap.policy.algorithm.balances_on_inflight());
     }
 
     fn release_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, store: &S) {
-        let Some((i, shared_count)) = p.inflight.take() else { return };
-        let Some(id) = p.id(i) else { return };
-        if shared_count {
-            let _ = shared::add_i64(store, &keys::inflight(id), -1);
-        } else if let Some(n) = self.local_inflight.get_mut(id) {
-            *n -= 1;
+        let Some(held) = p.inflight.take() else { return };
+        if let Some(id) = p.id(held.index) {
+            self.inflight.release(store, held, id);
         }
-    }
-
-    /// Publishes the change of this worker's local in-flight counts since the last tick.
-    fn publish_inflight<S: SharedStore + ?Sized>(&mut self, store: &S) {
-        for (id, now) in &self.local_inflight {
-            let published = self.published_inflight.get(id).copied().unwrap_or(0);
-            if *now != published && shared::add_i64(store, &keys::inflight(id), now - published).is_ok() {
-                self.published_inflight.insert(id.clone(), *now);
-            }
-        }
-        let published = &self.published_inflight;
-        self.local_inflight.retain(|id, n| *n != 0 || published.get(id).is_some_and(|p| *p != 0));
-        let local = &self.local_inflight;
-        self.published_inflight.retain(|id, _| local.contains_key(id));
     }
 
     /// The request is over (answered, failed or abandoned). `now_ms` only matters for an observed request.
@@ -529,29 +425,24 @@ impl Worker {
         self.release_inflight(p, store);
         let Some(i) = p.served.or(p.listed.first().copied()).and_then(|i| self.current_index(p, i)) else { return };
         if !p.observed() {
-            if let Some(a) = self.aggregates.get_mut(i) {
-                a.count();
+            if let Some(e) = self.endpoints.get_mut(i) {
+                e.aggregate.count();
             }
             return;
         }
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
-        if let Some(a) = self.aggregates.get_mut(i) {
-            a.record(latency_ms.saturating_mul(1000), error, p.weight);
+        if let Some(e) = self.endpoints.get_mut(i) {
+            e.aggregate.record(latency_ms.saturating_mul(1000), error, p.weight);
         }
-        // only the response-time balancer reads the latency average
-        if self.snap.config.algorithm == Algorithm::ResponseTime
-            && let Some(e) = self.ewma.get_mut(i)
-        {
-            e.observe(latency_ms as f64, now_ms);
-        }
+        self.selector.observe_latency(i, latency_ms, now_ms);
     }
 
     /// Merges this worker's counts into the shared aggregates (on the worker's tick). Counts that could not be merged
     /// are kept for the next flush.
     pub fn flush<S: SharedStore + ?Sized>(&mut self, store: &S) {
-        self.publish_inflight(store);
-        for (i, agg) in self.aggregates.iter_mut().enumerate() {
+        self.inflight.publish(store);
+        for (i, agg) in self.endpoints.iter_mut().map(|e| &mut e.aggregate).enumerate() {
             if agg.is_empty() {
                 continue;
             }
@@ -580,36 +471,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// The consistent-hash key of a request, if it has one.
-/// The client's address (the peer, or the trusted X-Forwarded-For entry), read only when a decision needs it.
-fn client_of(req: &dyn RequestView, hops: u32) -> String {
-    let peer = req.peer().unwrap_or_default();
-    let xff = if hops > 0 { req.header("x-forwarded-for") } else { None };
-    client_ip(&peer, xff.as_deref(), hops).to_string()
-}
-
-fn hash_source(req: &dyn RequestView, source: &KeySource, hops: u32) -> Option<String> {
-    match source {
-        KeySource::ClientAddress => Some(client_of(req, hops)),
-        KeySource::Header(name) => req.header(name),
-        KeySource::Cookie(name) => {
-            req.header("cookie").and_then(|h| cookie::values(&h, name).next().map(str::to_string))
-        }
-        KeySource::Path => req.header(":path").map(|p| p.split('?').next().unwrap_or_default().to_string()),
-        KeySource::Query(name) => req.header(":path").and_then(|p| query_param(&p, name)),
-    }
-}
-
-/// The raw value of a query parameter (not percent-decoded: the key only has to be stable).
-fn query_param(path: &str, name: &str) -> Option<String> {
-    let (_, query) = path.split_once('?')?;
-    let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| v.to_string())
-    })
 }
 
 #[cfg(test)]

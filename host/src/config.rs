@@ -6,19 +6,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use equilibrio_contract::FieldError;
 use equilibrio_contract::keyed::{Millis, deserialize_keyed};
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: `{key}`: {reason}")]
-pub struct ConfigError {
-    pub key: String,
-    pub reason: String,
-}
+/// Why `host.yaml` was refused: the dotted key and the reason.
+pub type ConfigError = FieldError;
 
 fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), reason: reason.into() }
+    FieldError::new(key, reason)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,7 +235,7 @@ impl Config {
     pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
         let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| err("", format!("not valid YAML: {e}")))?;
         let doc = if doc.is_null() { Value::Object(Default::default()) } else { doc };
-        let raw: RawConfig = deserialize_keyed(&doc).map_err(|(key, reason)| err(key, reason))?;
+        let raw: RawConfig = deserialize_keyed(&doc)?;
         Config::validate(raw)
     }
 

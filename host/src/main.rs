@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},wasmtime=warn,cranelift=warn")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
-    let result = config.map_err(anyhow::Error::from).and_then(|c| run(c, &args));
+    let result = config.map_err(|e| anyhow::anyhow!("invalid configuration: {e}")).and_then(|c| run(c, &args));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 
 pub mod auth;
+pub mod body;
 mod doc;
 pub mod errors;
 pub mod faults;
@@ -39,7 +40,7 @@ pub const MAX_BODY: usize = 1 << 20;
         instances::DrainRequest, crate::config::HealthCheck, policy::HealthCheckUpdate, crate::reports::Report,
         crate::reports::Traffic, crate::events::Event, scaling::ScalingView, scaling::ScaleRequest,
         crate::scaling::policy::ScalingPolicy, crate::scaling::state::ScalingEvent, crate::scaling::cost::CostStats,
-        doc::Registration, doc::PolicyUpdate, doc::DiscoveryRequest, doc::SseFrame)),
+        doc::Registration, doc::PolicyUpdate, proxies::DiscoveryRequest, doc::SseFrame)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -95,9 +96,13 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")))]
 async fn openapi() -> Response {
-    match document().to_json() {
-        Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "openapi", e.to_string(), None).into_response(),
+    // built once: the document never changes while the process runs
+    static JSON: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match JSON.get_or_init(|| document().to_json().map_err(|e| e.to_string())) {
+        Ok(json) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json.clone()).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "openapi", e.clone(), None).into_response(),
     }
 }
 

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use equilibrio_contract::FieldError;
 use equilibrio_contract::is_id_byte;
 use equilibrio_contract::keyed::{Millis, deserialize_keyed};
-use equilibrio_filter::config::Config as FilterConfig;
+use equilibrio_contract::policy::Policy;
 
 pub use crate::environment::Environment;
 
@@ -75,19 +76,25 @@ impl InstanceSpec {
     /// `[::ffff:127.0.0.1]:19117` are `127.0.0.1:19117`, so one backend cannot be registered twice under two spellings);
     /// on error gives the field and the reason. Every field is bounded: what is accepted here always fits the table
     /// the proxies take (a zone of 600 KB once froze every proxy on a stale table).
-    pub fn validate(&mut self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&mut self) -> Result<(), FieldError> {
         equilibrio_contract::table::validate_endpoint_fields(&self.id, &self.address, self.weight)?;
-        self.address = canonical_address(&self.address).map_err(|r| ("address", r))?;
-        validate_zone(&self.zone).map_err(|r| ("zone", r))?;
+        self.address = canonical_address(&self.address).map_err(|r| FieldError::new("address", r))?;
+        validate_zone(&self.zone).map_err(|r| FieldError::new("zone", r))?;
         if self.version.len() > MAX_LABEL_BYTES || self.version.bytes().any(|b| !b.is_ascii_graphic()) {
-            return Err(("version", format!("must be at most {MAX_LABEL_BYTES} printable characters, no spaces")));
+            return Err(FieldError::new(
+                "version",
+                format!("must be at most {MAX_LABEL_BYTES} printable characters, no spaces"),
+            ));
         }
         for (field, labels) in [("tags", &self.tags), ("capabilities", &self.capabilities)] {
             let ok = |l: &String| {
                 !l.is_empty() && l.len() <= MAX_LABEL_BYTES && l.bytes().all(equilibrio_contract::is_id_byte)
             };
             if labels.len() > MAX_LABELS || !labels.iter().all(ok) {
-                return Err((field, format!("at most {MAX_LABELS}, each 1 to {MAX_LABEL_BYTES} of [A-Za-z0-9._-]")));
+                return Err(FieldError::new(
+                    field,
+                    format!("at most {MAX_LABELS}, each 1 to {MAX_LABEL_BYTES} of [A-Za-z0-9._-]"),
+                ));
             }
         }
         Ok(())
@@ -198,50 +205,34 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub reason: String,
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "invalid configuration: {}", self.reason)
-        } else {
-            write!(f, "invalid configuration: `{}`: {}", self.key, self.reason)
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
+/// Why the configuration file was refused: the dotted key and the reason.
+pub type ConfigError = FieldError;
 
 fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), reason: reason.into() }
+    FieldError::new(key, reason)
 }
 
-/// Validates a balancing policy for `service` with the filter's validator; returns the error with its key.
-pub fn validate_policy(service: &str, policy: &Value) -> Result<(), ConfigError> {
-    let base = serde_json::json!({"service": service, "supervisor": {}});
-    FilterConfig::with_policy(&base, policy).map(|_| ()).map_err(|e| err(e.key, e.reason))
+/// Validates a balancing policy (the object of policy keys) as every proxy will; returns the error with its key.
+pub fn validate_policy(policy: &Value) -> Result<(), FieldError> {
+    Policy::parse(policy).map(|_| ())
 }
 
 /// Validates health-check settings; on error gives the field and the reason.
-pub fn validate_health(h: &HealthCheck) -> Result<(), (&'static str, String)> {
+pub fn validate_health(h: &HealthCheck) -> Result<(), FieldError> {
     if !(100..=3_600_000).contains(&h.interval_ms) {
-        return Err(("interval", "must be between 100ms and 1h".into()));
+        return Err(FieldError::new("interval", "must be between 100ms and 1h"));
     }
     if h.timeout_ms < 10 || h.timeout_ms > h.interval_ms.max(10) {
-        return Err(("timeout", "must be between 10ms and the interval".into()));
+        return Err(FieldError::new("timeout", "must be between 10ms and the interval"));
     }
     if !(1..=100).contains(&h.retries) {
-        return Err(("retries", "must be between 1 and 100".into()));
+        return Err(FieldError::new("retries", "must be between 1 and 100"));
     }
     if !(1..=100).contains(&h.rise) {
-        return Err(("rise", "must be between 1 and 100".into()));
+        return Err(FieldError::new("rise", "must be between 1 and 100"));
     }
     if !h.endpoint.starts_with('/') || h.endpoint.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
-        return Err(("endpoint", "must be a path starting with `/`".into()));
+        return Err(FieldError::new("endpoint", "must be a path starting with `/`"));
     }
     Ok(())
 }
@@ -255,7 +246,7 @@ impl Config {
     pub fn parse(yaml: &str, env_token: Option<String>) -> Result<Config, ConfigError> {
         let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| err("", format!("not valid YAML: {e}")))?;
         let doc = if doc.is_null() { Value::Object(Default::default()) } else { doc };
-        let raw: RawConfig = deserialize_keyed(&doc).map_err(|(key, reason)| err(key, reason))?;
+        let raw: RawConfig = deserialize_keyed(&doc)?;
         Config::resolve(raw, env_token)
     }
 
@@ -324,10 +315,7 @@ impl Config {
                 return Err(err(key, "service names are 1 or more of [A-Za-z0-9._-]"));
             }
             let policy = svc.load_balancer.unwrap_or_else(|| Value::Object(Default::default()));
-            validate_policy(&name, &policy).map_err(|e| {
-                let inner = e.key.strip_prefix("policy.").unwrap_or(&e.key).to_string();
-                err(format!("{key}.load_balancer.{inner}"), e.reason)
-            })?;
+            validate_policy(&policy).map_err(|e| e.within(&format!("{key}.load_balancer")))?;
             let h = svc.health_check.unwrap_or(RawHealthCheck {
                 interval: None,
                 timeout: None,
@@ -342,21 +330,21 @@ impl Config {
                 rise: h.rise.unwrap_or(defaults.rise),
                 endpoint: h.endpoint.unwrap_or_else(|| defaults.endpoint.clone()),
             };
-            validate_health(&health_check).map_err(|(f, r)| err(format!("{key}.health_check.{f}"), r))?;
+            validate_health(&health_check).map_err(|e| e.within(&format!("{key}.health_check")))?;
             let mut ids = std::collections::HashSet::new();
             let mut instances = svc.instances;
             for (i, inst) in instances.iter_mut().enumerate() {
-                inst.validate().map_err(|(f, r)| err(format!("{key}.instances[{i}].{f}"), r))?;
+                inst.validate().map_err(|e| e.within(&format!("{key}.instances[{i}]")))?;
                 if !ids.insert(inst.id.clone()) {
                     return Err(err(format!("{key}.instances[{i}].id"), format!("`{}` appears twice", inst.id)));
                 }
             }
             if let Some(t) = &svc.docker {
-                t.validate().map_err(|(f, r)| err(format!("{key}.docker.{f}"), r))?;
+                t.validate().map_err(|e| e.within(&format!("{key}.docker")))?;
             }
             let scaling = crate::scaling::policy::ScalingPolicy::for_environment(raw.environment)
                 .with_overrides(svc.scaling.as_ref())
-                .map_err(|(f, r)| err(format!("{key}.scaling.{f}"), r))?;
+                .map_err(|e| e.within(&format!("{key}.scaling")))?;
             services.insert(name, ServiceConfig { policy, docker: svc.docker, scaling, health_check, instances });
         }
         Ok(Config {
@@ -401,13 +389,13 @@ mod tests {
         };
         base.clone().validate().unwrap();
         let mut s = InstanceSpec { zone: "z".repeat(600_000), ..base.clone() };
-        assert_eq!(s.validate().unwrap_err().0, "zone");
+        assert_eq!(s.validate().unwrap_err().key, "zone");
         let mut s = InstanceSpec { tags: vec!["t".into(); 17], ..base.clone() };
-        assert_eq!(s.validate().unwrap_err().0, "tags");
+        assert_eq!(s.validate().unwrap_err().key, "tags");
         let mut s = InstanceSpec { capabilities: vec!["has space".into()], ..base.clone() };
-        assert_eq!(s.validate().unwrap_err().0, "capabilities");
+        assert_eq!(s.validate().unwrap_err().key, "capabilities");
         let mut s = InstanceSpec { version: "v\n1".into(), ..base };
-        assert_eq!(s.validate().unwrap_err().0, "version");
+        assert_eq!(s.validate().unwrap_err().key, "version");
     }
 
     use super::*;

@@ -43,7 +43,8 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let text =
         std::fs::read_to_string(&args.config).map_err(|e| format!("cannot read {}: {e}", args.config.display()))?;
-    let mut config = Config::parse(&text, std::env::var("EQUILIBRIO_TOKEN").ok())?;
+    let mut config = Config::parse(&text, std::env::var("EQUILIBRIO_TOKEN").ok())
+        .map_err(|e| format!("invalid configuration: {e}"))?;
     if let Some(listen) = args.listen {
         if config.token.is_none() && !listen.ip().is_loopback() {
             return Err(format!("invalid configuration: `listen`: {listen} is not loopback: set a token").into());

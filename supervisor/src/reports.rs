@@ -168,16 +168,16 @@ mod tests {
     fn hostile_reports_are_refused_naming_the_field() {
         let mut bad = report("p", 10, 1);
         bad.endpoints[0].requests = u64::MAX;
-        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].requests");
+        assert_eq!(bad.validate().unwrap_err().key, "endpoints[0].requests");
         let mut bad = report("p", 10, 1);
         bad.endpoints[0].errors = 11;
-        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].errors");
+        assert_eq!(bad.validate().unwrap_err().key, "endpoints[0].errors");
         let mut bad = report("p", 10, -2);
         bad.endpoints[0].in_flight = -2;
-        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].in_flight");
+        assert_eq!(bad.validate().unwrap_err().key, "endpoints[0].in_flight");
         let mut bad = report("p", 10, 1);
         bad.endpoints[0].latency_p95_ms = f64::INFINITY;
-        assert_eq!(bad.validate().unwrap_err().0, "endpoints[0].latency_p95_ms");
+        assert_eq!(bad.validate().unwrap_err().key, "endpoints[0].latency_p95_ms");
         report("p", 10, 1).validate().unwrap();
         // the largest accepted values still add up without overflow
         let mut r = Reports::new(60_000);

@@ -215,7 +215,7 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
 }
 
 fn encode_str_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    crate::pairs::encode(pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+    equilibrio_contract::pairs::encode(pairs.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
 }
 
 /// Answers the request from the filter (the host sends it once the callback returns).
@@ -238,7 +238,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
 /// Starts an HTTP call to a cluster; the answer arrives in `proxy_on_http_call_response` with the returned token.
 pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<u32, Status> {
     let headers = encode_str_pairs(headers);
-    let trailers = crate::pairs::encode(std::iter::empty());
+    let trailers = equilibrio_contract::pairs::encode(std::iter::empty());
     let timeout = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     let mut token = 0u32;
     check(unsafe {

@@ -54,7 +54,7 @@ impl FilterRoot {
                 true
             }
             Err(e) => {
-                host::log(LogLevel::Error, &e.to_string());
+                host::log(LogLevel::Error, &format!("invalid configuration: {e}"));
                 false
             }
         }

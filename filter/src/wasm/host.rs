@@ -2,8 +2,8 @@
 //! becomes `None` or an error value, never a panic (a panic traps the VM).
 
 use super::abi::{self, HeaderMap, LogLevel, Status};
+use crate::request::RequestView;
 use crate::shared::{SharedError, SharedStore};
-use crate::worker::RequestView;
 
 /// The host's shared data (Envoy: process-wide, scoped by `vm_id`).
 pub struct HostStore;

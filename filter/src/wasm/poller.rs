@@ -149,7 +149,7 @@ impl PollerRoot {
                 true
             }
             Err(e) => {
-                host::log(LogLevel::Error, &e.to_string());
+                host::log(LogLevel::Error, &format!("invalid configuration: {e}"));
                 false
             }
         }

@@ -7,4 +7,4 @@ pub mod types;
 pub mod wasi;
 
 /// The serialized header map's codec, shared with the filter (the guest side of the same format).
-pub use equilibrio_filter::pairs;
+pub use equilibrio_contract::pairs;

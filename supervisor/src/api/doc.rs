@@ -4,8 +4,10 @@
 //! its document in both directions: what the document allows is accepted, what it refuses is refused.
 
 use utoipa::openapi::RefOr;
-use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
+
+use equilibrio_contract::policy::{Algorithm, POLICY_KEYS};
 
 /// A duration: seconds (a number), or a string with a unit (`500ms`, `2s`, `5m`, `1h`).
 pub struct Duration;
@@ -64,48 +66,24 @@ pub struct Registration {
     heartbeat_ttl: Option<String>,
 }
 
-/// The balancing algorithms (the filter's `algorithm` key).
-#[derive(ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)] // a document type
-pub enum Algorithm {
-    WeightedRoundRobin,
-    RoundRobin,
-    LeastConnections,
-    ResponseTime,
-    IpHash,
-    ConsistentHash,
-    Random,
+/// A policy change (`PUT /v1/services/{service}/policy`): the policy keys ([`POLICY_KEYS`]), each optional; the
+/// nested objects are validated as every proxy validates them (`equilibrio_contract::policy`, docs/filter.md).
+pub struct PolicyUpdate;
+
+impl PartialSchema for PolicyUpdate {
+    fn schema() -> RefOr<Schema> {
+        let mut o = ObjectBuilder::new().additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        for key in POLICY_KEYS {
+            o = match key {
+                "algorithm" => o.property(key, Algorithm::schema()),
+                _ => o.property(key, ObjectBuilder::new().schema_type(Type::Object)),
+            };
+        }
+        o.into()
+    }
 }
 
-/// A policy change (`PUT /v1/services/{service}/policy`): the filter's policy keys, each optional; the nested
-/// objects are validated as the filter validates them (docs/filter.md).
-#[derive(ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)] // a document type
-pub struct PolicyUpdate {
-    algorithm: Option<Algorithm>,
-    #[schema(value_type = Option<Object>)]
-    consistent_hash: Option<()>,
-    #[schema(value_type = Option<Object>)]
-    sticky_sessions: Option<()>,
-    #[schema(value_type = Option<Object>)]
-    rate_limiting: Option<()>,
-    #[schema(value_type = Option<Object>)]
-    passive_health: Option<()>,
-    #[schema(value_type = Option<Object>)]
-    observation: Option<()>,
-}
-
-/// Envoy's REST `DiscoveryRequest`, as far as the supervisor reads it (Envoy sends more: `node`, ...).
-#[derive(ToSchema)]
-#[allow(dead_code)] // a document type
-pub struct DiscoveryRequest {
-    #[serde(default)]
-    version_info: String,
-    #[serde(default)]
-    resource_names: Vec<String>,
-}
+impl ToSchema for PolicyUpdate {}
 
 /// What an event-stream frame says.
 #[derive(ToSchema)]

@@ -1,11 +1,12 @@
-//! The API's errors: one JSON shape, `{"error": {"code", "message", "field"}}`, for every 4xx and 5xx, and the one
-//! body parser, which names the offending field.
+//! The API's errors: one JSON shape, `{"error": {"code", "message", "field"}}`, for every 4xx and 5xx, made from the
+//! errors of the layers below (a [`FieldError`] of any validation, the registry's, the store's).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
+
+use equilibrio_contract::FieldError;
 
 use crate::persist::PersistError;
 use crate::registry::RegistryError;
@@ -49,6 +50,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A refused value: 422 naming the field (the whole body when the key is empty).
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        let field = Some(e.key).filter(|k| !k.is_empty());
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", e.reason, field)
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let (status, code) = match &e {
@@ -71,28 +80,4 @@ impl From<PersistError> for ApiError {
         tracing::error!(error = %e, "state file");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", e.to_string(), None)
     }
-}
-
-/// Parses a JSON body, naming the offending field on error.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    // every body is an object (serde would also take a struct's fields as an array: `[null, null]`)
-    if let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace())
-        && *first != b'{'
-    {
-        let message = "the body must be a JSON object";
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message, None));
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let field = Some(equilibrio_contract::keyed::error_key(&path, &inner.to_string())).filter(|k| !k.is_empty());
-        let status = if inner.is_syntax() || inner.is_eof() {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        let code = if status == StatusCode::BAD_REQUEST { "invalid_json" } else { "invalid_value" };
-        ApiError::new(status, code, inner.to_string(), field)
-    })
 }

@@ -1,6 +1,5 @@
 //! Instances: list, register, change, drain, heartbeat, deregister.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -8,8 +7,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::body::{Body, OptionalBody, from_value};
 use super::doc;
-use super::errors::{ApiError, ErrorBody, parse};
+use super::errors::{ApiError, ErrorBody};
 use super::views::{InstanceView, instance_view};
 use crate::app::{App, AppState, now_ms};
 use crate::config::InstanceSpec;
@@ -47,10 +47,9 @@ pub struct Registration {
 pub async fn register(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    body: Bytes,
+    Body(raw): Body<Value>,
 ) -> Result<Response, ApiError> {
     // flatten and deny_unknown_fields do not mix in serde: check the keys by hand
-    let raw: Value = parse(&body)?;
     if let Some(obj) = raw.as_object() {
         const KNOWN: [&str; 8] =
             ["id", "address", "weight", "zone", "tags", "version", "capabilities", "heartbeat_ttl"];
@@ -58,7 +57,7 @@ pub async fn register(
             return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`")));
         }
     }
-    let mut spec: InstanceSpec = parse(&serde_json::to_vec(&without(&raw, "heartbeat_ttl")).unwrap_or_default())?;
+    let mut spec: InstanceSpec = from_value(&without(&raw, "heartbeat_ttl"))?;
     let ttl = match raw.get("heartbeat_ttl") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -68,7 +67,7 @@ pub async fn register(
                 .ok_or_else(|| ApiError::invalid("heartbeat_ttl", "must be a duration between 1s and 24h"))?,
         ),
     };
-    spec.validate().map_err(|(f, r)| ApiError::invalid(f, r))?;
+    spec.validate()?;
     let id = spec.id.clone();
     app.change(|reg, now| {
         reg.register(&service, spec, Source::Api, ttl, now).map(|e| ((), e)).map_err(ApiError::from)
@@ -111,9 +110,8 @@ pub async fn deregister(
 pub async fn update_instance(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    body: Bytes,
+    Body(u): Body<InstanceUpdate>,
 ) -> Result<axum::Json<InstanceView>, ApiError> {
-    let u: InstanceUpdate = parse(&body)?;
     if let Some(w) = u.weight
         && w > equilibrio_contract::table::MAX_WEIGHT
     {
@@ -154,9 +152,8 @@ pub struct DrainRequest {
 pub async fn drain(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
-    body: Bytes,
+    OptionalBody(req): OptionalBody<DrainRequest>,
 ) -> Result<axum::Json<InstanceView>, ApiError> {
-    let req: DrainRequest = if body.is_empty() { DrainRequest::default() } else { parse(&body)? };
     let timeout = req.timeout.map_or(app.config.drain_timeout_ms, |m| m.0);
     if !(100..=3_600_000).contains(&timeout) {
         return Err(ApiError::invalid("timeout", "must be between 100ms and 1h"));

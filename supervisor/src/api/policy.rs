@@ -1,15 +1,16 @@
 //! A service's balancing policy and health-check settings.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::body::Body;
 use super::doc;
-use super::errors::{ApiError, ErrorBody, parse};
+use super::errors::{ApiError, ErrorBody};
 use crate::app::AppState;
 use crate::config::{HealthCheck, validate_health, validate_policy};
+use equilibrio_contract::policy::POLICY_KEYS;
 
 /// The balancing policy (the sticky-session secret is redacted).
 #[utoipa::path(get, path = "/v1/services/{service}/policy", params(("service" = String, Path)),
@@ -31,11 +32,10 @@ pub async fn get_policy(
 pub async fn put_policy(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    body: Bytes,
+    Body(mut policy): Body<Value>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let mut policy: Value = parse(&body)?;
     let Some(obj) = policy.as_object() else { return Err(ApiError::invalid("", "expected a JSON object")) };
-    const KEYS: &[&str] = &equilibrio_filter::config::POLICY_KEYS;
+    const KEYS: &[&str] = &POLICY_KEYS;
     if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(ApiError::invalid(k.clone(), format!("unknown field `{k}`: expected one of {}", KEYS.join(", "))));
     }
@@ -46,10 +46,7 @@ pub async fn put_policy(
             *slot = current.unwrap_or(Value::Null);
         }
     }
-    validate_policy(&service, &policy).map_err(|e| {
-        let field = e.key.strip_prefix("policy.").unwrap_or(&e.key).to_string();
-        ApiError::invalid(field, e.reason)
-    })?;
+    validate_policy(&policy)?;
     app.change(|reg, now| reg.set_policy(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
     Ok(axum::Json(equilibrio_contract::policy::redact(&policy)))
 }
@@ -90,9 +87,8 @@ pub async fn get_health_check(
 pub async fn put_health_check(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    body: Bytes,
+    Body(u): Body<HealthCheckUpdate>,
 ) -> Result<axum::Json<HealthCheck>, ApiError> {
-    let u: HealthCheckUpdate = parse(&body)?;
     let mut h = app.registry().service(&service)?.health_check.clone();
     if let Some(v) = u.interval {
         h.interval_ms = v.0;
@@ -109,7 +105,7 @@ pub async fn put_health_check(
     if let Some(v) = u.endpoint {
         h.endpoint = v;
     }
-    validate_health(&h).map_err(|(f, r)| ApiError::invalid(f, r))?;
+    validate_health(&h)?;
     app.change(|reg, now| reg.set_health_check(&service, h.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
     Ok(axum::Json(h))
 }

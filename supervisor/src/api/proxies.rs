@@ -8,14 +8,14 @@ use futures_util::stream::Stream;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::body::Body;
 use super::doc;
-use super::errors::{ApiError, ErrorBody, parse};
+use super::errors::{ApiError, ErrorBody};
 use crate::app::{AppState, now_ms};
 use crate::events::Event;
 use crate::registry::RegistryError;
@@ -42,20 +42,21 @@ pub async fn endpoints(
     Ok(([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response())
 }
 
+/// Envoy's REST `DiscoveryRequest`, as far as the supervisor reads it (Envoy sends more: `node`, ...).
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct DiscoveryRequest {
+    #[serde(default)]
+    version_info: String,
+    #[serde(default)]
+    resource_names: Vec<String>,
+}
+
 /// Envoy's REST EDS: answers a `DiscoveryRequest` for `ClusterLoadAssignment`s. The cluster named in
 /// `resource_names` is the service of the same name, or the only service when there is one.
-#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = doc::DiscoveryRequest,
+#[utoipa::path(post, path = "/v3/discovery:endpoints", request_body = DiscoveryRequest,
     responses((status = 200, body = Object), (status = 304), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
-pub async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    #[derive(Deserialize)]
-    struct DiscoveryRequest {
-        #[serde(default)]
-        version_info: String,
-        #[serde(default)]
-        resource_names: Vec<String>,
-    }
-    let req: DiscoveryRequest = parse(&body)?;
+pub async fn eds(State(app): State<AppState>, Body(req): Body<DiscoveryRequest>) -> Result<Response, ApiError> {
     let cluster = req.resource_names.first().cloned().unwrap_or_else(|| "backend".into());
     let reg = app.registry();
     let svc = match reg.services.get(&cluster) {
@@ -74,12 +75,15 @@ pub async fn eds(State(app): State<AppState>, body: Bytes) -> Result<Response, A
 /// Takes a proxy's per-endpoint aggregates.
 #[utoipa::path(post, path = "/v1/reports", request_body = Report,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn reports(State(app): State<AppState>, body: Bytes) -> Result<StatusCode, ApiError> {
-    let mut report: Report = parse(&body).inspect_err(|_| app.metrics.report_refused())?;
-    if let Err((field, reason)) = report.validate() {
+pub async fn reports(
+    State(app): State<AppState>,
+    body: Result<Body<Report>, ApiError>,
+) -> Result<StatusCode, ApiError> {
+    let Body(mut report) = body.inspect_err(|_| app.metrics.report_refused())?;
+    if let Err(e) = report.validate() {
         app.metrics.report_refused();
-        tracing::warn!(proxy = %report.proxy, %field, %reason, "report refused");
-        return Err(ApiError::invalid(field, reason));
+        tracing::warn!(proxy = %report.proxy, field = %e.key, reason = %e.reason, "report refused");
+        return Err(e.into());
     }
     // only the service's instances are kept: a report cannot grow the supervisor's memory with made-up ids
     let before = report.endpoints.len();

@@ -1,14 +1,14 @@
 //! A service's auto-scaling: its state and policy, a manual scale, its decisions.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::body::Body;
 use super::doc;
-use super::errors::{ApiError, ErrorBody, parse};
+use super::errors::{ApiError, ErrorBody};
 use crate::app::{App, AppState, now_ms};
 
 /// The auto-scaling state of a service: policy, current and desired counts, manual hold, cost figures.
@@ -73,11 +73,10 @@ pub async fn get_scaling(
 pub async fn put_scaling(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    body: Bytes,
+    Body(patch): Body<Value>,
 ) -> Result<axum::Json<ScalingView>, ApiError> {
-    let patch: Value = parse(&body)?;
     let current = scaling_view(&app, &service)?.policy;
-    let policy = current.with_overrides(Some(&patch)).map_err(|(f, r)| ApiError::invalid(f, r))?;
+    let policy = current.with_overrides(Some(&patch))?;
     app.change(|reg, now| reg.set_scaling(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
     Ok(axum::Json(scaling_view(&app, &service)?))
 }
@@ -100,9 +99,8 @@ pub struct ScaleRequest {
 pub async fn scale(
     State(app): State<AppState>,
     Path(service): Path<String>,
-    body: Bytes,
+    Body(req): Body<ScaleRequest>,
 ) -> Result<axum::Json<ScalingView>, ApiError> {
-    let req: ScaleRequest = parse(&body)?;
     let policy = scaling_view(&app, &service)?.policy;
     if req.instances < policy.min_instances || req.instances > policy.max_instances {
         return Err(ApiError::invalid(

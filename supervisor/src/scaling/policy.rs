@@ -15,6 +15,7 @@
 //! forgotten after the longest window (3 minutes for request rate), well inside the plan's 5 minutes. Cooldowns after
 //! each action, and `min_instances` / `max_instances` always hold.
 
+use equilibrio_contract::FieldError;
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
@@ -144,15 +145,15 @@ impl ScalingPolicy {
 
     /// This policy with `overrides` (a partial policy, as in the configuration or a `PUT`) merged key by key, then
     /// validated. On error gives the field (dotted) and the reason.
-    pub fn with_overrides(&self, overrides: Option<&serde_json::Value>) -> Result<ScalingPolicy, (String, String)> {
+    pub fn with_overrides(&self, overrides: Option<&serde_json::Value>) -> Result<ScalingPolicy, FieldError> {
         let Some(o) = overrides else {
             self.validate()?;
             return Ok(self.clone());
         };
         if !o.is_object() {
-            return Err((String::new(), "expected an object".into()));
+            return Err(FieldError::new("", "expected an object"));
         }
-        let mut merged = serde_json::to_value(self).map_err(|e| (String::new(), e.to_string()))?;
+        let mut merged = serde_json::to_value(self).map_err(|e| FieldError::new("", e.to_string()))?;
         equilibrio_contract::keyed::merge(&mut merged, o);
         rate::normalize(&mut merged)?;
         let p: ScalingPolicy = equilibrio_contract::keyed::deserialize_keyed(&merged)?;
@@ -161,8 +162,8 @@ impl ScalingPolicy {
     }
 
     /// Checks ranges; on error gives the field and the reason.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let e = |f: &str, r: &str| Err((f.to_string(), r.to_string()));
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let e = |f: &str, r: &str| Err(FieldError::new(f, r));
         if self.max_instances < 1 || self.max_instances > 1000 {
             return e("max_instances", "must be between 1 and 1000");
         }
@@ -178,19 +179,22 @@ impl ScalingPolicy {
         }
         for (name, m) in self.metrics() {
             if !(0.0..=1.0).contains(&m.weight) || !m.weight.is_finite() {
-                return Err((format!("{name}.weight"), "must be between 0 and 1".into()));
+                return Err(FieldError::new(format!("{name}.weight"), "must be between 0 and 1"));
             }
             if !(m.scale_down_threshold >= 0.0
                 && m.scale_down_threshold < m.scale_up_threshold
                 && m.scale_up_threshold.is_finite())
             {
-                return Err((
+                return Err(FieldError::new(
                     format!("{name}.scale_down_threshold"),
-                    "must be at least 0 and below scale_up_threshold".into(),
+                    "must be at least 0 and below scale_up_threshold",
                 ));
             }
             if !(1.0..=86_400.0).contains(&m.measurement_window) {
-                return Err((format!("{name}.measurement_window"), "must be between 1 and 86400 seconds".into()));
+                return Err(FieldError::new(
+                    format!("{name}.measurement_window"),
+                    "must be between 1 and 86400 seconds",
+                ));
             }
         }
         if self.metrics().iter().all(|(_, m)| m.weight == 0.0) {
@@ -210,7 +214,7 @@ impl ScalingPolicy {
             ("replace_unhealthy_after", self.replace_unhealthy_after),
         ] {
             if !(0.0..=86_400.0).contains(&v) {
-                return Err((name.to_string(), "must be between 0 and 86400 seconds".into()));
+                return Err(FieldError::new(name, "must be between 0 and 86400 seconds"));
             }
         }
         if self.start_timeout < 1.0 {
@@ -627,13 +631,13 @@ mod tests {
         let p = dev.with_overrides(Some(&o)).unwrap();
         assert_eq!((p.request_rate.scale_up_threshold, p.request_rate.scale_down_threshold), (3000.0, 600.0));
         let o = serde_json::json!({"request_rate": {"scale_up_threshold": "50/h"}});
-        assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().0, "request_rate.scale_up_threshold");
+        assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().key, "request_rate.scale_up_threshold");
         // only request_rate has a unit
         let o = serde_json::json!({"cpu_utilization": {"scale_up_threshold": "50/s"}});
-        assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().0, "cpu_utilization.scale_up_threshold");
+        assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().key, "cpu_utilization.scale_up_threshold");
         for (key, v) in [("start_timeout", 0.5), ("replace_unhealthy_after", 0.0), ("max_unhealthy_share", 1.5)] {
             let o = serde_json::json!({ key: v });
-            assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().0, key);
+            assert_eq!(dev.with_overrides(Some(&o)).unwrap_err().key, key);
         }
     }
 
@@ -651,9 +655,9 @@ mod tests {
         assert_eq!((prod.start_timeout, prod.replace_unhealthy_after, prod.max_unhealthy_share), (60.0, 30.0, 0.5));
         prod.validate().unwrap();
         let bad = ScalingPolicy { min_instances: 5, max_instances: 2, ..prod.clone() };
-        assert_eq!(bad.validate().unwrap_err().0, "min_instances");
+        assert_eq!(bad.validate().unwrap_err().key, "min_instances");
         let mut bad = prod.clone();
         bad.request_rate.scale_down_threshold = 7000.0;
-        assert_eq!(bad.validate().unwrap_err().0, "request_rate.scale_down_threshold");
+        assert_eq!(bad.validate().unwrap_err().key, "request_rate.scale_down_threshold");
     }
 }

@@ -3,6 +3,7 @@
 //! threshold. Real services are sized in requests per second, the plan's examples in requests per minute: both read
 //! as written.
 
+use equilibrio_contract::FieldError;
 use serde_json::Value;
 
 /// The threshold keys that take a rate.
@@ -35,11 +36,11 @@ pub fn per_minute(v: &Value) -> Result<f64, String> {
 
 /// Rewrites `request_rate`'s thresholds in a (merged) scaling policy document to numbers per minute; on error gives
 /// the dotted key and the reason.
-pub fn normalize(policy: &mut Value) -> Result<(), (String, String)> {
+pub fn normalize(policy: &mut Value) -> Result<(), FieldError> {
     let Some(rate) = policy.get_mut("request_rate").and_then(Value::as_object_mut) else { return Ok(()) };
     for key in RATE_KEYS {
         if let Some(v) = rate.get_mut(key) {
-            let n = per_minute(v).map_err(|r| (format!("request_rate.{key}"), r))?;
+            let n = per_minute(v).map_err(|r| FieldError::new(format!("request_rate.{key}"), r))?;
             *v = serde_json::json!(n);
         }
     }
@@ -69,6 +70,6 @@ mod tests {
         assert_eq!(p["request_rate"]["scale_up_threshold"], json!(3000.0));
         assert_eq!(p["request_rate"]["scale_down_threshold"], json!(300.0));
         let mut p = json!({"request_rate": {"scale_up_threshold": "fast"}});
-        assert_eq!(normalize(&mut p).unwrap_err().0, "request_rate.scale_up_threshold");
+        assert_eq!(normalize(&mut p).unwrap_err().key, "request_rate.scale_up_threshold");
     }
 }

@@ -4,6 +4,7 @@
 //! `managed-by=equilibrio`. Containers a user starts with just `io.equilibrio.service=<name>` (and optionally
 //! `io.equilibrio.port`) are discovered too, as Traefik's Docker provider does, but never stopped by the autoscaler.
 
+use equilibrio_contract::FieldError;
 use std::collections::HashMap;
 use std::future::Future;
 
@@ -54,28 +55,28 @@ fn default_grace() -> u32 {
 }
 
 impl Template {
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.image.is_empty() {
-            return Err(("image", "must not be empty".into()));
+            return Err(FieldError::new("image", "must not be empty"));
         }
         if self.port == 0 {
-            return Err(("port", "must be a port number".into()));
+            return Err(FieldError::new("port", "must be a port number"));
         }
         if let Some(c) = self.cpus
             && !(0.01..=256.0).contains(&c)
         {
-            return Err(("cpus", "must be between 0.01 and 256".into()));
+            return Err(FieldError::new("cpus", "must be between 0.01 and 256"));
         }
         if let Some(m) = self.memory_mb
             && !(6..=1 << 20).contains(&m)
         {
-            return Err(("memory_mb", "must be between 6 and 1048576".into()));
+            return Err(FieldError::new("memory_mb", "must be between 6 and 1048576"));
         }
         if self.labels.keys().any(|k| k.starts_with("io.equilibrio.")) {
-            return Err(("labels", "keys under io.equilibrio. are reserved".into()));
+            return Err(FieldError::new("labels", "keys under io.equilibrio. are reserved"));
         }
         if self.stop_grace > 600 {
-            return Err(("stop_grace", "must be at most 600 seconds".into()));
+            return Err(FieldError::new("stop_grace", "must be at most 600 seconds"));
         }
         Ok(())
     }

@@ -1,0 +1,92 @@
+//! In-flight request counts per endpoint, as all of a proxy's workers see them.
+//!
+//! When the algorithm balances on them (least connections, response time, bounded-load hashing) every request adds
+//! and removes its count in shared data directly, so that every worker's pick sees them exact. Otherwise they are
+//! only reported: a worker counts locally and publishes the change on its tick, which saves four host calls per
+//! request.
+
+use std::collections::HashMap;
+
+use crate::shared::{self, SharedStore, keys};
+
+/// A count a request holds, to give back when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// The endpoint, an index into the request's snapshot.
+    pub index: usize,
+    /// Whether the count is in shared data (or this worker's local count).
+    shared: bool,
+}
+
+/// A worker's local counts, and the part of them already added to the shared counts.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    local: HashMap<String, i64>,
+    published: HashMap<String, i64>,
+}
+
+impl InFlight {
+    /// Counts a request on endpoint `id` (index `index` of the request's snapshot): in shared data when `exact`,
+    /// otherwise locally. `None` if the shared count could not be changed.
+    pub fn acquire<S: SharedStore + ?Sized>(&mut self, store: &S, index: usize, id: &str, exact: bool) -> Option<Held> {
+        if exact {
+            shared::add_i64(store, &keys::inflight(id), 1).ok()?;
+        } else {
+            match self.local.get_mut(id) {
+                Some(n) => *n += 1,
+                None => {
+                    self.local.insert(id.to_string(), 1);
+                }
+            }
+        }
+        Some(Held { index, shared: exact })
+    }
+
+    /// Gives back the count `held` on endpoint `id`.
+    pub fn release<S: SharedStore + ?Sized>(&mut self, store: &S, held: Held, id: &str) {
+        if held.shared {
+            let _ = shared::add_i64(store, &keys::inflight(id), -1);
+        } else if let Some(n) = self.local.get_mut(id) {
+            *n -= 1;
+        }
+    }
+
+    /// Publishes the change of the local counts since the last call (on the worker's tick).
+    pub fn publish<S: SharedStore + ?Sized>(&mut self, store: &S) {
+        for (id, now) in &self.local {
+            let published = self.published.get(id).copied().unwrap_or(0);
+            if *now != published && shared::add_i64(store, &keys::inflight(id), now - published).is_ok() {
+                self.published.insert(id.clone(), *now);
+            }
+        }
+        let published = &self.published;
+        self.local.retain(|id, n| *n != 0 || published.get(id).is_some_and(|p| *p != 0));
+        let local = &self.local;
+        self.published.retain(|id, _| local.contains_key(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::MemoryStore;
+
+    #[test]
+    fn exact_counts_are_shared_at_once_and_local_ones_on_publish() {
+        let store = MemoryStore::default();
+        let mut f = InFlight::default();
+        let exact = f.acquire(&store, 0, "a", true).unwrap();
+        assert_eq!(shared::get_i64(&store, &keys::inflight("a")), 1);
+        let local = f.acquire(&store, 1, "b", false).unwrap();
+        assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 0);
+        f.publish(&store);
+        assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 1);
+        f.release(&store, exact, "a");
+        f.release(&store, local, "b");
+        assert_eq!(shared::get_i64(&store, &keys::inflight("a")), 0);
+        f.publish(&store);
+        assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 0);
+        f.publish(&store);
+        assert!(f.local.is_empty() && f.published.is_empty(), "settled counts are forgotten");
+    }
+}

@@ -1,0 +1,130 @@
+//! Picking the endpoints of a request: the policy's algorithm over a snapshot's candidates, and the state the
+//! algorithm keeps (smooth weighted round robin's running values, response times, the hash ring).
+//!
+//! A [`Selector`] is built for each snapshot (like pingora's `BackendSelection`, built per backend set and asked per
+//! key): what only changes with the table (the ring) is computed then, and the running state of the previous
+//! selector is carried over by endpoint id, so that a table change neither resets the rotation nor forgets latencies.
+
+use crate::balancer::ewma::PeakEwma;
+use crate::balancer::ring::{LoadBound, Ring, hash_key};
+use crate::balancer::swrr::Swrr;
+use crate::balancer::{MAX_UPSTREAMS, p2c, random};
+use crate::config::Algorithm;
+use crate::request::{RequestView, client_of, key_of};
+use crate::snapshot::{Snapshot, remap};
+
+#[derive(Debug, Clone)]
+pub struct Selector {
+    algorithm: Algorithm,
+    /// Built for the hashing algorithms only.
+    ring: Ring,
+    /// Running values, also the fallback of requests without a hash key.
+    swrr: Swrr,
+    /// Per endpoint; fed only when the algorithm reads it.
+    ewma: Vec<PeakEwma>,
+}
+
+impl Selector {
+    /// A selector for `snap` with fresh state.
+    pub fn new(snap: &Snapshot) -> Selector {
+        let n = snap.endpoints().len();
+        Selector {
+            algorithm: snap.policy.algorithm,
+            ring: ring_for(snap),
+            swrr: Swrr::new(n),
+            ewma: vec![PeakEwma::default(); n],
+        }
+    }
+
+    /// A selector for `snap` that carries this one's state over; `mapping` gives, for each endpoint of `snap`, its
+    /// index in the snapshot this selector was built for.
+    pub fn rebuild(&self, snap: &Snapshot, mapping: &[Option<usize>]) -> Selector {
+        Selector {
+            algorithm: snap.policy.algorithm,
+            ring: ring_for(snap),
+            swrr: self.swrr.remap(mapping),
+            ewma: remap(&self.ewma, mapping),
+        }
+    }
+
+    /// The algorithm's pick among `candidates` (indices into `snap`): a primary, and for some algorithms their own
+    /// ordered retries. `inflight` gives an endpoint's in-flight count across workers.
+    pub fn pick(
+        &mut self,
+        snap: &Snapshot,
+        req: &dyn RequestView,
+        candidates: &[usize],
+        inflight: impl Fn(usize) -> i64,
+        now_ms: u64,
+        rng: &mut fastrand::Rng,
+    ) -> Vec<usize> {
+        let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
+        let eligible = |i: usize| candidates.contains(&i);
+        let hops = snap.policy.rate_limiting.xff_trusted_hops;
+        match self.algorithm {
+            Algorithm::WeightedRoundRobin => {
+                self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect()
+            }
+            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
+            Algorithm::Random => {
+                let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
+                random::pick(&weighted, rng).into_iter().collect()
+            }
+            Algorithm::LeastConnections => {
+                let load = |i: usize| (inflight(i) as f64 + 1.0) / f64::from(weight(i).max(1));
+                p2c::pick(candidates, rng, load)
+                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
+                    .unwrap_or_default()
+            }
+            Algorithm::ResponseTime => {
+                let ewma = &self.ewma;
+                let load = |i: usize| {
+                    let e = ewma.get(i).copied().unwrap_or_default();
+                    e.load(now_ms, inflight(i)) / f64::from(weight(i).max(1))
+                };
+                p2c::pick(candidates, rng, load)
+                    .map(|(w, l)| [Some(w), l].into_iter().flatten().collect())
+                    .unwrap_or_default()
+            }
+            Algorithm::IpHash => {
+                let ip = client_of(req, hops);
+                self.ring.pick(hash_key(snap.seed, ip.as_bytes()), MAX_UPSTREAMS, eligible, None)
+            }
+            Algorithm::ConsistentHash => match key_of(req, &snap.policy.consistent_hash.key, hops) {
+                Some(key) => {
+                    let loads: Vec<i64> =
+                        (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
+                    let total: i64 = loads.iter().sum();
+                    let load = |i: usize| loads.get(i).copied().unwrap_or(0);
+                    let bound = LoadBound {
+                        load: &load,
+                        factor: snap.policy.consistent_hash.load_factor,
+                        total,
+                        candidates: candidates.len(),
+                    };
+                    self.ring.pick(hash_key(snap.seed, key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))
+                }
+                None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
+            },
+        }
+    }
+
+    /// A request to endpoint `i` took `latency_ms` (read only by the response-time algorithm).
+    pub fn observe_latency(&mut self, i: usize, latency_ms: u64, now_ms: u64) {
+        if self.algorithm == Algorithm::ResponseTime
+            && let Some(e) = self.ewma.get_mut(i)
+        {
+            e.observe(latency_ms as f64, now_ms);
+        }
+    }
+}
+
+fn ring_for(snap: &Snapshot) -> Ring {
+    match snap.policy.algorithm {
+        Algorithm::ConsistentHash | Algorithm::IpHash => {
+            let endpoints = snap.endpoints().iter().map(|e| (e.id.as_str(), e.weight));
+            Ring::build(endpoints, snap.policy.consistent_hash.vnodes, snap.seed)
+        }
+        _ => Ring::default(),
+    }
+}
