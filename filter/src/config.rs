@@ -1,7 +1,7 @@
 //! The plugin configuration: the JSON an operator gives the filter, and its validation.
 //!
-//! The balancing policy's keys (`algorithm`, `sticky_sessions`, `rate_limiting`...; the vocabulary of our users' plan,
-//! see `docs/filter.md`) are typed and validated in the contract crate ([`Policy`]), because the supervisor validates
+//! The balancing policy's keys (`algorithm`, `sticky_sessions`, `rate_limiting`...; our users' vocabulary,
+//! docs/configuration.md) are typed and validated in the contract crate ([`Policy`]), because the supervisor validates
 //! the runtime policies it accepts with the same code; the rest (the service, the supervisor to poll, static
 //! endpoints) is here. Parsing is strict: an unknown key, a wrong type or an out-of-range value is a [`FieldError`]
 //! that names the key (as a dotted path) and the reason, so the proxy refuses the plugin with one clear log line

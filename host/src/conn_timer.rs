@@ -1,5 +1,5 @@
-//! Client connection timeouts on a coarse per-worker clock, instead of a timer per request (hyper's header-read timer
-//! costs about 8% of throughput at this request rate). Each connection's [`ConnState`] is updated with a few `Cell`
+//! Client connection timeouts on a coarse per-worker clock, instead of a timer per request (hyper's own header-read
+//! timer arms one per request: a measurable share of a proxy's CPU, docs/performance-tuning.md#the-bundled-proxy). Each connection's [`ConnState`] is updated with a few `Cell`
 //! writes as bytes and requests come and go; once a second the worker's [`Sweeper`] closes connections that have
 //! spent too long reading a request head (slowloris) or sitting idle between requests: never before the configured
 //! time, at most a second after it. The sweeper also tells every connection to drain at shutdown. Either signal

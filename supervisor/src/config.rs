@@ -1,4 +1,4 @@
-//! The supervisor's YAML configuration, in the original plan's vocabulary, and its validation.
+//! The supervisor's YAML configuration, in our users' vocabulary (docs/configuration.md), and its validation.
 //!
 //! `environment` picks a profile (production, staging, development) that supplies the health-check defaults; every
 //! service may override them. A bad file is a [`ConfigError`] naming the key (a dotted path) and the reason, and the
@@ -34,7 +34,7 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// The profile's defaults. Faster than the user's first plan's 30 s interval (which needs 90 s to notice a dead
+    /// The profile's defaults. Faster than our users' plan's 30 s interval (docs/configuration.md) (which needs 90 s to notice a dead
     /// instance, three times its own 30 s failover target): HAProxy's defaults (2 s, fall 3, rise 2) notice in about
     /// 6 s (docs/supervisor.md).
     pub fn for_environment(env: Environment) -> HealthCheck {
@@ -47,7 +47,7 @@ impl HealthCheck {
     }
 }
 
-/// An instance as configured or registered: the plan's metadata.
+/// An instance as configured or registered: the metadata of docs/configuration.md's instance metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {

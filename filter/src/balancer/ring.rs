@@ -3,7 +3,7 @@
 //!
 //! Each endpoint owns points on a 64-bit ring, in number proportional to its weight; a key goes to the first point at
 //! or after its hash. Adding or removing one of N endpoints moves only the keys of that endpoint's arcs, about 1/N of
-//! them: the cache-aware routing the plan asks for (the same search lands on the instance whose cache holds it).
+//! them: the cache-aware routing our users ask for (docs/filter.md) (the same search lands on the instance whose cache holds it).
 //! Points are placed by endpoint id (not address) with the table's seed (the same for every proxy of a deployment:
 //! secret, from the supervisor), so every worker, every proxy and every restart agree on placement. With bounded load, an endpoint already carrying more than `c x mean` in-flight requests is
 //! passed over and the walk continues clockwise, so a hot key cannot melt one instance.

@@ -3,8 +3,8 @@
 //!
 //! Why not the SDK (`proxy-wasm` crate): it exports every callback of the ABI, and Envoy enters the VM for every
 //! exported callback of every request (a response-body callback, `on_done`, `on_delete`, ... that do nothing here).
-//! Each entry costs Envoy about 2 us of CPU here, more than most of what the filter itself does, so the filter exports only
-//! the callbacks it uses (see [`super`]). This module is the only `unsafe` code of the filter: raw pointers cross the
+//! Each entry costs Envoy more CPU than most of what the filter itself does (`BENCH_PROBE=1 scripts/bench` prices it;
+//! docs/performance-tuning.md#the-filter-in-envoy), so the filter exports only the callbacks it uses (see [`super`]). This module is the only `unsafe` code of the filter: raw pointers cross the
 //! VM boundary here and nowhere else.
 #![allow(unsafe_code)]
 

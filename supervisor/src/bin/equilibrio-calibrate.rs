@@ -15,7 +15,7 @@ struct Args {
     /// The instance's URL (one instance, not a proxy in front of several).
     #[arg(long)]
     url: String,
-    /// The p95 target, in milliseconds (the plan's: 500).
+    /// The p95 target, in milliseconds (our users' target: 500, docs/configuration.md).
     #[arg(long, default_value_t = 500.0)]
     p95_ms: f64,
     /// First rate of the ramp, requests per second.

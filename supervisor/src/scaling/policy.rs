@@ -2,7 +2,7 @@
 //! a decision with its reason out.
 //!
 //! Sizing is proportional, as Kubernetes' HPA: `desired = ceil(current x utilization / target)`, with a tolerance band
-//! (10%) inside which nothing moves. The plan's four metrics (CPU, memory, request rate per instance per minute,
+//! (10%) inside which nothing moves. The four metrics of our users' plan (docs/configuration.md) (CPU, memory, request rate per instance per minute,
 //! response time) are combined by their weights into one utilization; a metric above its own `scale_up_threshold` is
 //! an emergency that scales up on its own account even if the others are calm. A metric weighted 0 plays no part at all.
 //!
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::environment::Environment;
 use crate::scaling::rate;
 
-/// One metric's part in the decision (the plan's `SCALING_METRICS`).
+/// One metric's part in the decision (`SCALING_METRICS` in docs/configuration.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricPolicy {
@@ -42,7 +42,8 @@ pub enum Victim {
     Newest,
 }
 
-/// A service's scaling policy (the plan's `ENVIRONMENTS` and `SCALING_METRICS`, plus the timing of the decision).
+/// A service's scaling policy (`ENVIRONMENTS` and `SCALING_METRICS` in docs/configuration.md, plus the timing of the
+/// decision).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScalingPolicy {
@@ -88,7 +89,7 @@ pub struct ScalingPolicy {
 }
 
 impl ScalingPolicy {
-    /// The plan's values for an environment.
+    /// An environment profile's values (docs/configuration.md#environment-profiles-the-plans-environments).
     pub fn for_environment(env: Environment) -> ScalingPolicy {
         // request rate per instance, per minute: a search API instance serves tens to hundreds of requests a second
         // (`scripts/calibrate` measures yours); the plan's 100 per minute would keep any real service at its maximum

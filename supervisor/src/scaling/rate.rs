@@ -1,7 +1,7 @@
-//! Request-rate thresholds with their unit. The plan counts requests per instance per minute, which is what a bare
-//! number means (and what the API shows); a string names its unit, so `"100/s"` and `"6000/min"` are the same
-//! threshold. Real services are sized in requests per second, the plan's examples in requests per minute: both read
-//! as written.
+//! Request-rate thresholds with their unit. Our users' plan (docs/configuration.md) counts requests per instance per
+//! minute, which is what a bare number means (and what the API shows); a string names its unit, so `"100/s"` and
+//! `"6000/min"` are the same threshold. Real services are sized in requests per second, the plan's examples in
+//! requests per minute: both read as written.
 
 use equilibrio_contract::FieldError;
 use serde_json::Value;

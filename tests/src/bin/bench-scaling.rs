@@ -6,7 +6,7 @@
 //! sampled twice a second from the supervisor's start to the moment it reads the figure). Run by
 //! `scripts/bench-scaling`.
 //!
-//! The scaling policy is the development profile's (the plan's values); `BENCH_FAST=1` shortens the measurement
+//! The scaling policy is the development profile's (docs/configuration.md); `BENCH_FAST=1` shortens the measurement
 //! windows and the scale-down stabilization to a few seconds.
 
 use std::collections::HashSet;

@@ -1,4 +1,4 @@
-//! `equilibrio-load-test` (run by `scripts/load-test`): the plan's load tests against the demo service through the proxy
+//! `equilibrio-load-test` (run by `scripts/load-test`): our users' load tests (docs/configuration.md) against the demo service through the proxy
 //! and the filter, with the autoscaler on. Three phases: high-load distribution (a few clients flat out), many
 //! concurrent users (many clients with think time), and a stress run past capacity (many clients flat out, more than
 //! `max_instances` can serve). Every second it records requests/s, p50/p95/p99, errors, and instances; writes
