@@ -9,13 +9,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -96,7 +93,7 @@ impl ConnState {
         .await
     }
 
-    fn bytes_read(&self, first: &[u8]) {
+    pub fn bytes_read(&self, first: &[u8]) {
         if self.first_read.replace(false) && first.starts_with(b"PRI * HTTP/2") {
             self.http2.set(true);
         }
@@ -198,57 +195,6 @@ impl Sweeper {
             interval.tick().await;
             self.tick();
         }
-    }
-}
-
-/// A client connection's socket, reporting reads to its [`ConnState`].
-pub struct TimedIo<T> {
-    inner: T,
-    state: Rc<ConnState>,
-}
-
-impl<T> TimedIo<T> {
-    pub fn new(inner: T, state: Rc<ConnState>) -> TimedIo<T> {
-        TimedIo { inner, state }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r
-            && buf.filled().len() > before
-        {
-            self.state.bytes_read(&buf.filled()[before..]);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

@@ -9,6 +9,7 @@ pub mod abi;
 pub mod admin;
 pub mod body;
 pub mod client_body;
+pub mod client_io;
 pub mod config;
 pub mod conn_timer;
 pub mod context;

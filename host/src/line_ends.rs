@@ -1,16 +1,11 @@
 //! Strict line ends in HTTP/1 request heads. hyper (through httparse) accepts a bare LF as a line end, which RFC 9112
 //! allows but which is how requests are smuggled past a front proxy that splits lines only at CRLF: what it sees as
-//! one header value, we would read as two headers. This wrapper follows the framing of the client's byte stream (the
+//! one header value, we would read as two headers. [`LineEnds`] follows the framing of the client's byte stream (the
 //! heads, and the bodies by their `Content-Length` or chunks, so body bytes are never mistaken for a head) and turns
 //! any bare LF of a request head or trailer into a NUL byte, which hyper then refuses with a 400 and a closed
 //! connection. It edits bytes in place (lengths unchanged) and only ever makes a request invalid; on anything it does
-//! not follow (HTTP/2, CONNECT, a framing hyper refuses anyway) it stops looking and leaves hyper to judge.
-
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+//! not follow (HTTP/2, CONNECT, a framing hyper refuses anyway) it stops looking and leaves hyper to judge. It sees
+//! the bytes through [`crate::client_io::ClientIo`].
 
 /// The longest partial line carried from one read to the next; hyper refuses heads far shorter than this.
 const MAX_CARRIED: usize = 1 << 20;
@@ -193,55 +188,6 @@ impl LineEnds {
             (false, Some(n)) if n > 0 => State::Fixed(n),
             _ => State::Head { in_trailers: false },
         }
-    }
-}
-
-/// A client connection's socket with its request heads checked by [`LineEnds`].
-pub struct StrictLines<T> {
-    inner: T,
-    scanner: LineEnds,
-}
-
-impl<T> StrictLines<T> {
-    pub fn new(inner: T) -> StrictLines<T> {
-        StrictLines { inner, scanner: LineEnds::default() }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for StrictLines<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            self.scanner.scan(&mut buf.filled_mut()[before..]);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for StrictLines<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

@@ -17,11 +17,11 @@ use tokio::sync::watch;
 use wasmtime::Engine;
 
 use crate::abi::types::MetricKind;
+use crate::client_io::ClientIo;
 use crate::config::{ClusterConfig, Config};
-use crate::conn_timer::{Close, Sweeper, TimedIo, Watched};
+use crate::conn_timer::{Close, Sweeper, Watched};
 use crate::context::Env;
 use crate::driver::VmSlot;
-use crate::line_ends::StrictLines;
 use crate::proxy::{ProxyStats, Worker};
 use crate::stats::Stats;
 use crate::upstream::Pool;
@@ -311,7 +311,7 @@ async fn run_worker(
         let sweeper = sweeper.clone();
         tokio::task::spawn_local(async move {
             let _end = ConnEnd { sweeper, id, shared, cx_active, open, all_closed };
-            let io = TokioIo::new(StrictLines::new(TimedIo::new(tcp, state.clone())));
+            let io = TokioIo::new(ClientIo::new(tcp, state.clone()));
             let conn_state = state.clone();
             let client = crate::forward::Peer::new(peer);
             let service = hyper::service::service_fn(move |req| {

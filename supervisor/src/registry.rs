@@ -593,24 +593,4 @@ mod tests {
         assert_eq!((i.unhealthy_since_ms, i.watched_since_ms, i.started_at_ms), (None, 900_000, 1000));
         assert_eq!(i.health, HealthState::default());
     }
-
-    #[test]
-    fn a_service_takes_no_more_instances_than_a_proxy_table_holds() {
-        let mut r = registry();
-        let mut n = 1;
-        let err = loop {
-            let mut s = spec(&format!("i{n:0>120}"), 0);
-            s.address = format!("10.{}.{}.{}:8080", n / 65536, (n / 256) % 256, n % 256);
-            s.zone = "z".repeat(64);
-            match r.register("av", s, Source::Api, None, 1) {
-                Ok(_) => n += 1,
-                Err(e) => break e,
-            }
-        };
-        assert!(matches!(err, RegistryError::Full { .. }), "{err}");
-        assert!(n <= equilibrio_contract::table::MAX_ENDPOINTS);
-        let svc = r.service("av").unwrap();
-        let table = crate::table::endpoints(svc, Some("0123456789abcdef")).to_string();
-        assert!(table.len() < 1 << 20, "{} bytes", table.len());
-    }
 }

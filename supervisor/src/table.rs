@@ -52,7 +52,8 @@ pub fn eds(svc: &Service, cluster: &str) -> Value {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::registry::Registry;
+    use crate::config::InstanceSpec;
+    use crate::registry::{Registry, RegistryError, Source};
 
     #[test]
     fn table_and_eds_agree() {
@@ -76,5 +77,38 @@ mod tests {
         assert_eq!(eps[0]["health_status"], "HEALTHY");
         assert_eq!(eps[1]["health_status"], "UNHEALTHY");
         assert_eq!(eps[1]["load_balancing_weight"], 1, "EDS weights are at least 1");
+    }
+
+    #[test]
+    fn a_service_takes_no_more_instances_than_a_proxy_table_holds() {
+        let mut r = Registry::from_config(
+            &Config::parse("services:\n  av:\n    instances: [{id: a, address: '127.0.0.1:1'}]\n", None)
+                .unwrap()
+                .services,
+            1000,
+        );
+        let mut n = 1;
+        let err = loop {
+            let mut s = InstanceSpec {
+                id: format!("i{n:0>120}"),
+                address: String::new(),
+                weight: 100,
+                zone: String::new(),
+                tags: vec![],
+                version: String::new(),
+                capabilities: vec![],
+            };
+            s.address = format!("10.{}.{}.{}:8080", n / 65536, (n / 256) % 256, n % 256);
+            s.zone = "z".repeat(64);
+            match r.register("av", s, Source::Api, None, 1) {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, RegistryError::Full { .. }), "{err}");
+        assert!(n <= equilibrio_contract::table::MAX_ENDPOINTS);
+        let svc = r.service("av").unwrap();
+        let table = endpoints(svc, Some("0123456789abcdef")).to_string();
+        assert!(table.len() < 1 << 20, "{} bytes", table.len());
     }
 }
