@@ -159,6 +159,8 @@ struct RawConfig {
     listen: Option<String>,
     token_file: Option<PathBuf>,
     state_file: Option<PathBuf>,
+    store: Option<RawStore>,
+    node_id: Option<String>,
     drain_timeout: Option<Millis>,
     header_read_timeout: Option<Millis>,
     max_connections: Option<usize>,
@@ -169,6 +171,50 @@ struct RawConfig {
     webhook_ca_file: Option<PathBuf>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
+}
+
+/// `store:` as written: `{kind: file, path}` or `{kind: etcd, endpoints, prefix, lease_ttl, username,
+/// password_file}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+enum RawStore {
+    File {
+        path: PathBuf,
+    },
+    Etcd {
+        endpoints: Vec<String>,
+        #[serde(default)]
+        prefix: Option<String>,
+        #[serde(default)]
+        lease_ttl: Option<Millis>,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+    },
+}
+
+/// Where the registry is kept (see `store.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// Nothing is kept: a restart starts from this file.
+    Memory,
+    /// The state file (one supervisor).
+    File(PathBuf),
+    /// etcd, shared by several supervisors (one leader).
+    Etcd(EtcdConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Every key of this deployment is under it (`/equilibrio`).
+    pub prefix: String,
+    /// The leader's lease: another node takes over within this (and a second) after the leader is lost.
+    pub lease_ttl_ms: u64,
+    /// etcd authentication: the user, and the password read from `password_file`.
+    pub user: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -188,7 +234,9 @@ pub struct Config {
     pub environment: Environment,
     pub listen: SocketAddr,
     pub token: Option<String>,
-    pub state_file: Option<PathBuf>,
+    pub store: StoreConfig,
+    /// This supervisor's name among several (`store: {kind: etcd}`); by default `supervisor-<listen port>`.
+    pub node_id: String,
     pub drain_timeout_ms: u64,
     /// A client must send a request's head within this (slowloris).
     pub header_read_timeout_ms: u64,
@@ -278,6 +326,48 @@ impl Config {
                 format!("{listen} is not loopback: set a token (EQUILIBRIO_TOKEN or token_file) to listen there"),
             ));
         }
+        let store = match (raw.store, raw.state_file) {
+            (Some(_), Some(_)) => return Err(err("state_file", "give either `state_file` or `store`, not both")),
+            (None, Some(path)) | (Some(RawStore::File { path }), None) => StoreConfig::File(path),
+            (None, None) => StoreConfig::Memory,
+            (Some(RawStore::Etcd { endpoints, prefix, lease_ttl, username, password_file }), None) => {
+                if endpoints.is_empty() {
+                    return Err(err("store.endpoints", "list at least one etcd client URL"));
+                }
+                for (i, e) in endpoints.iter().enumerate() {
+                    let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+                    if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
+                        return Err(err(format!("store.endpoints[{i}]"), "must be http://host:port"));
+                    }
+                }
+                let prefix = prefix.unwrap_or_else(|| "/equilibrio".into());
+                if !prefix.starts_with('/')
+                    || prefix.len() < 2
+                    || prefix.ends_with('/')
+                    || !prefix[1..].split('/').all(|part| !part.is_empty() && part.bytes().all(is_id_byte))
+                {
+                    return Err(err("store.prefix", "must be a path like /equilibrio (segments of [A-Za-z0-9._-])"));
+                }
+                let lease_ttl_ms = lease_ttl.map_or(5_000, |m| m.0);
+                if !(2_000..=60_000).contains(&lease_ttl_ms) || lease_ttl_ms % 1000 != 0 {
+                    return Err(err("store.lease_ttl", "must be whole seconds between 2s and 60s"));
+                }
+                let user = match (username, password_file) {
+                    (None, None) => None,
+                    (Some(u), Some(path)) => {
+                        let password = std::fs::read_to_string(&path)
+                            .map_err(|e| err("store.password_file", format!("cannot read {}: {e}", path.display())))?;
+                        Some((u, password.trim().to_string()))
+                    }
+                    _ => return Err(err("store.username", "give both `username` and `password_file`, or neither")),
+                };
+                StoreConfig::Etcd(EtcdConfig { endpoints, prefix, lease_ttl_ms, user })
+            }
+        };
+        let node_id = raw.node_id.unwrap_or_else(|| format!("supervisor-{}", listen.port()));
+        if node_id.is_empty() || node_id.len() > 64 || !node_id.bytes().all(is_id_byte) {
+            return Err(err("node_id", "must be 1 to 64 of [A-Za-z0-9._-]"));
+        }
         let drain_timeout_ms = raw.drain_timeout.map_or(30_000, |m| m.0);
         if !(100..=3_600_000).contains(&drain_timeout_ms) {
             return Err(err("drain_timeout", "must be between 100ms and 1h"));
@@ -351,7 +441,8 @@ impl Config {
             environment: raw.environment,
             listen,
             token,
-            state_file: raw.state_file,
+            store,
+            node_id,
             drain_timeout_ms,
             header_read_timeout_ms,
             max_connections,

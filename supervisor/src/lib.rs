@@ -11,7 +11,10 @@
 //! | [`table`] | the tables served to the proxies |
 //! | [`reports`] | traffic per instance from the proxies' reports |
 //! | [`events`] | log, SSE stream and webhooks |
-//! | [`persist`] | the atomic state file |
+//! | [`store`] | where the registry is kept: the trait, and no store |
+//! | [`persist`] | the atomic state file (one supervisor) |
+//! | [`etcd`] | several supervisors on etcd: the shared registry, its layout, the leader election |
+//! | [`leadership`] | whether this node runs the active work, and the fence of its writes |
 //! | [`metrics`] | Prometheus metrics |
 //! | [`api`] | the REST API |
 //! | [`serve`] | the API's HTTP server and its limits (header read timeout, connection cap, graceful drain) |
@@ -21,8 +24,10 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod environment;
+pub mod etcd;
 pub mod events;
 pub mod health;
+pub mod leadership;
 pub mod metrics;
 pub mod monitor;
 pub mod persist;

@@ -5,7 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use equilibrio_supervisor::{api, app::App, config::Config, monitor, scaling, serve};
+use equilibrio_supervisor::config::{Config, StoreConfig};
+use equilibrio_supervisor::etcd::election::{Election, LeaderInfo, leader_key};
+use equilibrio_supervisor::etcd::store::EtcdStore;
+use equilibrio_supervisor::leadership::Leadership;
+use equilibrio_supervisor::{api, app::App, monitor, scaling, serve};
 
 #[derive(Parser)]
 #[command(
@@ -56,12 +60,41 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tracing::warn!("EQUILIBRIO_FAULT_INJECTION=1: test-only fault injection is on");
     }
     let listen = config.listen;
-    let app = Arc::new(App::new(config)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = match config.store.clone() {
+        StoreConfig::Etcd(etcd) => {
+            let leadership = Arc::new(Leadership::elected());
+            let store = Arc::new(EtcdStore::connect(&etcd, leadership.clone()).await?);
+            let mut attempt = 0;
+            // two nodes seeding a new deployment at once: the one that loses reads what the other wrote
+            let (app, revision) = loop {
+                attempt += 1;
+                let (saved, revision) = store.load().await?;
+                match App::shared(config.clone(), store.clone(), saved, leadership.clone()).await {
+                    Ok(app) => break (app, revision),
+                    Err(equilibrio_supervisor::persist::PersistError::Conflict) if attempt < 5 => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            tokio::spawn(store.clone().follow(revision));
+            let election = Election {
+                client: store.client(),
+                key: leader_key(store.prefix()),
+                me: LeaderInfo { node_id: config.node_id.clone(), url: format!("http://{listen}") },
+                ttl: Duration::from_millis(etcd.lease_ttl_ms),
+                leadership,
+            };
+            tokio::spawn(election.run(stop_rx.clone()));
+            tracing::info!(node = %config.node_id, endpoints = ?etcd.endpoints, prefix = %etcd.prefix,
+                "registry in etcd, shared with the other supervisors of the prefix");
+            Arc::new(app)
+        }
+        StoreConfig::Memory | StoreConfig::File(_) => Arc::new(App::new(config)?),
+    };
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, services = app.registry().services.len(), "supervisor started");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let monitor = tokio::spawn(monitor::run(app.clone(), stop_rx.clone()));
     let templates: std::collections::HashMap<_, _> =
         app.config.services.iter().filter_map(|(n, s)| s.docker.clone().map(|t| (n.clone(), t))).collect();

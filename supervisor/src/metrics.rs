@@ -82,6 +82,8 @@ pub struct Metrics {
     events: Family<KindLabel, Counter>,
     reports: Counter,
     reports_refused: Counter,
+    store_conflicts: Counter,
+    leader: prometheus_client::metrics::gauge::Gauge,
     report_unknown_endpoints: Counter,
     /// Requests whose handler panicked (answered 500; the process serves on).
     pub handler_panics: Counter,
@@ -110,6 +112,14 @@ impl Default for Metrics {
         registry.register("reports", "Reports received from proxies", reports.clone());
         let reports_refused = Counter::default();
         registry.register("reports_refused", "Reports refused as malformed (422)", reports_refused.clone());
+        let store_conflicts = Counter::default();
+        registry.register(
+            "store_conflicts",
+            "Changes made again because another supervisor changed the same entries first (etcd)",
+            store_conflicts.clone(),
+        );
+        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register("leader", "1 while this supervisor runs health checks and the autoscaler", leader.clone());
         let report_unknown_endpoints = Counter::default();
         registry.register(
             "report_unknown_endpoints",
@@ -169,6 +179,8 @@ impl Default for Metrics {
             events,
             reports,
             reports_refused,
+            store_conflicts,
+            leader,
             report_unknown_endpoints,
             handler_panics,
             instances,
@@ -198,6 +210,14 @@ impl Metrics {
 
     pub fn instance_seconds(&self, service: &str, seconds: f64) {
         self.instance_seconds.get_or_create(&ServiceLabel { service: service.into() }).inc_by(seconds);
+    }
+
+    pub fn store_conflict(&self) {
+        self.store_conflicts.inc();
+    }
+
+    pub fn set_leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     pub fn report_refused(&self) {

@@ -39,6 +39,11 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        if !app.leadership.is_leader() {
+            // another supervisor checks; when this one leads again, it starts from fresh schedules
+            next.clear();
+            continue;
+        }
         let now = Instant::now();
         let mut due = Vec::new();
         {
@@ -79,28 +84,69 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
                 app.metrics.check(&key.0, ok, latency_ms / 1000.0);
                 let event = app.registry().record_check(&key.0, &key.1, ok, latency_ms, now_ms());
                 if let Some(e) = event {
-                    app.observe(vec![e]);
+                    transition(&app, &key, e).await;
                 }
                 if let Ok(mut r) = running.lock() {
                     r.remove(&key);
                 }
             });
         }
-        housekeeping(&app);
+        housekeeping(&app).await;
+    }
+}
+
+/// Makes a health transition known: kept in the store (with several supervisors, every node's table follows it),
+/// then published. When another node changed the same service at that moment, the transition is made again on what it
+/// wrote.
+async fn transition(app: &App, key: &Key, event: crate::events::Event) {
+    use crate::etcd::layout::Key as StoreKey;
+    let keys = vec![StoreKey::Service(key.0.clone()), StoreKey::Instance(key.0.clone(), key.1.clone())];
+    match app.publish_as_leader(keys).await {
+        Ok(()) => app.observe(vec![event]),
+        Err(crate::persist::PersistError::Conflict) => {
+            let Some(state) = app
+                .registry()
+                .service(&key.0)
+                .ok()
+                .and_then(|s| s.instances.get(&key.1))
+                .map(|i| (i.health, i.healthy_since_ms, i.unhealthy_since_ms))
+            else {
+                return;
+            };
+            let again = app
+                .change_as_leader(|reg, now| {
+                    reg.set_health(&key.0, &key.1, state, now);
+                    Ok::<_, crate::persist::PersistError>(((), vec![event.clone()]))
+                })
+                .await;
+            if let Err(e) = again {
+                tracing::warn!(service = %key.0, instance = %key.1, error = %e, "health transition not kept");
+            }
+        }
+        Err(e) => tracing::warn!(service = %key.0, instance = %key.1, error = %e, "health transition not kept"),
     }
 }
 
 /// Drains that finished, heartbeats that expired. Expired heartbeats change what users registered: saved.
-fn housekeeping(app: &App) {
+async fn housekeeping(app: &App) {
     let now = now_ms();
     let drained = {
         let reports = app.reports();
         app.registry().advance_drains(|s, id| reports.in_flight(s, id, now), now)
     };
     if !drained.is_empty() {
-        app.observe(drained);
+        let keys = drained
+            .iter()
+            .filter_map(|e| Some(crate::etcd::layout::Key::Instance(e.service.clone(), e.instance.clone()?)))
+            .collect();
+        // when not kept (a race with another node), the drain is found done again on the next round
+        match app.publish_as_leader(keys).await {
+            Ok(()) => app.observe(drained),
+            Err(e) => tracing::warn!(error = %e, "finished drains not kept; checking again"),
+        }
     }
-    let expired = app.change(|reg, now| Ok::<_, crate::persist::PersistError>(((), reg.expire_heartbeats(now))));
+    let expired =
+        app.change_as_leader(|reg, now| Ok::<_, crate::persist::PersistError>(((), reg.expire_heartbeats(now)))).await;
     if let Err(e) = expired {
         tracing::error!(error = %e, "cannot save the state after expiring heartbeats");
     }

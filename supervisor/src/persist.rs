@@ -10,20 +10,18 @@ use std::path::{Path, PathBuf};
 
 use crate::registry::Registry;
 pub use crate::store::PersistError;
-use crate::store::Store;
+use crate::store::{Change, Store, StoreFuture};
 
-/// The state file as a [`Store`].
+/// The state file as a [`Store`]: the whole registry, written when a change has events (runtime changes users made;
+/// health is learnt again after a restart).
 pub struct FileStore {
     pub path: PathBuf,
 }
 
 impl Store for FileStore {
-    fn load(&self) -> Result<Option<Registry>, PersistError> {
-        load(&self.path)
-    }
-
-    fn save(&self, registry: &Registry) -> Result<(), PersistError> {
-        save(&self.path, registry)
+    fn commit<'a>(&'a self, change: Change<'a>) -> StoreFuture<'a, ()> {
+        let result = if change.eventful { save(&self.path, change.after) } else { Ok(()) };
+        Box::pin(async move { result })
     }
 }
 

@@ -222,6 +222,32 @@ impl Registry {
         }
     }
 
+    /// Adds what the configuration has and this registry (read from a shared store) lacks: services, and instances of
+    /// the configuration. What the store has wins: several supervisors may start with different files, and the
+    /// registry they share is the truth once written.
+    pub fn adopt_config(&mut self, services: &BTreeMap<String, ServiceConfig>, now_ms: u64) {
+        let configured = Registry::from_config(services, now_ms);
+        for (name, svc) in configured.services {
+            match self.services.get_mut(&name) {
+                None => {
+                    self.services.insert(name, svc);
+                }
+                Some(current) => {
+                    let mut added = false;
+                    for (id, inst) in svc.instances {
+                        if let std::collections::btree_map::Entry::Vacant(slot) = current.instances.entry(id) {
+                            slot.insert(inst);
+                            added = true;
+                        }
+                    }
+                    if added {
+                        current.bump(now_ms);
+                    }
+                }
+            }
+        }
+    }
+
     pub fn service(&self, name: &str) -> Result<&Service, RegistryError> {
         self.services.get(name).ok_or_else(|| RegistryError::NoService(name.to_string()))
     }
@@ -376,6 +402,18 @@ impl Registry {
         svc.bump(now_ms);
         let kind = if changed == Health::Healthy { EventKind::Healthy } else { EventKind::Unhealthy };
         Some(Event::new(now_ms, kind, service, Some(id), serde_json::json!({"check_latency_ms": latency_ms})))
+    }
+
+    /// Sets an instance's health as the checker found it (health, since when healthy, since when unhealthy): a
+    /// transition made again after another node's write replaced it.
+    pub fn set_health(&mut self, service: &str, id: &str, state: (HealthState, Option<u64>, Option<u64>), now_ms: u64) {
+        let Some(svc) = self.services.get_mut(service) else { return };
+        let Some(inst) = svc.instances.get_mut(id) else { return };
+        if (inst.health.health, inst.healthy_since_ms, inst.unhealthy_since_ms) == (state.0.health, state.1, state.2) {
+            return;
+        }
+        (inst.health, inst.healthy_since_ms, inst.unhealthy_since_ms) = state;
+        svc.bump(now_ms);
     }
 
     pub fn heartbeat(&mut self, service: &str, id: &str, now_ms: u64) -> Result<(), RegistryError> {

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod backend;
 pub mod envoy;
+pub mod etcd;
 pub mod host;
 pub mod proxy;
 pub mod supervisor;

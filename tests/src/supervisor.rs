@@ -52,6 +52,33 @@ impl Supervisor {
         Ok(s)
     }
 
+    /// A node of several: `store` (an etcd `store:` section, see [`crate::etcd::Etcd::store_yaml`]) instead of a
+    /// state file, and `node_id`.
+    pub async fn start_node(node_id: &str, store: &str, yaml: &str) -> anyhow::Result<Supervisor> {
+        let dir = crate::work_dir("supervisor")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = dir.join("supervisor.yaml");
+        std::fs::write(&config, format!("listen: {addr}\nnode_id: {node_id}\n{store}{yaml}"))?;
+        let mut s = Supervisor { child: None, addr, dir, config, env: vec![] };
+        s.restart().await?;
+        Ok(s)
+    }
+
+    /// Sends SIGSTOP (`true`) or SIGCONT (`false`) to the process.
+    pub fn pause(&self, stop: bool) {
+        if let Some(pid) = self.pid() {
+            let signal = if stop { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill").arg(signal).arg(pid.to_string()).status();
+        }
+    }
+
+    /// Whether this node says it leads (its `equilibrio_supervisor_leader` metric).
+    pub async fn leads(&self) -> bool {
+        let text =
+            async { Self::client().get(self.url("/metrics")).bearer_auth(TOKEN).send().await.ok()?.text().await.ok() };
+        text.await.is_some_and(|t| t.lines().any(|l| l.starts_with("equilibrio_supervisor_leader 1")))
+    }
+
     /// Starts the process again on the same configuration and state file.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("supervisor.log"))?;

@@ -75,9 +75,19 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// A change the store did not keep was not made: 503 when trying again later can work (etcd unreachable or without
+/// quorum, a race lost too often, leadership moving), 500 for a state file that cannot be written.
 impl From<PersistError> for ApiError {
     fn from(e: PersistError) -> Self {
-        tracing::error!(error = %e, "state file");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved", e.to_string(), None)
+        let (status, code) = match &e {
+            PersistError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            PersistError::Conflict => (StatusCode::SERVICE_UNAVAILABLE, "store_conflict"),
+            PersistError::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+            PersistError::Read { .. } | PersistError::Corrupt { .. } | PersistError::Write { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "state_not_saved")
+            }
+        };
+        tracing::error!(error = %e, "change not kept");
+        ApiError::new(status, code, e.to_string(), None)
     }
 }

@@ -70,8 +70,9 @@ pub async fn register(
     spec.validate()?;
     let id = spec.id.clone();
     app.change(|reg, now| {
-        reg.register(&service, spec, Source::Api, ttl, now).map(|e| ((), e)).map_err(ApiError::from)
-    })?;
+        reg.register(&service, spec.clone(), Source::Api, ttl, now).map(|e| ((), e)).map_err(ApiError::from)
+    })
+    .await?;
     let now = now_ms();
     let view = {
         let reg = app.registry();
@@ -98,7 +99,8 @@ pub async fn deregister(
 ) -> Result<StatusCode, ApiError> {
     app.change(|reg, now| {
         reg.deregister(&service, &id, now, "deregistered through the API").map(|e| ((), e)).map_err(ApiError::from)
-    })?;
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -120,7 +122,7 @@ pub async fn update_instance(
     if let Some(z) = &u.zone {
         crate::config::validate_zone(z).map_err(|r| ApiError::invalid("zone", r))?;
     }
-    app.change(|reg, now| reg.update(&service, &id, &u, now).map(|e| ((), e)).map_err(ApiError::from))?;
+    app.change(|reg, now| reg.update(&service, &id, &u, now).map(|e| ((), e)).map_err(ApiError::from)).await?;
     instance(&app, &service, &id)
 }
 
@@ -158,7 +160,7 @@ pub async fn drain(
     if !(100..=3_600_000).contains(&timeout) {
         return Err(ApiError::invalid("timeout", "must be between 100ms and 1h"));
     }
-    app.change(|reg, now| reg.drain(&service, &id, timeout, now).map(|e| ((), e)).map_err(ApiError::from))?;
+    app.change(|reg, now| reg.drain(&service, &id, timeout, now).map(|e| ((), e)).map_err(ApiError::from)).await?;
     instance(&app, &service, &id)
 }
 
@@ -169,6 +171,7 @@ pub async fn heartbeat(
     State(app): State<AppState>,
     Path((service, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    app.registry().heartbeat(&service, &id, now_ms())?;
+    // kept in the store too: with several supervisors, the leader expires heartbeats that reached any of them
+    app.change(|reg, now| reg.heartbeat(&service, &id, now).map(|()| ((), vec![])).map_err(ApiError::from)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

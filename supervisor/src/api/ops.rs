@@ -38,6 +38,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     (status = 401, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let now = now_ms();
+    app.metrics.set_leader(app.leadership.is_leader());
     let samples: Vec<InstanceSample> = {
         let reg = app.registry();
         let reports = app.reports();

@@ -47,7 +47,8 @@ pub async fn put_policy(
         }
     }
     validate_policy(&policy)?;
-    app.change(|reg, now| reg.set_policy(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    app.change(|reg, now| reg.set_policy(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))
+        .await?;
     Ok(axum::Json(equilibrio_contract::policy::redact(&policy)))
 }
 
@@ -106,6 +107,7 @@ pub async fn put_health_check(
         h.endpoint = v;
     }
     validate_health(&h)?;
-    app.change(|reg, now| reg.set_health_check(&service, h.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    app.change(|reg, now| reg.set_health_check(&service, h.clone(), now).map(|e| ((), e)).map_err(ApiError::from))
+        .await?;
     Ok(axum::Json(h))
 }

@@ -77,6 +77,7 @@ pub async fn eds(State(app): State<AppState>, Body(req): Body<DiscoveryRequest>)
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn reports(
     State(app): State<AppState>,
+    headers: HeaderMap,
     body: Result<Body<Report>, ApiError>,
 ) -> Result<StatusCode, ApiError> {
     let Body(mut report) = body.inspect_err(|_| app.metrics.report_refused())?;
@@ -84,6 +85,15 @@ pub async fn reports(
         app.metrics.report_refused();
         tracing::warn!(proxy = %report.proxy, field = %e.key, reason = %e.reason, "report refused");
         return Err(e.into());
+    }
+    // with several supervisors, the leader's autoscaler and drains need every proxy's figures: a follower passes
+    // them on (once: a forwarded report is never forwarded again)
+    if app.leadership.is_elected()
+        && !app.leadership.is_leader()
+        && !headers.contains_key(FORWARDED_HEADER)
+        && let Some(leader) = app.leadership.leader_url()
+    {
+        tokio::spawn(forward(leader, app.config.token.clone(), report.clone()));
     }
     // only the service's instances are kept: a report cannot grow the supervisor's memory with made-up ids
     let before = report.endpoints.len();
@@ -96,6 +106,30 @@ pub async fn reports(
     app.reports().record(&report, now_ms());
     app.metrics.report();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Marks a report a follower passed on to the leader.
+const FORWARDED_HEADER: &str = "x-equilibrio-forwarded";
+
+/// Passes a proxy's report on to the leader (best effort: the next one follows a second later).
+async fn forward(leader: String, token: Option<String>, report: Report) {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client =
+        CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap_or_default());
+    let Ok(body) = serde_json::to_vec(&report) else { return };
+    let mut request = client
+        .post(format!("{leader}/v1/reports"))
+        .header(FORWARDED_HEADER, "1")
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    match request.send().await {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::debug!(%leader, status = %r.status(), "report not taken by the leader"),
+        Err(e) => tracing::debug!(%leader, error = %e, "report not forwarded to the leader"),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -77,7 +77,8 @@ pub async fn put_scaling(
 ) -> Result<axum::Json<ScalingView>, ApiError> {
     let current = scaling_view(&app, &service)?.policy;
     let policy = current.with_overrides(Some(&patch))?;
-    app.change(|reg, now| reg.set_scaling(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))?;
+    app.change(|reg, now| reg.set_scaling(&service, policy.clone(), now).map(|e| ((), e)).map_err(ApiError::from))
+        .await?;
     Ok(axum::Json(scaling_view(&app, &service)?))
 }
 

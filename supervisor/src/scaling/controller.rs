@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::app::{App, now_ms};
 use crate::config::InstanceSpec;
+use crate::etcd::layout::Key;
 use crate::events::{Event, EventKind};
 use crate::persist::PersistError;
 use crate::registry::Source;
@@ -96,7 +97,8 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
                 if h.total_memory() > 0 { h.used_memory() as f64 / h.total_memory() as f64 * 100.0 } else { 0.0 };
             app.set_host_usage(f64::from(h.global_cpu_usage()), memory);
         }
-        if now < retry_at {
+        if now < retry_at || !app.leadership.is_leader() {
+            // another supervisor leads: it scales; this one serves the registry it writes
             continue;
         }
         match round(&app, runtime.as_ref(), clock).await {
@@ -294,7 +296,13 @@ async fn scale_service<R: Runtime>(
             .unwrap_or_default()
     };
     for id in ramping {
-        app.registry().ramp(service, &id, (policy.slow_start * 1000.0) as u64, now);
+        if app.registry().ramp(service, &id, (policy.slow_start * 1000.0) as u64, now) {
+            let keys = vec![Key::Service(service.to_string()), Key::Instance(service.to_string(), id.clone())];
+            // not kept (a race with another write): the next round ramps it again from what etcd holds
+            if let Err(e) = app.publish_as_leader(keys).await {
+                tracing::debug!(%service, instance = %id, error = %e, "slow-start step not kept");
+            }
+        }
     }
 }
 
@@ -328,6 +336,11 @@ fn short(service: &str) -> String {
 }
 
 async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &ScalingPolicy, action: Action, now: u64) {
+    // a node that stopped leading (paused past its lease, cut off from etcd) must not touch a container
+    if let Err(e) = app.confirm_leadership().await {
+        tracing::warn!(%service, error = %e, "not acting: leadership not confirmed");
+        return;
+    }
     let template = app.scaling_template(service);
     match action {
         Action::Create { instance } => {
@@ -336,7 +349,7 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 Ok(c) => {
                     tracing::info!(%service, %instance, address = ?c.address, "container started");
                     if let Some(address) = c.address {
-                        register(app, service, &instance, &address, policy.slow_start > 0.0);
+                        register(app, service, &instance, &address, policy.slow_start > 0.0).await;
                     }
                 }
                 Err(e) => {
@@ -348,12 +361,14 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 }
             }
         }
-        Action::Register { instance, address } => register(app, service, &instance, &address, false),
+        Action::Register { instance, address } => register(app, service, &instance, &address, false).await,
         Action::Drain { instance } => {
             let timeout = app.config.drain_timeout_ms;
-            let r = app.change(|reg, now| {
-                reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
-            });
+            let r = app
+                .change_as_leader(|reg, now| {
+                    reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
+                })
+                .await;
             if let Err(e) = r {
                 tracing::warn!(%service, %instance, error = %e, "drain");
             }
@@ -365,22 +380,24 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 return;
             }
             let _ = runtime.remove(&container).await;
-            deregister(app, service, &instance, &reason);
+            deregister(app, service, &instance, &reason).await;
         }
         Action::Remove { container, instance, failed, reason } => {
             let _ = runtime.remove(&container).await;
-            deregister(app, service, &instance, &reason);
+            deregister(app, service, &instance, &reason).await;
             if failed {
                 replaced(app, service, &instance, &reason, now);
             }
         }
-        Action::Deregister { instance } => deregister(app, service, &instance, "container gone"),
+        Action::Deregister { instance } => deregister(app, service, &instance, "container gone").await,
         Action::Replace { instance, reason } => {
             // drained like a scale-down victim (then stopped by a later plan); its replacement is created now
             let timeout = app.config.drain_timeout_ms;
-            let r = app.change(|reg, now| {
-                reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
-            });
+            let r = app
+                .change_as_leader(|reg, now| {
+                    reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
+                })
+                .await;
             if let Err(e) = r {
                 tracing::warn!(%service, %instance, error = %e, "drain before replacement");
                 return;
@@ -416,7 +433,7 @@ enum ActError {
     Persist(#[from] PersistError),
 }
 
-fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
+async fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
     let full = equilibrio_contract::table::DEFAULT_WEIGHT;
     let spec = InstanceSpec {
         id: instance.into(),
@@ -427,25 +444,29 @@ fn register(app: &App, service: &str, instance: &str, address: &str, slow_start:
         version: String::new(),
         capabilities: vec![],
     };
-    let r = app.change(|reg, now| {
-        let events = reg.register(service, spec, Source::Docker, None, now).map_err(ActError::from)?;
-        if slow_start && let Some(i) = reg.services.get_mut(service).and_then(|s| s.instances.get_mut(instance)) {
-            i.full_weight = Some(full);
-            i.spec.weight = (full / 10).max(1);
-        }
-        Ok::<_, ActError>(((), events))
-    });
+    let r = app
+        .change_as_leader(|reg, now| {
+            let events = reg.register(service, spec.clone(), Source::Docker, None, now).map_err(ActError::from)?;
+            if slow_start && let Some(i) = reg.services.get_mut(service).and_then(|s| s.instances.get_mut(instance)) {
+                i.full_weight = Some(full);
+                i.spec.weight = (full / 10).max(1);
+            }
+            Ok::<_, ActError>(((), events))
+        })
+        .await;
     if let Err(e) = r {
         tracing::warn!(%service, %instance, error = %e, "register");
     }
 }
 
-fn deregister(app: &App, service: &str, instance: &str, why: &str) {
-    let r = app.change(|reg, now| match reg.deregister(service, instance, now, why) {
-        Ok(e) => Ok(((), e)),
-        Err(crate::registry::RegistryError::NoInstance(..)) => Ok(((), vec![])),
-        Err(e) => Err(ActError::from(e)),
-    });
+async fn deregister(app: &App, service: &str, instance: &str, why: &str) {
+    let r = app
+        .change_as_leader(|reg, now| match reg.deregister(service, instance, now, why) {
+            Ok(e) => Ok(((), e)),
+            Err(crate::registry::RegistryError::NoInstance(..)) => Ok(((), vec![])),
+            Err(e) => Err(ActError::from(e)),
+        })
+        .await;
     if let Err(e) = r {
         tracing::warn!(%service, %instance, error = %e, "deregister");
     }

@@ -1,0 +1,299 @@
+//! The registry in etcd, shared by several supervisors: every change is one transaction over the keys it touched
+//! ([`super::layout`]), conditioned on those keys being as this node last saw them (and, for leader-only writes, on
+//! the leader key being this node's), and every node follows the prefix with a watch to keep its in-memory model
+//! current. A node that starts, or restarts, reads the whole prefix: etcd alone is enough to come back.
+//!
+//! A value that does not parse (written by a newer version, or by hand) is skipped, counted and logged, and the node
+//! keeps what it had for that key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+
+use super::layout::{self, Key};
+use crate::config::EtcdConfig;
+use crate::leadership::Leadership;
+use crate::registry::Registry;
+use crate::store::{Change, PersistError, Store, StoreFuture};
+
+/// How long one call to etcd may take before the change is refused as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    leadership: Arc<Leadership>,
+    /// The mod revision of each key as this node last saw it (written or watched).
+    seen: Mutex<HashMap<Key, i64>>,
+    /// The registry the watch keeps current (the App's).
+    registry: OnceLock<Arc<Mutex<Registry>>>,
+    /// Values that did not parse, since the start.
+    malformed: std::sync::atomic::AtomicU64,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> PersistError {
+    PersistError::Unavailable(e.to_string())
+}
+
+impl EtcdStore {
+    /// Connects to etcd (a member that answers within a few seconds).
+    pub async fn connect(config: &EtcdConfig, leadership: Arc<Leadership>) -> Result<EtcdStore, PersistError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        let client = Client::connect(&config.endpoints, Some(options)).await.map_err(unavailable)?;
+        Ok(EtcdStore {
+            client,
+            prefix: config.prefix.clone(),
+            leadership,
+            seen: Mutex::default(),
+            registry: OnceLock::new(),
+            malformed: Default::default(),
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<Key, i64>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many values read from etcd did not parse.
+    pub fn malformed(&self) -> u64 {
+        self.malformed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refused(&self, key: &Key, why: &str) {
+        self.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(key = %key.path(&self.prefix), reason = %why, "etcd value refused; keeping what this node had");
+    }
+
+    /// Reads the whole registry: `None` when etcd holds none yet (a new deployment). Also the revision it was read at.
+    pub async fn load(&self) -> Result<(Option<Registry>, i64), PersistError> {
+        let mut client = self.client.clone();
+        let dir = format!("{}{}", self.prefix, layout::REGISTRY_DIR);
+        let answer = tokio::time::timeout(CALL_TIMEOUT, client.get(dir, Some(GetOptions::new().with_prefix())))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        if answer.kvs().is_empty() {
+            return Ok((None, revision));
+        }
+        let mut entries: Vec<(Key, Vec<u8>, i64)> = answer
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = Key::parse(&self.prefix, std::str::from_utf8(kv.key()).ok()?)?;
+                Some((key, kv.value().to_vec(), kv.mod_revision()))
+            })
+            .collect();
+        // services before their instances
+        entries.sort_by_key(|(k, _, _)| matches!(k, Key::Instance(..)));
+        let mut registry = Registry::default();
+        let mut seen = self.seen();
+        for (key, value, revision) in entries {
+            match layout::apply(&mut registry, &key, Some(&value)) {
+                Ok(()) => {
+                    seen.insert(key, revision);
+                }
+                Err(why) => self.refused(&key, &why),
+            }
+        }
+        Ok((Some(registry), revision))
+    }
+
+    /// Keeps the registry current from etcd's history after `revision`, for as long as the process runs. A broken
+    /// watch (etcd restarted, history compacted) reads the whole prefix again and watches on from there.
+    pub async fn follow(self: Arc<Self>, mut revision: i64) {
+        loop {
+            match self.watch_from(revision).await {
+                Ok(r) => revision = r,
+                Err(e) => tracing::warn!(error = %e, "watching etcd failed; reading the registry again"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match self.reload().await {
+                Ok(r) => revision = r,
+                Err(e) => tracing::warn!(error = %e, "etcd unreachable; serving the last registry"),
+            }
+        }
+    }
+
+    /// Watches from `revision` + 1 until the stream ends; the last revision applied.
+    async fn watch_from(&self, mut revision: i64) -> Result<i64, etcd_client::Error> {
+        let Some(registry) = self.registry.get() else { return Ok(revision) };
+        let mut client = self.client.clone();
+        let dir = format!("{}{}", self.prefix, layout::REGISTRY_DIR);
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
+        let mut stream = client.watch(dir, Some(options)).await?;
+        while let Some(answer) = stream.message().await? {
+            if answer.canceled() || answer.compact_revision() > 0 {
+                tracing::warn!(reason = %answer.cancel_reason(), "etcd watch cancelled");
+                return Ok(revision);
+            }
+            let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen();
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some(key) = std::str::from_utf8(kv.key()).ok().and_then(|p| Key::parse(&self.prefix, p)) else {
+                    continue;
+                };
+                revision = revision.max(kv.mod_revision());
+                // this node's own writes come back: they are already applied
+                if seen.get(&key).is_some_and(|&r| r >= kv.mod_revision()) {
+                    continue;
+                }
+                let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                match layout::apply(&mut reg, &key, value) {
+                    Ok(()) => {
+                        seen.insert(key, kv.mod_revision());
+                    }
+                    Err(why) => self.refused(&key, &why),
+                }
+            }
+            if let Some(h) = answer.header() {
+                revision = revision.max(h.revision());
+            }
+        }
+        Ok(revision)
+    }
+
+    /// Replaces the registry with etcd's whole prefix; the revision read at.
+    async fn reload(&self) -> Result<i64, PersistError> {
+        let (loaded, revision) = self.load().await?;
+        if let (Some(loaded), Some(registry)) = (loaded, self.registry.get()) {
+            let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut merged = loaded;
+            // keep the checker's counters for instances whose health did not change
+            for (name, svc) in &mut merged.services {
+                for (id, inst) in &mut svc.instances {
+                    if let Some(current) = reg.services.get(name).and_then(|s| s.instances.get(id))
+                        && current.health.health == inst.health.health
+                    {
+                        inst.health = current.health;
+                        inst.check_latency_ms = current.check_latency_ms;
+                    }
+                }
+            }
+            *reg = merged;
+        }
+        Ok(revision)
+    }
+
+    async fn commit_change(&self, change: Change<'_>) -> Result<(), PersistError> {
+        let mut compares: Vec<Compare> = {
+            let seen = self.seen();
+            change
+                .keys
+                .iter()
+                .map(|k| Compare::mod_revision(k.path(&self.prefix), CompareOp::Equal, *seen.get(k).unwrap_or(&0)))
+                .collect()
+        };
+        let fence = if change.fenced {
+            let fence = self.leadership.fence().ok_or(PersistError::NotLeader)?;
+            compares.push(Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.create_revision));
+            Some(fence)
+        } else {
+            None
+        };
+        let ops: Vec<TxnOp> = change
+            .keys
+            .iter()
+            .map(|k| match layout::value(change.after, k) {
+                Some(bytes) => TxnOp::put(k.path(&self.prefix), bytes, None),
+                None => TxnOp::delete(k.path(&self.prefix), None),
+            })
+            .collect();
+        // when refused: what each key is now, to catch up before the change is tried again
+        let mut reads: Vec<TxnOp> = change.keys.iter().map(|k| TxnOp::get(k.path(&self.prefix), None)).collect();
+        if let Some(f) = &fence {
+            reads.push(TxnOp::get(f.key.clone(), None));
+        }
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let mut client = self.client.clone();
+        let answer =
+            tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await.map_err(unavailable)?.map_err(unavailable)?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        if answer.succeeded() {
+            let mut seen = self.seen();
+            for k in change.keys {
+                seen.insert(k.clone(), revision);
+            }
+            return Ok(());
+        }
+        let mut current: HashMap<String, (Vec<u8>, i64, i64)> = HashMap::new();
+        for op in answer.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(get) = op {
+                for kv in get.kvs() {
+                    let path = String::from_utf8_lossy(kv.key()).into_owned();
+                    current.insert(path, (kv.value().to_vec(), kv.mod_revision(), kv.create_revision()));
+                }
+            }
+        }
+        if let Some(f) = &fence
+            && current.get(&f.key).is_none_or(|(_, _, created)| *created != f.create_revision)
+        {
+            self.leadership.lost();
+            return Err(PersistError::NotLeader);
+        }
+        // bring the refused keys up to date, so that the change can be made again on what etcd holds
+        if let Some(registry) = self.registry.get() {
+            let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen();
+            let mut keys = change.keys.to_vec();
+            keys.sort_by_key(|k| matches!(k, Key::Instance(..)));
+            for k in keys {
+                let entry = current.get(&k.path(&self.prefix));
+                match layout::apply(&mut reg, &k, entry.map(|(v, _, _)| v.as_slice())) {
+                    Ok(()) => {
+                        seen.insert(k, entry.map_or(0, |(_, r, _)| *r));
+                    }
+                    Err(why) => self.refused(&k, &why),
+                }
+            }
+        }
+        Err(PersistError::Conflict)
+    }
+}
+
+impl Store for EtcdStore {
+    fn commit<'a>(&'a self, change: Change<'a>) -> StoreFuture<'a, ()> {
+        Box::pin(self.commit_change(change))
+    }
+
+    fn confirm_leadership(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let fence = self.leadership.fence().ok_or(PersistError::NotLeader)?;
+            let txn = Txn::new().when(vec![Compare::create_revision(
+                fence.key.clone(),
+                CompareOp::Equal,
+                fence.create_revision,
+            )]);
+            let mut client = self.client.clone();
+            let answer =
+                tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await.map_err(unavailable)?.map_err(unavailable)?;
+            if answer.succeeded() {
+                Ok(())
+            } else {
+                self.leadership.lost();
+                Err(PersistError::NotLeader)
+            }
+        })
+    }
+
+    fn attach(&self, registry: Arc<Mutex<Registry>>) {
+        let _ = self.registry.set(registry);
+    }
+}

@@ -1,0 +1,277 @@
+//! Several real supervisors on real etcd: a write through any node is every node's, the leader runs the health
+//! checks and a new one takes over within the lease when it dies or stalls, and without etcd quorum writes are
+//! refused (503), never falsely acknowledged.
+
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use equilibrio_supervisor::config::EtcdConfig;
+use equilibrio_supervisor::etcd::layout::Key;
+use equilibrio_supervisor::etcd::store::EtcdStore;
+use equilibrio_supervisor::leadership::{Fence, Leadership};
+use equilibrio_supervisor::persist::PersistError;
+use equilibrio_supervisor::registry::Registry;
+use equilibrio_supervisor::store::{Change, Store};
+use equilibrio_tests::backend::Backend;
+use equilibrio_tests::etcd::Etcd;
+use equilibrio_tests::supervisor::Supervisor;
+use serde_json::json;
+
+const SERVICE: &str = "agente-vendedor";
+/// The leader's lease in these tests.
+const LEASE: Duration = Duration::from_secs(2);
+
+fn service_yaml() -> String {
+    format!(
+        "environment: development\nservices:\n  {SERVICE}:\n    health_check: {{interval: 200ms, timeout: 100ms, retries: 2, rise: 1}}\n"
+    )
+}
+
+async fn nodes(etcd: &Etcd, n: usize) -> Vec<Supervisor> {
+    let store = etcd.store_yaml("/eq-test", "2s");
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Supervisor::start_node(&format!("node-{i}"), &store, &service_yaml()).await.unwrap());
+    }
+    v
+}
+
+/// The one node that leads, waiting up to `within` for there to be exactly one.
+async fn leader(nodes: &[Supervisor], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut leading = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.leads().await {
+                leading.push(i);
+            }
+        }
+        if leading.len() == 1 {
+            return leading[0];
+        }
+        assert!(Instant::now() < deadline, "leaders: {leading:?} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn register(node: &Supervisor, backend: &Backend) -> u16 {
+    let body = json!({"id": backend.id, "address": backend.addr.to_string()});
+    node.call("POST", &format!("/v1/services/{SERVICE}/instances"), Some(body)).await.unwrap().0
+}
+
+/// The instance's state on `node` (`None`: not there).
+async fn state(node: &Supervisor, id: &str) -> Option<String> {
+    let v = node.get(&format!("/v1/services/{SERVICE}/instances")).await.ok()?;
+    v.as_array()?.iter().find(|i| i["id"] == id).and_then(|i| i["state"].as_str()).map(str::to_string)
+}
+
+async fn wait_state_everywhere(nodes: &[&Supervisor], id: &str, wanted: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        for n in nodes {
+            all &= state(n, id).await.as_deref() == Some(wanted);
+        }
+        if all {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{id} is not {wanted} on every node after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_any_node_is_every_nodes_at_one_table_version_and_survives_that_nodes_kill() {
+    let etcd = Etcd::start(1).await.unwrap();
+    let mut nodes = nodes(&etcd, 3).await;
+    let backend = Backend::start("av-1").await.unwrap();
+    assert_eq!(register(&nodes[1], &backend).await, 201);
+    // acknowledged by node 1: every node has it within a second
+    let started = Instant::now();
+    loop {
+        let mut seen = 0;
+        for n in &nodes {
+            seen += usize::from(state(n, "av-1").await.is_some());
+        }
+        if seen == 3 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "seen by {seen} of 3 nodes after 1 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the leader checks it, and only the leader (every 200 ms: about 10 checks in 2 s, not 30)
+    wait_state_everywhere(&nodes.iter().collect::<Vec<_>>(), "av-1", "healthy", Duration::from_secs(5)).await;
+    let before = backend.hits();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let checks = backend.hits() - before;
+    assert!((5..=15).contains(&checks), "{checks} health checks in 2 s");
+    // every node serves the same table, at the same version
+    let mut tables = Vec::new();
+    for n in &nodes {
+        tables.push(n.get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap());
+    }
+    assert!(tables.windows(2).all(|w| w[0] == w[1]), "{tables:#?}");
+    // a policy change through node 2, then node 1 (which took the registration) is killed
+    let (code, _) = nodes[2]
+        .call("PUT", &format!("/v1/services/{SERVICE}/policy"), Some(json!({"algorithm": "least_connections"})))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    nodes[1].kill9();
+    for i in [0, 2] {
+        assert_eq!(state(&nodes[i], "av-1").await.as_deref(), Some("healthy"));
+        let policy = nodes[i].get(&format!("/v1/services/{SERVICE}/policy")).await.unwrap();
+        assert_eq!(policy["algorithm"], "least_connections", "node {i}");
+    }
+    // a node that starts later reads it all from etcd
+    nodes[1].restart().await.unwrap();
+    assert_eq!(state(&nodes[1], "av-1").await.as_deref(), Some("healthy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_or_stalled_leader_is_replaced_within_the_lease_and_the_new_one_checks() {
+    let etcd = Etcd::start(1).await.unwrap();
+    let mut nodes = nodes(&etcd, 3).await;
+    let (a, b) = (Backend::start("av-1").await.unwrap(), Backend::start("av-2").await.unwrap());
+    assert_eq!(register(&nodes[0], &a).await, 201);
+    assert_eq!(register(&nodes[0], &b).await, 201);
+    let all: Vec<&Supervisor> = nodes.iter().collect();
+    wait_state_everywhere(&all, "av-2", "healthy", Duration::from_secs(5)).await;
+
+    // kill -9 of the leader: another node leads within the lease and a second
+    let first = leader(&nodes, Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    nodes[first].kill9();
+    let rest: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    let survivors: Vec<&Supervisor> = rest.iter().map(|&i| &nodes[i]).collect();
+    let second = loop {
+        let mut leading = None;
+        for &i in &rest {
+            if nodes[i].leads().await {
+                leading = Some(i);
+            }
+        }
+        if let Some(i) = leading {
+            break i;
+        }
+        assert!(killed_at.elapsed() < LEASE + Duration::from_secs(1), "no new leader within the lease and a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // the new leader checks: a backend killed now is unhealthy on every node within interval x retries and a bit
+    b.kill();
+    wait_state_everywhere(&survivors, "av-2", "unhealthy", Duration::from_secs(3)).await;
+
+    // SIGSTOP of the new leader for longer than its lease: the third node takes over; woken, the old one does not
+    // lead, and the health it would have written does not come back
+    let third = rest.into_iter().find(|&i| i != second).unwrap();
+    nodes[second].pause(true);
+    let paused_at = Instant::now();
+    while !nodes[third].leads().await {
+        assert!(paused_at.elapsed() < LEASE + Duration::from_secs(1), "no new leader while the old one is stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let version = nodes[third].get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap()["version"].clone();
+    tokio::time::sleep(LEASE).await;
+    nodes[second].pause(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!nodes[second].leads().await, "woken after its lease, the old leader must not lead");
+    assert!(nodes[third].leads().await);
+    assert_eq!(leader(&nodes[..], Duration::from_secs(1)).await, third);
+    // nothing changed while it was stopped and after it woke: both backends are as the new leader saw them
+    assert_eq!(state(&nodes[second], "av-1").await.as_deref(), Some("healthy"));
+    assert_eq!(state(&nodes[second], "av-2").await.as_deref(), Some("unhealthy"));
+    let after = nodes[third].get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap()["version"].clone();
+    assert_eq!(version, after, "the woken node wrote nothing");
+    nodes[first].restart().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_writes_get_a_503_and_everything_recovers_when_it_returns() {
+    let mut etcd = Etcd::start(3).await.unwrap();
+    let nodes = nodes(&etcd, 2).await;
+    let (a, b) = (Backend::start("av-1").await.unwrap(), Backend::start("av-2").await.unwrap());
+    assert_eq!(register(&nodes[0], &a).await, 201);
+    // one member of three lost: everything works
+    etcd.kill(2);
+    assert_eq!(register(&nodes[1], &b).await, 201);
+    let all: Vec<&Supervisor> = nodes.iter().collect();
+    wait_state_everywhere(&all, "av-2", "healthy", Duration::from_secs(5)).await;
+    // quorum lost: a write is refused with a clear error, never acknowledged; reads and tables still answer
+    etcd.kill(1);
+    let started = Instant::now();
+    let (code, body) = nodes[1]
+        .call("PUT", &format!("/v1/services/{SERVICE}/instances/av-1"), Some(json!({"weight": 5})))
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let table = nodes[0].get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap();
+    assert_eq!(table["endpoints"].as_array().unwrap().len(), 2, "the last table is still served");
+    // etcd back: writes work again, with no one restarted
+    etcd.restart(1).await.unwrap();
+    etcd.restart(2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, _) = nodes[1]
+            .call("PUT", &format!("/v1/services/{SERVICE}/instances/av-1"), Some(json!({"weight": 5})))
+            .await
+            .unwrap();
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes did not come back: {code}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let weight =
+        |v: serde_json::Value| v.as_array().unwrap().iter().find(|i| i["id"] == "av-1").unwrap()["weight"].clone();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while weight(nodes[0].get(&format!("/v1/services/{SERVICE}/instances")).await.unwrap()) != 5 {
+        assert!(Instant::now() < deadline, "the write did not reach the other node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leader(&nodes, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_stale_view() {
+    let etcd = Etcd::start(1).await.unwrap();
+    let config = EtcdConfig {
+        endpoints: etcd.endpoints(),
+        prefix: "/fence-test".into(),
+        lease_ttl_ms: 2000,
+        user: None,
+    };
+    let leadership = Arc::new(Leadership::elected());
+    let store = EtcdStore::connect(&config, leadership.clone()).await.unwrap();
+    let mut client = store.client();
+    let leader_key = "/fence-test/leader";
+    let created = client.put(leader_key, "me", None).await.unwrap().header().unwrap().revision();
+    let mut registry = Registry::default();
+    registry.secret = Some(equilibrio_supervisor::secret::Secret::generate().unwrap());
+    let keys = [Key::Secret];
+    let change = |fenced| Change { after: &registry, keys: &keys, eventful: true, fenced };
+
+    // not leading: refused before etcd is asked
+    assert!(matches!(store.commit(change(true)).await, Err(PersistError::NotLeader)));
+    leadership.won(Fence { key: leader_key.into(), create_revision: created }, Instant::now() + Duration::from_secs(5));
+    store.commit(change(true)).await.unwrap();
+    // another node's view is stale: the same key written again without having seen this write is a conflict
+    let other = EtcdStore::connect(&config, Arc::new(Leadership::elected())).await.unwrap();
+    assert!(matches!(other.commit(change(false)).await, Err(PersistError::Conflict)));
+    // the leader key changes hands (another node's): this node's fenced writes are refused by etcd itself
+    client.delete(leader_key, None).await.unwrap();
+    client.put(leader_key, "someone else", None).await.unwrap();
+    registry.secret = Some(equilibrio_supervisor::secret::Secret::generate().unwrap());
+    let change = Change { after: &registry, keys: &keys, eventful: true, fenced: true };
+    assert!(matches!(store.commit(change).await, Err(PersistError::NotLeader)));
+    assert!(!leadership.is_leader(), "told by etcd, it stops leading at once");
+    assert!(matches!(store.confirm_leadership().await, Err(PersistError::NotLeader)));
+    // its lease time past, a node stops on its own, without asking etcd
+    let leadership = Arc::new(Leadership::elected());
+    leadership.won(Fence { key: leader_key.into(), create_revision: created }, Instant::now());
+    assert!(!leadership.is_leader());
+}
