@@ -28,6 +28,9 @@ use equilibrio_contract::table::{Endpoint, EndpointState, Table};
 pub struct SupervisorConfig {
     /// The proxy's cluster name for the supervisor (Envoy: a STATIC cluster).
     pub cluster: String,
+    /// Several supervisor nodes (one cluster each), instead of `cluster`: the poller asks one and moves to the next
+    /// when it does not answer (or answers 5xx), so that it follows whichever nodes are up.
+    pub clusters: Vec<String>,
     /// `:authority` of the calls.
     pub authority: String,
     pub poll_period: Millis,
@@ -42,10 +45,18 @@ pub struct SupervisorConfig {
     pub proxy_id: String,
 }
 
+impl SupervisorConfig {
+    /// The clusters to poll, in order: `clusters`, or `cluster` alone.
+    pub fn targets(&self) -> Vec<String> {
+        if self.clusters.is_empty() { vec![self.cluster.clone()] } else { self.clusters.clone() }
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         SupervisorConfig {
             cluster: "supervisor".into(),
+            clusters: Vec::new(),
             authority: "127.0.0.1:9900".into(),
             poll_period: Millis(1000),
             timeout: Millis(900),
@@ -183,6 +194,12 @@ impl Config {
         if let Some(sup) = &self.supervisor {
             if sup.cluster.is_empty() {
                 return Err(err("supervisor.cluster", "must not be empty"));
+            }
+            if sup.clusters.len() > 16 {
+                return Err(err("supervisor.clusters", "at most 16 supervisor nodes"));
+            }
+            if let Some(i) = sup.clusters.iter().position(String::is_empty) {
+                return Err(err(&format!("supervisor.clusters[{i}]"), "must not be empty"));
             }
             if sup.authority.is_empty() {
                 return Err(err("supervisor.authority", "must not be empty"));

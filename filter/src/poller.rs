@@ -60,13 +60,19 @@ pub struct Poller {
     seq: u64,
     table: Option<Table>,
     last_report_ms: Option<u64>,
+    /// The supervisor clusters, and the one asked now.
+    targets: Vec<String>,
+    current: usize,
 }
 
 impl Poller {
     /// `None` when the configuration has no supervisor (static endpoints only).
     pub fn new(base: ParsedConfig) -> Option<Poller> {
         let sup = base.config.supervisor.clone()?;
+        let targets = sup.targets();
         Some(Poller {
+            targets,
+            current: 0,
             base,
             sup,
             version: None,
@@ -83,6 +89,20 @@ impl Poller {
 
     pub fn supervisor(&self) -> &SupervisorConfig {
         &self.sup
+    }
+
+    /// The supervisor cluster to call now.
+    pub fn cluster(&self) -> &str {
+        self.targets.get(self.current).map_or(self.sup.cluster.as_str(), String::as_str)
+    }
+
+    /// After a failed call: the next supervisor cluster is asked from now on. Returns it when there is another.
+    pub fn next_cluster(&mut self) -> Option<&str> {
+        if self.targets.len() < 2 {
+            return None;
+        }
+        self.current = (self.current + 1) % self.targets.len();
+        Some(self.cluster())
     }
 
     pub fn service(&self) -> &str {
@@ -142,6 +162,14 @@ impl Poller {
         Some(message)
     }
 
+    /// Moves to the next supervisor cluster, if there is one, and says so in `message`.
+    fn switch(&mut self, message: String) -> String {
+        match self.next_cluster() {
+            Some(next) => format!("{message}; asking cluster `{next}` next"),
+            None => message,
+        }
+    }
+
     fn fail(&mut self, condition: &'static str, message: String) -> PollOutcome {
         let kept = self.version.map_or("no table yet".to_string(), |v| format!("keeping table version {v}"));
         let log = self.condition_changed(condition, format!("endpoint table refused ({condition}): {message}; {kept}"));
@@ -158,7 +186,8 @@ impl Poller {
     pub fn on_answer<S: SharedStore + ?Sized>(&mut self, answer: Answer<'_>, now_ms: u64, store: &S) -> PollOutcome {
         let (status, etag, body) = match answer {
             Answer::Failed => {
-                return self.fail("unreachable", format!("no answer from cluster `{}`", self.sup.cluster));
+                let message = self.switch(format!("no answer from cluster `{}`", self.cluster()));
+                return self.fail("unreachable", message);
             }
             Answer::Response { status, etag, body } => (status, etag, body),
         };
@@ -168,7 +197,10 @@ impl Poller {
             return PollOutcome { log, error: None, published: false };
         }
         if status != 200 {
-            return self.fail("http_status", format!("HTTP {status}"));
+            let message = format!("HTTP {status} from cluster `{}`", self.cluster());
+            // a node that is down or failing: the next one may answer (a 4xx is the same on every node)
+            let message = if status >= 500 { self.switch(message) } else { message };
+            return self.fail("http_status", message);
         }
         let mut table = match Table::parse(body, &self.base.config.service, self.version, self.sup.max_table_bytes) {
             Ok(t) => t,
@@ -330,6 +362,29 @@ mod tests {
         assert_eq!(p.age_s(7000), Some(7));
         let back = ok(&mut p, &s, &table(6), 8000);
         assert!(back.published && back.log.is_some());
+    }
+
+    #[test]
+    fn a_failing_node_moves_the_poller_to_the_next_one() {
+        let config = r#"{"service":"av","supervisor":{"clusters":["sup-1","sup-2","sup-3"]}}"#;
+        let mut p = Poller::new(Config::parse(config.as_bytes()).unwrap()).unwrap();
+        let s = MemoryStore::new();
+        assert_eq!(p.cluster(), "sup-1");
+        let o = p.on_answer(Answer::Failed, 1000, &s);
+        assert!(o.log.unwrap().contains("asking cluster `sup-2` next"));
+        assert_eq!(p.cluster(), "sup-2");
+        p.on_answer(Answer::Response { status: 503, etag: None, body: b"" }, 2000, &s);
+        assert_eq!(p.cluster(), "sup-3");
+        p.on_answer(Answer::Response { status: 401, etag: None, body: b"" }, 3000, &s);
+        assert_eq!(p.cluster(), "sup-3", "a 4xx is every node's answer: no move");
+        ok(&mut p, &s, &table(5), 4000);
+        assert_eq!(p.cluster(), "sup-3", "it stays with a node that answers");
+        p.on_answer(Answer::Failed, 5000, &s);
+        assert_eq!(p.cluster(), "sup-1", "round and round");
+        let one = Poller::new(Config::parse(br#"{"service":"av","supervisor":{"cluster":"only"}}"#).unwrap());
+        let mut one = one.unwrap();
+        one.on_answer(Answer::Failed, 1000, &s);
+        assert_eq!(one.cluster(), "only");
     }
 
     #[test]

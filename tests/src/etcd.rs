@@ -131,5 +131,9 @@ impl Drop for Etcd {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        // the data goes (each member preallocates 64 MB of write-ahead log); the logs stay for a failed test to show
+        for m in &self.members {
+            let _ = std::fs::remove_dir_all(&m.dir);
+        }
     }
 }

@@ -52,6 +52,21 @@ pub fn render_config(filter_config: &Value, supervisor: SocketAddr) -> anyhow::R
     Ok(out)
 }
 
+/// The shipped host config for a filter that polls several supervisor nodes: one cluster `supervisor-<i>` per node
+/// (the filter's `supervisor.clusters`).
+pub fn render_config_nodes(filter_config: &Value, nodes: &[SocketAddr]) -> anyhow::Result<String> {
+    let first = *nodes.first().ok_or_else(|| anyhow::anyhow!("no supervisor node"))?;
+    let config = render_config(filter_config, first)?;
+    let one = format!("  supervisor:\n    connect_timeout: 1s\n    endpoints: [{first}]\n");
+    anyhow::ensure!(config.contains(&one), "proxy-config/host.yaml has no `supervisor` cluster block");
+    let all: String = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("  supervisor-{i}:\n    connect_timeout: 1s\n    endpoints: [{n}]\n"))
+        .collect();
+    Ok(config.replace(&one, &all))
+}
+
 fn spawn(dir: &Path, config: &str, concurrency: usize, env: &[(&str, &str)]) -> anyhow::Result<Child> {
     let cfg = dir.join("host.yaml");
     std::fs::write(&cfg, config)?;

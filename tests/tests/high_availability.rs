@@ -17,6 +17,7 @@ use equilibrio_supervisor::registry::Registry;
 use equilibrio_supervisor::store::{Change, Store};
 use equilibrio_tests::backend::Backend;
 use equilibrio_tests::etcd::Etcd;
+use equilibrio_tests::host::{Host, render_config_nodes};
 use equilibrio_tests::supervisor::Supervisor;
 use serde_json::json;
 
@@ -239,12 +240,8 @@ async fn without_etcd_quorum_writes_get_a_503_and_everything_recovers_when_it_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_stale_view() {
     let etcd = Etcd::start(1).await.unwrap();
-    let config = EtcdConfig {
-        endpoints: etcd.endpoints(),
-        prefix: "/fence-test".into(),
-        lease_ttl_ms: 2000,
-        user: None,
-    };
+    let config =
+        EtcdConfig { endpoints: etcd.endpoints(), prefix: "/fence-test".into(), lease_ttl_ms: 2000, user: None };
     let leadership = Arc::new(Leadership::elected());
     let store = EtcdStore::connect(&config, leadership.clone()).await.unwrap();
     let mut client = store.client();
@@ -274,4 +271,72 @@ async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_
     let leadership = Arc::new(Leadership::elected());
     leadership.won(Fence { key: leader_key.into(), create_revision: created }, Instant::now());
     assert!(!leadership.is_leader());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_proxy_follows_the_nodes_that_are_up_and_loses_no_request_when_the_leader_dies() {
+    let etcd = Etcd::start(1).await.unwrap();
+    let mut nodes = nodes(&etcd, 2).await;
+    let (a, b) = (Backend::start("av-1").await.unwrap(), Backend::start("av-2").await.unwrap());
+    assert_eq!(register(&nodes[0], &a).await, 201);
+    let all: Vec<&Supervisor> = nodes.iter().collect();
+    wait_state_everywhere(&all, "av-1", "healthy", Duration::from_secs(5)).await;
+    let filter = json!({"service": SERVICE, "supervisor": {"clusters": ["supervisor-0", "supervisor-1"],
+        "authority": "supervisor", "poll_period": "200ms", "timeout": "150ms",
+        "token": equilibrio_tests::supervisor::TOKEN}});
+    let config = render_config_nodes(&filter, &[nodes[0].addr, nodes[1].addr]).unwrap();
+    let proxy = Host::start_with(&config, 2).await.unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/", proxy.listener);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "the proxy never served:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // steady traffic (about 500 requests a second) for the rest of the test
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent, failed) =
+        (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, sent, failed, client, url) =
+            (stop.clone(), sent.clone(), failed.clone(), client.clone(), url.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut calls = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                let (sent, failed, client, url) = (sent.clone(), failed.clone(), client.clone(), url.clone());
+                calls.push(tokio::spawn(async move {
+                    let ok = client.get(&url).send().await.is_ok_and(|r| r.status().is_success());
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if !ok {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }));
+            }
+            for c in calls {
+                let _ = c.await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // the node the proxy asks first dies (whether it leads or not): the proxy moves to the other one, which leads
+    // within the lease; a backend registered through it then gets traffic through the proxy
+    nodes[0].kill9();
+    leader(&nodes[1..], LEASE + Duration::from_secs(2)).await;
+    assert_eq!(register(&nodes[1], &b).await, 201);
+    nodes[1].wait_state(SERVICE, "av-2", "healthy", Duration::from_secs(5)).await.unwrap();
+    let before = b.hits();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.hits() < before + 20 {
+        assert!(Instant::now() < deadline, "the proxy did not follow the surviving node:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    traffic.await.unwrap();
+    let (sent, failed) =
+        (sent.load(std::sync::atomic::Ordering::SeqCst), failed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(sent > 500, "{sent} requests sent");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    assert!(proxy.log().contains("asking cluster `supervisor-1` next"), "{}", proxy.log());
 }

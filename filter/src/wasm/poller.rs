@@ -25,10 +25,11 @@ impl PollerRoot {
     fn dispatch(poller: &Poller, headers: &[(String, String)], body: Option<&[u8]>) -> Option<u32> {
         let sup = poller.supervisor();
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        match abi::http_call(&sup.cluster, &headers, body.unwrap_or_default(), Duration::from_millis(sup.timeout.0)) {
+        let cluster = poller.cluster();
+        match abi::http_call(cluster, &headers, body.unwrap_or_default(), Duration::from_millis(sup.timeout.0)) {
             Ok(token) => Some(token),
             Err(status) => {
-                host::log(LogLevel::Warn, &format!("cannot call cluster `{}`: {status:?}", sup.cluster));
+                host::log(LogLevel::Warn, &format!("cannot call cluster `{cluster}`: {status:?}"));
                 None
             }
         }
@@ -157,10 +158,19 @@ impl PollerRoot {
 
     pub fn on_tick(&mut self) {
         let now = host::now_ms();
-        if let Some(poller) = &self.poller {
+        if let Some(poller) = &mut self.poller {
             let give_up = poller.supervisor().timeout.0.saturating_mul(2);
-            if self.fetch.is_none_or(|(_, at)| now.saturating_sub(at) > give_up) {
+            if self.fetch.is_some_and(|(_, at)| now.saturating_sub(at) > give_up) {
+                // a call the proxy never answered: that node is as good as down
+                self.fetch = None;
+                poller.next_cluster();
+            }
+            if self.fetch.is_none() {
                 self.fetch = Self::dispatch(poller, &poller.table_request(), None).map(|t| (t, now));
+                if self.fetch.is_none() {
+                    // the proxy refused the call itself (no such cluster): the next node's cluster next time
+                    poller.next_cluster();
+                }
             }
         }
         self.report_and_measure();

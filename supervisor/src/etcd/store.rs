@@ -37,6 +37,39 @@ fn unavailable(e: impl std::fmt::Display) -> PersistError {
     PersistError::Unavailable(e.to_string())
 }
 
+/// Runs an etcd call within [`CALL_TIMEOUT`], again (up to three times) when etcd says the call did not reach it: a
+/// member that is gone, and the client moves on to another. A transaction is conditioned on what this node saw, so
+/// one that was taken after all cannot be taken twice: its second run is a conflict.
+async fn call<T, F, Fut>(mut f: F) -> Result<T, PersistError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match tokio::time::timeout_at(deadline, f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if attempt < 3 && not_delivered(&e) => {
+                tracing::debug!(error = %e, "etcd call not delivered; trying another member");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => return Err(unavailable(format!("etcd did not answer within {CALL_TIMEOUT:?}"))),
+        }
+    }
+}
+
+/// Whether an error means the call never reached etcd (a connection that failed or broke).
+fn not_delivered(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
+
 impl EtcdStore {
     /// Connects to etcd (a member that answers within a few seconds).
     pub async fn connect(config: &EtcdConfig, leadership: Arc<Leadership>) -> Result<EtcdStore, PersistError> {
@@ -82,12 +115,12 @@ impl EtcdStore {
 
     /// Reads the whole registry: `None` when etcd holds none yet (a new deployment). Also the revision it was read at.
     pub async fn load(&self) -> Result<(Option<Registry>, i64), PersistError> {
-        let mut client = self.client.clone();
         let dir = format!("{}{}", self.prefix, layout::REGISTRY_DIR);
-        let answer = tokio::time::timeout(CALL_TIMEOUT, client.get(dir, Some(GetOptions::new().with_prefix())))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        let answer = call(|| {
+            let (mut client, dir) = (self.client.clone(), dir.clone());
+            async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
+        })
+        .await?;
         let revision = answer.header().map_or(0, |h| h.revision());
         if answer.kvs().is_empty() {
             return Ok((None, revision));
@@ -192,6 +225,14 @@ impl EtcdStore {
         Ok(revision)
     }
 
+    async fn txn(&self, txn: &Txn) -> Result<etcd_client::TxnResponse, PersistError> {
+        call(|| {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+    }
+
     async fn commit_change(&self, change: Change<'_>) -> Result<(), PersistError> {
         let mut compares: Vec<Compare> = {
             let seen = self.seen();
@@ -222,9 +263,7 @@ impl EtcdStore {
             reads.push(TxnOp::get(f.key.clone(), None));
         }
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
-        let mut client = self.client.clone();
-        let answer =
-            tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await.map_err(unavailable)?.map_err(unavailable)?;
+        let answer = self.txn(&txn).await?;
         let revision = answer.header().map_or(0, |h| h.revision());
         if answer.succeeded() {
             let mut seen = self.seen();
@@ -281,9 +320,7 @@ impl Store for EtcdStore {
                 CompareOp::Equal,
                 fence.create_revision,
             )]);
-            let mut client = self.client.clone();
-            let answer =
-                tokio::time::timeout(CALL_TIMEOUT, client.txn(txn)).await.map_err(unavailable)?.map_err(unavailable)?;
+            let answer = self.txn(&txn).await?;
             if answer.succeeded() {
                 Ok(())
             } else {
