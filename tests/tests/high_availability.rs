@@ -247,8 +247,8 @@ async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_
     let mut client = store.client();
     let leader_key = "/fence-test/leader";
     let created = client.put(leader_key, "me", None).await.unwrap().header().unwrap().revision();
-    let mut registry = Registry::default();
-    registry.secret = Some(equilibrio_supervisor::secret::Secret::generate().unwrap());
+    let mut registry =
+        Registry { secret: Some(equilibrio_supervisor::secret::Secret::generate().unwrap()), ..Default::default() };
     let keys = [Key::Secret];
     let change = |fenced| Change { after: &registry, keys: &keys, eventful: true, fenced };
 
