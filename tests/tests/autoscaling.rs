@@ -10,41 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use equilibrio_tests::containers::{Containers, IMAGE, docker_ready};
 use equilibrio_tests::envoy::Envoy;
 use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 use serde_json::json;
-
-const IMAGE: &str = "equilibrio/agente-vendedor:dev";
-
-/// Removes the test's containers (by service label) when dropped.
-struct Containers(String);
-
-impl Containers {
-    fn ids(&self, running_only: bool) -> Vec<String> {
-        let mut args = vec!["ps", "-q", "--filter"];
-        let label = format!("label=io.equilibrio.service={}", self.0);
-        args.push(&label);
-        if !running_only {
-            args.push("-a");
-        }
-        let out = Command::new("docker").args(&args).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
-    }
-}
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for id in self.ids(false) {
-            let _ = Command::new("docker").args(["rm", "-f", &id]).output();
-        }
-    }
-}
-
-fn docker_ready() {
-    let ok =
-        Command::new("docker").args(["image", "inspect", IMAGE]).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{IMAGE} is missing: run scripts/build-demo-image (scripts/test does; it also starts dockerd)");
-}
 
 fn service_name(test: &str) -> String {
     format!("av-{test}-{}", std::process::id())

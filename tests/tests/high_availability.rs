@@ -16,6 +16,7 @@ use equilibrio_supervisor::persist::PersistError;
 use equilibrio_supervisor::registry::Registry;
 use equilibrio_supervisor::store::{Change, Store};
 use equilibrio_tests::backend::Backend;
+use equilibrio_tests::containers::{Containers, IMAGE, docker_ready};
 use equilibrio_tests::etcd::Etcd;
 use equilibrio_tests::host::{Host, render_config_nodes};
 use equilibrio_tests::supervisor::Supervisor;
@@ -339,4 +340,51 @@ async fn the_bundled_proxy_follows_the_nodes_that_are_up_and_loses_no_request_wh
     assert!(sent > 500, "{sent} requests sent");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
     assert!(proxy.log().contains("asking cluster `supervisor-1` next"), "{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_removal() {
+    docker_ready();
+    let service = format!("av-ha-{}", std::process::id());
+    let containers = Containers(service.clone());
+    let etcd = Etcd::start(1).await.unwrap();
+    let store = etcd.store_yaml("/eq-adopt", "2s");
+    let yaml = format!(
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {{min_instances: 2, max_instances: 3}}\n"
+    );
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        nodes.push(Supervisor::start_node(&format!("node-{i}"), &store, &yaml).await.unwrap());
+    }
+    // the leader starts two containers, and only it: a follower starting its own would make four
+    let started = Instant::now();
+    let healthy =
+        |v: serde_json::Value| v.as_array().map_or(0, |a| a.iter().filter(|i| i["state"] == "healthy").count());
+    while healthy(nodes[1].get(&format!("/v1/services/{service}/instances")).await.unwrap()) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "two instances never became healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut before = containers.ids(true);
+    before.sort();
+    assert_eq!(before.len(), 2, "{before:?}");
+    // the leader dies: the other node leads and adopts them (the deployment secret signs them, from etcd)
+    let first = leader(&nodes, Duration::from_secs(5)).await;
+    nodes[first].kill9();
+    let other = 1 - first;
+    let killed = Instant::now();
+    while !nodes[other].leads().await {
+        assert!(killed.elapsed() < LEASE + Duration::from_secs(1), "no new leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut after = containers.ids(true);
+    after.sort();
+    assert_eq!(after, before, "the same containers: none started, none removed");
+    assert_eq!(healthy(nodes[other].get(&format!("/v1/services/{service}/instances")).await.unwrap()), 2);
+    let events = nodes[other].get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+    assert!(
+        !events.as_array().unwrap().iter().any(|e| e["kind"] == "scale_up" || e["kind"] == "scale_down"),
+        "{events}"
+    );
 }
