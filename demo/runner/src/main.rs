@@ -1,7 +1,8 @@
 //! `equilibrio-demo` (run by `scripts/demo`): starts the supervisor with the demo service (auto-scaled Docker
 //! containers of `equilibrio/agente-vendedor:dev`), a proxy running the filter, and a load ramp (low, high, low), and
 //! narrates: instances and their state, each one's share of the traffic, p95 latency, and every scaling event, up and
-//! back down. Stops everything it started at the end or on Ctrl-C.
+//! back down. Stops everything it started at the end or on Ctrl-C. With `--ha`: three supervisors on etcd, and the
+//! leader is killed at the height of the load; the narration shows who leads, and that no request failed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use equilibrio_demo::{SERVICE, cleanup_containers, instances};
-use equilibrio_tests::supervisor::TOKEN;
+use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 
 const QUIET_PACE_MS: usize = 4000;
 
@@ -26,6 +27,24 @@ struct Args {
     /// Clients at the peak of the ramp.
     #[arg(long, default_value_t = 8)]
     peak_clients: usize,
+    /// Three supervisors on etcd instead of one (the bundled proxy only); the leader is killed mid-demo.
+    #[arg(long)]
+    ha: bool,
+}
+
+/// The node to ask for the narration: one still running.
+fn alive(nodes: &[Supervisor]) -> Option<&Supervisor> {
+    nodes.iter().find(|n| n.pid().is_some())
+}
+
+/// The index of the node that leads, if one does.
+async fn leader(nodes: &[Supervisor]) -> Option<usize> {
+    for (i, n) in nodes.iter().enumerate() {
+        if n.pid().is_some() && n.leads().await {
+            return Some(i);
+        }
+    }
+    None
 }
 
 #[derive(Default)]
@@ -38,15 +57,29 @@ struct Window {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (s, proxy) = equilibrio_demo::start(
-        args.proxy,
-        "{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {measurement_window: 20}, memory_utilization: {measurement_window: 20}, request_rate: {measurement_window: 20}, response_time: {measurement_window: 20}}",
-        15,
-    )
-    .await?;
-    println!("\n  Dashboard: http://{}/   (token: {TOKEN})", s.addr);
-    println!("  Supervisor API: http://{}/openapi.json\n", s.addr);
+    anyhow::ensure!(
+        !args.ha || args.proxy == equilibrio_tests::proxy::Kind::Host,
+        "--ha runs the bundled proxy (give Envoy one cluster per node: docs/high-availability.md)"
+    );
+    let scaling = "{slow_start: 5, scale_down_stabilization: 20, scale_down_cooldown: 10, cpu_utilization: {measurement_window: 20}, memory_utilization: {measurement_window: 20}, request_rate: {measurement_window: 20}, response_time: {measurement_window: 20}}";
+    let (etcd, mut nodes, proxy) = if args.ha {
+        let (etcd, nodes, proxy) = equilibrio_demo::start_ha(scaling, 15).await?;
+        (Some(etcd), nodes, proxy)
+    } else {
+        let (s, proxy) = equilibrio_demo::start(args.proxy, scaling, 15).await?;
+        (None, vec![s], proxy)
+    };
+    for n in &nodes {
+        println!("\n  Dashboard: http://{}/   (token: {TOKEN})", n.addr);
+    }
+    println!("  Supervisor API: http://{}/openapi.json\n", nodes[0].addr);
     println!("  Proxy ({}): {}\n", equilibrio_demo::proxy_name(args.proxy), proxy.url("/search?q=zapatos"));
+    if args.ha {
+        let leads = leader(&nodes).await.map_or("none yet".to_string(), |i| format!("node-{}", i + 1));
+        println!("  Three supervisors on etcd; {leads} leads (health checks, autoscaler). It is killed mid-demo.\n");
+    }
+    // the leader's kill, and whether the new leader was announced
+    let (mut killed_at, mut announced): (Option<Instant>, bool) = (None, false);
 
     let stop = Arc::new(AtomicBool::new(false));
     let wanted = Arc::new(AtomicUsize::new(1));
@@ -107,6 +140,20 @@ async fn main() -> anyhow::Result<()> {
         if t >= args.duration {
             break;
         }
+        if args.ha && killed_at.is_none() && t >= args.duration * 2 / 5 {
+            if let Some(i) = leader(&nodes).await {
+                println!("  >> kill -9 of node-{}, the leader, under load", i + 1);
+                nodes[i].kill9();
+                killed_at = Some(Instant::now());
+            }
+        } else if let Some(at) = killed_at.filter(|_| !announced)
+            && let Some(i) = leader(&nodes).await
+        {
+            let after = at.elapsed().as_secs_f64();
+            println!("  >> node-{} leads, {after:.1} s after the kill; {failed_total} requests failed so far", i + 1);
+            announced = true;
+        }
+        let Some(s) = alive(&nodes) else { break };
         // the ramp: low for the first fifth, peak until three fifths, then low again
         let phase = t * 5 / args.duration.max(5);
         let peak = (1..3).contains(&phase);
@@ -119,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
         let mut lat = w.latencies_ms.clone();
         lat.sort_by(|a, b| a.total_cmp(b));
         let p95 = lat.get(((lat.len() as f64) * 0.95) as usize).copied().unwrap_or(0.0);
-        let states = instances(&s).await;
+        let states = instances(s).await;
         let line: Vec<String> = states
             .iter()
             .map(|(id, st)| {
@@ -156,7 +203,8 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("\n  {total} requests, {failed_total} failed. Stopping the proxy, the supervisor and the containers.");
     drop(proxy);
-    drop(s);
+    nodes.clear();
+    drop(etcd);
     cleanup_containers();
     Ok(())
 }
