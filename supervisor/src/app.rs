@@ -233,6 +233,7 @@ impl App {
         if !gone.is_empty() {
             self.reports().retain(|s, id| !gone.contains(&(s, id)));
         }
+        self.store.share_events(&events);
         self.events.publish(events);
     }
 

@@ -82,22 +82,33 @@ impl EventBus {
         EventBus { live, history: Mutex::new(VecDeque::new()), webhooks }
     }
 
+    /// Publishes events of this supervisor: log, history, stream and webhooks.
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         for e in events {
             tracing::info!(kind = ?e.kind, service = %e.service, instance = e.instance.as_deref().unwrap_or("-"), detail = %e.detail, "event");
-            if let Ok(mut h) = self.history.lock() {
-                if h.len() >= HISTORY {
-                    h.pop_front();
-                }
-                h.push_back(e.clone());
-            }
             for w in &self.webhooks {
                 if w.try_send(e.clone()).is_err() {
                     tracing::warn!("webhook queue full: event dropped");
                 }
             }
-            let _ = self.live.send(e);
+            self.show(e);
         }
+    }
+
+    /// Shows an event another supervisor published (several on etcd): history and stream only. That supervisor
+    /// delivers it to the webhooks, so that each is delivered once.
+    pub fn publish_remote(&self, e: Event) {
+        self.show(e);
+    }
+
+    fn show(&self, e: Event) {
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() >= HISTORY {
+                h.pop_front();
+            }
+            h.push_back(e.clone());
+        }
+        let _ = self.live.send(e);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -64,7 +64,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let app = match config.store.clone() {
         StoreConfig::Etcd(etcd) => {
             let leadership = Arc::new(Leadership::elected());
-            let store = Arc::new(EtcdStore::connect(&etcd, leadership.clone()).await?);
+            let store = Arc::new(EtcdStore::connect(&etcd, &config.node_id, leadership.clone()).await?);
             let mut attempt = 0;
             // two nodes seeding a new deployment at once: the one that loses reads what the other wrote
             let (app, revision) = loop {
@@ -76,7 +76,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     Err(e) => return Err(e.into()),
                 }
             };
+            let app = Arc::new(app);
             tokio::spawn(store.clone().follow(revision));
+            let shown = app.clone();
+            tokio::spawn(store.clone().follow_events(move |e| shown.events.publish_remote(e)));
             let election = Election {
                 client: store.client(),
                 key: leader_key(store.prefix()),
@@ -87,7 +90,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             tokio::spawn(election.run(stop_rx.clone()));
             tracing::info!(node = %config.node_id, endpoints = ?etcd.endpoints, prefix = %etcd.prefix,
                 "registry in etcd, shared with the other supervisors of the prefix");
-            Arc::new(app)
+            app
         }
         StoreConfig::Memory | StoreConfig::File(_) => Arc::new(App::new(config)?),
     };

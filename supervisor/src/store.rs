@@ -63,6 +63,9 @@ pub trait Store: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// Passes this node's events on to the other nodes sharing the store (best effort).
+    fn share_events(&self, _events: &[crate::events::Event]) {}
+
     /// Gives a shared store the registry it keeps current (from other nodes' changes).
     fn attach(&self, _registry: std::sync::Arc<std::sync::Mutex<Registry>>) {}
 

@@ -72,6 +72,21 @@ impl Supervisor {
         }
     }
 
+    /// The service's recent events (the SSE stream's history, read for a second).
+    pub async fn event_history(&self, service: &str) -> String {
+        let Ok(mut resp) =
+            Self::client().get(self.url(&format!("/v1/events?service={service}"))).bearer_auth(TOKEN).send().await
+        else {
+            return String::new();
+        };
+        let mut text = String::new();
+        let until = Instant::now() + Duration::from_secs(1);
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), resp.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    }
+
     /// Whether this node says it leads (its `equilibrio_supervisor_leader` metric).
     pub async fn leads(&self) -> bool {
         let text =

@@ -242,22 +242,6 @@ async fn a_missing_image_is_a_failed_scaling_event_and_user_containers_are_serve
     assert_eq!(containers.ids(true).len(), 2, "still running, never stopped by us, and nothing else could start");
 }
 
-/// The service's recent events (the SSE stream's history, read for a second).
-async fn event_history(s: &Supervisor, service: &str) -> String {
-    let mut resp = Supervisor::client()
-        .get(s.url(&format!("/v1/events?service={service}")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let mut text = String::new();
-    let until = Instant::now() + Duration::from_secs(1);
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), resp.chunk()).await {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text
-}
-
 async fn scaling_events(s: &Supervisor, service: &str) -> Vec<serde_json::Value> {
     s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap().as_array().cloned().unwrap_or_default()
 }
@@ -314,7 +298,7 @@ async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays
     assert!(start.elapsed() >= Duration::from_secs(3), "replaced before replace_unhealthy_after");
     let replaced: Vec<_> = scaling_events(&s, &service).await.into_iter().filter(|e| e["kind"] == "replaced").collect();
     assert_eq!(replaced.len(), 1, "{replaced:?}");
-    let events = event_history(&s, &service).await;
+    let events = s.event_history(&service).await;
     assert!(events.contains("\"draining\""), "the replaced instance was drained first: {events}");
 
     // two of three stop answering at once: that is not the containers, nothing is replaced, an event says so
@@ -356,7 +340,7 @@ async fn a_restart_after_the_start_timeout_adopts_everything_and_only_what_stays
     }
     let start = Instant::now();
     loop {
-        let events = event_history(&s, &service).await;
+        let events = s.event_history(&service).await;
         if events.contains("replacements_held") && events.contains("replacements_resumed") {
             break;
         }
@@ -556,7 +540,7 @@ async fn dockerd_stopped_and_restarted_under_the_supervisor() {
         v
     };
     assert_eq!(ids(&during), ids(&table), "the table changed while Docker was away");
-    let events = event_history(&s, &service).await;
+    let events = s.event_history(&service).await;
     assert!(events.contains("docker_unreachable") || s.log().contains("docker unreachable"), "{events}");
 
     // dockerd back: the supervisor recovers by itself (ready again, two healthy instances, whatever dockerd did to

@@ -116,6 +116,11 @@ async fn a_write_through_any_node_is_every_nodes_at_one_table_version_and_surviv
         tables.push(n.get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap());
     }
     assert!(tables.windows(2).all(|w| w[0] == w[1]), "{tables:#?}");
+    // every node shows the events, wherever they happened: the registration (node 1), the health (the leader)
+    for n in &nodes {
+        let events = n.event_history(SERVICE).await;
+        assert!(events.contains("\"kind\":\"registered\"") && events.contains("\"kind\":\"healthy\""), "{events}");
+    }
     // a policy change through node 2, then node 1 (which took the registration) is killed
     let (code, _) = nodes[2]
         .call("PUT", &format!("/v1/services/{SERVICE}/policy"), Some(json!({"algorithm": "least_connections"})))
@@ -244,7 +249,7 @@ async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_
     let config =
         EtcdConfig { endpoints: etcd.endpoints(), prefix: "/fence-test".into(), lease_ttl_ms: 2000, user: None };
     let leadership = Arc::new(Leadership::elected());
-    let store = EtcdStore::connect(&config, leadership.clone()).await.unwrap();
+    let store = EtcdStore::connect(&config, "node-a", leadership.clone()).await.unwrap();
     let mut client = store.client();
     let leader_key = "/fence-test/leader";
     let created = client.put(leader_key, "me", None).await.unwrap().header().unwrap().revision();
@@ -258,7 +263,7 @@ async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_
     leadership.won(Fence { key: leader_key.into(), create_revision: created }, Instant::now() + Duration::from_secs(5));
     store.commit(change(true)).await.unwrap();
     // another node's view is stale: the same key written again without having seen this write is a conflict
-    let other = EtcdStore::connect(&config, Arc::new(Leadership::elected())).await.unwrap();
+    let other = EtcdStore::connect(&config, "node-b", Arc::new(Leadership::elected())).await.unwrap();
     assert!(matches!(other.commit(change(false)).await, Err(PersistError::Conflict)));
     // the leader key changes hands (another node's): this node's fenced writes are refused by etcd itself
     client.delete(leader_key, None).await.unwrap();

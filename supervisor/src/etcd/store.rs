@@ -5,15 +5,22 @@
 //!
 //! A value that does not parse (written by a newer version, or by hand) is skipped, counted and logged, and the node
 //! keeps what it had for that key.
+//!
+//! Events travel the same way: each node puts the events it publishes under `<prefix>/events/<node>/`, bound to a
+//! lease of ten minutes (they are news, not state), and shows the other nodes' events on its own stream and history
+//! ([`EtcdStore::follow_events`]); webhooks get each event once, from the node that published it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 
 use super::layout::{self, Key};
 use crate::config::EtcdConfig;
+use crate::events::Event;
 use crate::leadership::Leadership;
 use crate::registry::Registry;
 use crate::store::{Change, PersistError, Store, StoreFuture};
@@ -31,7 +38,16 @@ pub struct EtcdStore {
     registry: OnceLock<Arc<Mutex<Registry>>>,
     /// Values that did not parse, since the start.
     malformed: std::sync::atomic::AtomicU64,
+    /// This node's events, on their way to etcd (one writer keeps their order).
+    outbox: tokio::sync::mpsc::Sender<Vec<Event>>,
+    /// This node's id: its events' directory.
+    node: String,
 }
+
+/// How long events stay in etcd for the other nodes to see.
+const EVENT_TTL_S: i64 = 600;
+/// This node's events waiting to be written; beyond it they are shown here only.
+const OUTBOX: usize = 1024;
 
 fn unavailable(e: impl std::fmt::Display) -> PersistError {
     PersistError::Unavailable(e.to_string())
@@ -71,8 +87,12 @@ fn not_delivered(e: &etcd_client::Error) -> bool {
 }
 
 impl EtcdStore {
-    /// Connects to etcd (a member that answers within a few seconds).
-    pub async fn connect(config: &EtcdConfig, leadership: Arc<Leadership>) -> Result<EtcdStore, PersistError> {
+    /// Connects to etcd (a member that answers within a few seconds). `node` names this node's events.
+    pub async fn connect(
+        config: &EtcdConfig,
+        node: &str,
+        leadership: Arc<Leadership>,
+    ) -> Result<EtcdStore, PersistError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
@@ -81,7 +101,11 @@ impl EtcdStore {
             options = options.with_user(user.clone(), password.clone());
         }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(unavailable)?;
+        let (outbox, pending) = tokio::sync::mpsc::channel(OUTBOX);
+        tokio::spawn(write_events(client.clone(), format!("{}/events/{node}/", config.prefix), pending));
         Ok(EtcdStore {
+            outbox,
+            node: node.to_string(),
             client,
             prefix: config.prefix.clone(),
             leadership,
@@ -201,6 +225,35 @@ impl EtcdStore {
             }
         }
         Ok(revision)
+    }
+
+    /// Shows the events the other nodes publish, as they come (from now on), through `show`.
+    pub async fn follow_events(self: Arc<Self>, show: impl Fn(Event) + Send + 'static) {
+        let dir = format!("{}/events/", self.prefix);
+        let mine = format!("{dir}{}/", self.node);
+        loop {
+            let mut client = self.client.clone();
+            let watched = async {
+                let mut stream = client.watch(dir.clone(), Some(WatchOptions::new().with_prefix())).await?;
+                while let Some(answer) = stream.message().await? {
+                    for event in answer.events() {
+                        let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else { continue };
+                        if kv.key().starts_with(mine.as_bytes()) {
+                            continue;
+                        }
+                        match serde_json::from_slice::<Event>(kv.value()) {
+                            Ok(e) => show(e),
+                            Err(why) => self.refused(&Key::Secret, &format!("event: {why}")),
+                        }
+                    }
+                }
+                Ok::<(), etcd_client::Error>(())
+            };
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "watching the other nodes' events failed; again in a second");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Replaces the registry with etcd's whole prefix; the revision read at.
@@ -330,7 +383,42 @@ impl Store for EtcdStore {
         })
     }
 
+    fn share_events(&self, events: &[Event]) {
+        if !events.is_empty() && self.outbox.try_send(events.to_vec()).is_err() {
+            tracing::warn!("events not passed on to the other supervisors: too many waiting");
+        }
+    }
+
     fn attach(&self, registry: Arc<Mutex<Registry>>) {
         let _ = self.registry.set(registry);
+    }
+}
+
+/// Writes this node's events under `dir`, in order, with a lease of [`EVENT_TTL_S`] granted anew when the last one is
+/// near its end. An event that cannot be written is shown on this node only.
+async fn write_events(mut client: Client, dir: String, mut pending: tokio::sync::mpsc::Receiver<Vec<Event>>) {
+    let mut lease: Option<(i64, std::time::Instant)> = None;
+    let mut seq = 0u64;
+    while let Some(events) = pending.recv().await {
+        if lease.is_none_or(|(_, at)| at.elapsed() > Duration::from_secs(EVENT_TTL_S as u64 / 2)) {
+            lease = match tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(EVENT_TTL_S, None)).await {
+                Ok(Ok(l)) => Some((l.id(), std::time::Instant::now())),
+                _ => None,
+            };
+        }
+        let Some((id, _)) = lease else {
+            tracing::debug!("no lease for events: not passed on");
+            continue;
+        };
+        for e in events {
+            seq += 1;
+            let Ok(value) = serde_json::to_vec(&e) else { continue };
+            let key = format!("{dir}{:016}-{seq:08}", e.time_ms);
+            let put = client.put(key, value, Some(PutOptions::new().with_lease(id)));
+            if !matches!(tokio::time::timeout(CALL_TIMEOUT, put).await, Ok(Ok(_))) {
+                tracing::debug!("an event was not passed on to the other supervisors");
+                lease = None;
+            }
+        }
     }
 }
