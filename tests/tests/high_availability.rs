@@ -136,6 +136,25 @@ async fn a_write_through_any_node_is_every_nodes_at_one_table_version_and_surviv
     // a node that starts later reads it all from etcd
     nodes[1].restart().await.unwrap();
     assert_eq!(state(&nodes[1], "av-1").await.as_deref(), Some("healthy"));
+    // a proxy's report sent to a follower reaches the leader (its autoscaler and drains read them)
+    let first = leader(&nodes, Duration::from_secs(5)).await;
+    let follower = (first + 1) % 3;
+    let version = nodes[follower].get(&format!("/v1/services/{SERVICE}/endpoints")).await.unwrap()["version"].clone();
+    let report = json!({"service": SERVICE, "proxy": "p1", "table_version": version, "window_ms": 1000,
+        "endpoints": [{"id": "av-1", "requests": 40, "errors": 0, "latency_sum_ms": 40.0, "latency_p95_ms": 2.0}]});
+    assert_eq!(nodes[follower].call("POST", "/v1/reports", Some(report)).await.unwrap().0, 204);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let listed = nodes[first].get(&format!("/v1/services/{SERVICE}/instances")).await.unwrap();
+        let requests =
+            listed.as_array().unwrap().iter().find(|i| i["id"] == "av-1").unwrap()["traffic"]["requests_total"]
+                .as_u64();
+        if requests == Some(40) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader never got the report: {requests:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,8 +345,9 @@ async fn the_bundled_proxy_follows_the_nodes_that_are_up_and_loses_no_request_wh
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // the node the proxy asks first dies (whether it leads or not): the proxy moves to the other one, which leads
-    // within the lease; a backend registered through it then gets traffic through the proxy
+    // the node the proxy asks first, and the leader (it started first), dies: the proxy moves to the other one,
+    // which leads within the lease; a backend registered through it then gets traffic through the proxy
+    assert_eq!(leader(&nodes, Duration::from_secs(5)).await, 0, "the first node started leads");
     nodes[0].kill9();
     leader(&nodes[1..], LEASE + Duration::from_secs(2)).await;
     assert_eq!(register(&nodes[1], &b).await, 201);
