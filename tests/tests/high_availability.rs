@@ -375,10 +375,10 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
     let etcd = Etcd::start(1).await.unwrap();
     let store = etcd.store_yaml("/eq-adopt", "2s");
     let yaml = format!(
-        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {{min_instances: 2, max_instances: 3}}\n"
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {{min_instances: 2, max_instances: 3, slow_start: 0}}\n"
     );
     let mut nodes = Vec::new();
-    for i in 0..2 {
+    for i in 0..3 {
         nodes.push(Supervisor::start_node(&format!("node-{i}"), &store, &yaml).await.unwrap());
     }
     // the leader starts two containers, and only it: a follower starting its own would make four
@@ -393,15 +393,18 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
     let mut before = containers.ids(true);
     before.sort();
     assert_eq!(before.len(), 2, "{before:?}");
-    // the leader dies: the other node leads and adopts them (the deployment secret signs them, from etcd)
+    // the leader dies: another node leads and adopts them (the deployment secret signs them, from etcd)
     let first = leader(&nodes, Duration::from_secs(5)).await;
     nodes[first].kill9();
-    let other = 1 - first;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != first).collect();
     let killed = Instant::now();
-    while !nodes[other].leads().await {
+    let other = loop {
+        if let Some(&i) = futures_first(&nodes, &rest).await {
+            break i;
+        }
         assert!(killed.elapsed() < LEASE + Duration::from_secs(1), "no new leader");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut after = containers.ids(true);
     after.sort();
@@ -412,4 +415,41 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
         !events.as_array().unwrap().iter().any(|e| e["kind"] == "scale_up" || e["kind"] == "scale_down"),
         "{events}"
     );
+    // the new leader stalls (SIGSTOP) past its lease: the third node leads; woken, the stalled one touches no
+    // container (Docker's events) and writes nothing (the table version)
+    let third = rest.into_iter().find(|&i| i != other).unwrap();
+    nodes[other].pause(true);
+    let paused = Instant::now();
+    while !nodes[third].leads().await {
+        assert!(paused.elapsed() < LEASE + Duration::from_secs(1), "no new leader while the old one is stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let version = nodes[third].get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["version"].clone();
+    let woken = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    nodes[other].pause(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!nodes[other].leads().await);
+    let docker_events = std::process::Command::new("docker")
+        .args(["events", "--since", &woken.to_string(), "--until", "0s", "--filter"])
+        .arg(format!("label=io.equilibrio.service={service}"))
+        .output()
+        .unwrap();
+    let docker_events = String::from_utf8_lossy(&docker_events.stdout).to_string();
+    assert!(docker_events.trim().is_empty(), "container actions after the stalled leader woke: {docker_events}");
+    let mut now = containers.ids(true);
+    now.sort();
+    assert_eq!(now, before);
+    let after = nodes[third].get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["version"].clone();
+    assert_eq!(version, after, "nothing written after it woke");
+}
+
+/// The first of `candidates` that leads.
+async fn futures_first<'a>(nodes: &[Supervisor], candidates: &'a [usize]) -> Option<&'a usize> {
+    for i in candidates {
+        if nodes[*i].leads().await {
+            return Some(i);
+        }
+    }
+    None
 }
