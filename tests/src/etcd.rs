@@ -95,6 +95,23 @@ impl Etcd {
         }
     }
 
+    /// Waits until a running member says the cluster is healthy (it has a leader: after a member's loss, etcd's
+    /// election takes about its election timeout, a second here).
+    pub async fn wait_quorum(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.child.is_some() && self.wait_healthy(i, Duration::from_millis(1)).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd has no quorum after {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()

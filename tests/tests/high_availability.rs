@@ -220,8 +220,9 @@ async fn without_etcd_quorum_writes_get_a_503_and_everything_recovers_when_it_re
     let nodes = nodes(&etcd, 2).await;
     let (a, b) = (Backend::start("av-1").await.unwrap(), Backend::start("av-2").await.unwrap());
     assert_eq!(register(&nodes[0], &a).await, 201);
-    // one member of three lost: everything works
+    // one member of three lost: everything works (once etcd has its leader: a second when the lost member led it)
     etcd.kill(2);
+    etcd.wait_quorum(Duration::from_secs(5)).await.unwrap();
     assert_eq!(register(&nodes[1], &b).await, 201);
     let all: Vec<&Supervisor> = nodes.iter().collect();
     wait_state_everywhere(&all, "av-2", "healthy", Duration::from_secs(5)).await;

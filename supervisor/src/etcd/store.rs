@@ -53,26 +53,34 @@ fn unavailable(e: impl std::fmt::Display) -> PersistError {
     PersistError::Unavailable(e.to_string())
 }
 
-/// Runs an etcd call within [`CALL_TIMEOUT`], again (up to three times) when etcd says the call did not reach it: a
-/// member that is gone, and the client moves on to another. A transaction is conditioned on what this node saw, so
-/// one that was taken after all cannot be taken twice: its second run is a conflict.
+/// One attempt's share of [`CALL_TIMEOUT`]: a member that is gone can hold a call until its connection is found dead.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Runs an etcd call within [`CALL_TIMEOUT`], again when it did not reach etcd or did not come back within
+/// [`ATTEMPT_TIMEOUT`] (a member that is gone: the client moves on to another). Gets are safe to repeat, and a
+/// transaction is conditioned on what this node saw, so one that was taken after all cannot be taken twice: its
+/// second run is a conflict.
 async fn call<T, F, Fut>(mut f: F) -> Result<T, PersistError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
-    let mut attempt = 0;
     loop {
-        attempt += 1;
-        match tokio::time::timeout_at(deadline, f()).await {
+        let attempt_end = (tokio::time::Instant::now() + ATTEMPT_TIMEOUT).min(deadline);
+        match tokio::time::timeout_at(attempt_end, f()).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if attempt < 3 && not_delivered(&e) => {
-                tracing::debug!(error = %e, "etcd call not delivered; trying another member");
+            Ok(Err(e)) if !not_delivered(&e) => return Err(unavailable(e)),
+            outcome => {
+                if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                    return Err(match outcome {
+                        Ok(Err(e)) => unavailable(e),
+                        _ => unavailable(format!("etcd did not answer within {CALL_TIMEOUT:?}")),
+                    });
+                }
+                tracing::debug!("etcd call not answered; trying again, maybe on another member");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok(Err(e)) => return Err(unavailable(e)),
-            Err(_) => return Err(unavailable(format!("etcd did not answer within {CALL_TIMEOUT:?}"))),
         }
     }
 }
