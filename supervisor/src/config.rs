@@ -191,6 +191,12 @@ enum RawStore {
         username: Option<String>,
         #[serde(default)]
         password_file: Option<PathBuf>,
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+        #[serde(default)]
+        cert_file: Option<PathBuf>,
+        #[serde(default)]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -215,6 +221,22 @@ pub struct EtcdConfig {
     pub lease_ttl_ms: u64,
     /// etcd authentication: the user, and the password read from `password_file`.
     pub user: Option<(String, String)>,
+    /// TLS to etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signed its certificates, and this node's client certificate and key when etcd asks for
+/// one (`--client-cert-auth`). PEM, read at start.
+#[derive(Clone, PartialEq)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -330,16 +352,53 @@ impl Config {
             (Some(_), Some(_)) => return Err(err("state_file", "give either `state_file` or `store`, not both")),
             (None, Some(path)) | (Some(RawStore::File { path }), None) => StoreConfig::File(path),
             (None, None) => StoreConfig::Memory,
-            (Some(RawStore::Etcd { endpoints, prefix, lease_ttl, username, password_file }), None) => {
+            (
+                Some(RawStore::Etcd {
+                    endpoints,
+                    prefix,
+                    lease_ttl,
+                    username,
+                    password_file,
+                    ca_file,
+                    cert_file,
+                    key_file,
+                }),
+                None,
+            ) => {
                 if endpoints.is_empty() {
                     return Err(err("store.endpoints", "list at least one etcd client URL"));
                 }
+                let https = endpoints.first().is_some_and(|e| e.starts_with("https://"));
                 for (i, e) in endpoints.iter().enumerate() {
-                    let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
-                    if rest.is_none_or(|r| r.is_empty() || r.contains('/')) {
-                        return Err(err(format!("store.endpoints[{i}]"), "must be http://host:port"));
+                    let scheme = if https { "https://" } else { "http://" };
+                    if e.strip_prefix(scheme).is_none_or(|r| r.is_empty() || r.contains('/')) {
+                        return Err(err(
+                            format!("store.endpoints[{i}]"),
+                            format!("must be {scheme}host:port, as the first"),
+                        ));
                     }
                 }
+                let read = |key: &str, path: &PathBuf| {
+                    std::fs::read(path)
+                        .map_err(|e| err(format!("store.{key}"), format!("cannot read {}: {e}", path.display())))
+                };
+                let tls = match (https, ca_file, cert_file, key_file) {
+                    (false, None, None, None) => None,
+                    (false, ..) => return Err(err("store.ca_file", "TLS files need https:// endpoints")),
+                    (true, None, ..) => {
+                        return Err(err("store.ca_file", "https:// endpoints need the CA of etcd's certificates"));
+                    }
+                    (true, Some(ca), cert, key) => {
+                        let identity = match (cert, key) {
+                            (None, None) => None,
+                            (Some(c), Some(k)) => Some((read("cert_file", &c)?, read("key_file", &k)?)),
+                            _ => {
+                                return Err(err("store.cert_file", "give both `cert_file` and `key_file`, or neither"));
+                            }
+                        };
+                        Some(EtcdTls { ca_pem: read("ca_file", &ca)?, identity })
+                    }
+                };
                 let prefix = prefix.unwrap_or_else(|| "/equilibrio".into());
                 if !prefix.starts_with('/')
                     || prefix.len() < 2
@@ -361,7 +420,7 @@ impl Config {
                     }
                     _ => return Err(err("store.username", "give both `username` and `password_file`, or neither")),
                 };
-                StoreConfig::Etcd(EtcdConfig { endpoints, prefix, lease_ttl_ms, user })
+                StoreConfig::Etcd(EtcdConfig { endpoints, prefix, lease_ttl_ms, user, tls })
             }
         };
         let node_id = raw.node_id.unwrap_or_else(|| format!("supervisor-{}", listen.port()));
@@ -543,6 +602,34 @@ services:
                 "services.s.instances[1].id",
             ),
             ("listen: 0.0.0.0:9900\n", "listen"),
+        ];
+        for (yaml, key) in cases {
+            let e = Config::parse(yaml, None).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_a_file_or_etcd_named_by_its_keys() {
+        let c = Config::parse("state_file: /tmp/s.json\n", None).unwrap();
+        assert_eq!(c.store, StoreConfig::File("/tmp/s.json".into()));
+        let c =
+            Config::parse("store: {kind: etcd, endpoints: ['http://127.0.0.1:2379']}\nnode_id: n1\n", None).unwrap();
+        let StoreConfig::Etcd(e) = c.store else { panic!("not etcd") };
+        assert_eq!((e.prefix.as_str(), e.lease_ttl_ms, c.node_id.as_str()), ("/equilibrio", 5000, "n1"));
+        let cases = [
+            ("state_file: a\nstore: {kind: file, path: b}\n", "state_file"),
+            ("store: {kind: etcd, endpoints: []}\n", "store.endpoints"),
+            ("store: {kind: etcd, endpoints: ['http://a:1', 'https://b:1']}\n", "store.endpoints[1]"),
+            ("store: {kind: etcd, endpoints: ['127.0.0.1:2379']}\n", "store.endpoints[0]"),
+            ("store: {kind: etcd, endpoints: ['http://a:1'], lease_ttl: 500ms}\n", "store.lease_ttl"),
+            ("store: {kind: etcd, endpoints: ['http://a:1'], prefix: equilibrio}\n", "store.prefix"),
+            ("store: {kind: etcd, endpoints: ['http://a:1'], ca_file: /x}\n", "store.ca_file"),
+            ("store: {kind: etcd, endpoints: ['https://a:1']}\n", "store.ca_file"),
+            ("store: {kind: etcd, endpoints: ['https://a:1'], ca_file: /nonexistent}\n", "store.ca_file"),
+            ("store: {kind: etcd, endpoints: ['http://a:1'], username: u}\n", "store.username"),
+            ("store: {kind: consul}\n", "store.kind"),
+            ("node_id: 'a b'\n", "node_id"),
         ];
         for (yaml, key) in cases {
             let e = Config::parse(yaml, None).unwrap_err();

@@ -1,5 +1,7 @@
 //! Runs real etcd (Debian's `etcd-server`, installed by `scripts/setup`): one member, or a cluster of three for the
-//! failure tests, on free loopback ports with data in fresh directories. Members can be killed and started again.
+//! failure tests, on free loopback ports with data in fresh directories; optionally with TLS and client certificates.
+//! Members can be killed and started again. Health is read on a plain-HTTP metrics port, whatever the client port
+//! speaks.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,6 +15,7 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    metrics: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -20,6 +23,16 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<Tls>,
+}
+
+/// The PEM files of a TLS etcd: the CA, the server's certificate and key (for 127.0.0.1); clients must present a
+/// certificate the CA signed.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub fn binary() -> anyhow::Result<PathBuf> {
@@ -33,6 +46,11 @@ pub fn binary() -> anyhow::Result<PathBuf> {
 impl Etcd {
     /// A cluster of `n` members (1 or 3), every member answering.
     pub async fn start(n: usize) -> anyhow::Result<Etcd> {
+        Etcd::start_with(n, None).await
+    }
+
+    /// [`Etcd::start`] speaking TLS to clients (`https://` endpoints) and requiring their certificates.
+    pub async fn start_with(n: usize, tls: Option<Tls>) -> anyhow::Result<Etcd> {
         let root = crate::work_dir("etcd")?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -40,13 +58,14 @@ impl Etcd {
                 name: format!("m{i}"),
                 client: free_port()?,
                 peer: free_port()?,
+                metrics: free_port()?,
                 dir: root.join(format!("m{i}")),
                 child: None,
             });
         }
         let initial_cluster =
             members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut etcd = Etcd { members, initial_cluster };
+        let mut etcd = Etcd { members, initial_cluster, tls };
         for i in 0..n {
             etcd.spawn(i)?;
         }
@@ -58,14 +77,22 @@ impl Etcd {
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        let scheme = self.scheme();
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
         std::fs::create_dir_all(&m.dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(m.dir.with_extension("log"))?;
-        let child = Command::new(binary()?)
+        let mut command = Command::new(binary()?);
+        if let Some(t) = &tls {
+            command.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key);
+            command.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.dir)
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://127.0.0.1:{}", m.client)])
+            .args(["--advertise-client-urls", &format!("{scheme}://127.0.0.1:{}", m.client)])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", m.metrics)])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
             .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
@@ -80,7 +107,7 @@ impl Etcd {
     }
 
     async fn wait_healthy(&self, i: usize, within: Duration) -> anyhow::Result<()> {
-        let url = format!("http://127.0.0.1:{}/health", self.members[i].client);
+        let url = format!("http://127.0.0.1:{}/health", self.members[i].metrics);
         let deadline = Instant::now() + within;
         loop {
             if let Ok(r) = reqwest::get(&url).await
@@ -112,9 +139,13 @@ impl Etcd {
         }
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
+        self.members.iter().map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client)).collect()
     }
 
     /// The supervisor's `store:` section for this cluster.

@@ -266,8 +266,13 @@ async fn without_etcd_quorum_writes_get_a_503_and_everything_recovers_when_it_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_refuses_a_fenced_write_from_a_node_whose_leader_key_is_gone_and_a_stale_view() {
     let etcd = Etcd::start(1).await.unwrap();
-    let config =
-        EtcdConfig { endpoints: etcd.endpoints(), prefix: "/fence-test".into(), lease_ttl_ms: 2000, user: None };
+    let config = EtcdConfig {
+        endpoints: etcd.endpoints(),
+        prefix: "/fence-test".into(),
+        lease_ttl_ms: 2000,
+        user: None,
+        tls: None,
+    };
     let leadership = Arc::new(Leadership::elected());
     let store = EtcdStore::connect(&config, "node-a", leadership.clone()).await.unwrap();
     let mut client = store.client();
@@ -453,4 +458,69 @@ async fn futures_first<'a>(nodes: &[Supervisor], candidates: &'a [usize]) -> Opt
         }
     }
     None
+}
+
+/// A CA, and two certificates it signed (for 127.0.0.1, server and client use) written as PEM files in `dir`: the
+/// CA, etcd's pair and the supervisor's pair.
+fn tls_files(dir: &std::path::Path) -> (equilibrio_tests::etcd::Tls, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "equilibrio etcd test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = |name: &str| {
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (server_cert, server_key) = leaf("localhost");
+    let (client_cert, client_key) = leaf("equilibrio-supervisor");
+    let tls = equilibrio_tests::etcd::Tls {
+        ca: write("ca.pem", &ca_cert.pem()),
+        cert: write("etcd.pem", &server_cert),
+        key: write("etcd-key.pem", &server_key),
+    };
+    (tls, write("supervisor.pem", &client_cert), write("supervisor-key.pem", &client_key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisors_speak_tls_to_etcd_with_a_client_certificate() {
+    let dir = equilibrio_tests::work_dir("etcd-tls").unwrap();
+    let (tls, cert, key) = tls_files(&dir);
+    let etcd = Etcd::start_with(1, Some(tls.clone())).await.unwrap();
+    let endpoints = etcd.endpoints().iter().map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ");
+    assert!(endpoints.contains("https://"));
+    let store = |with_cert: bool| {
+        let client = if with_cert {
+            format!(", cert_file: '{}', key_file: '{}'", cert.display(), key.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "store: {{kind: etcd, endpoints: [{endpoints}], prefix: /eq-tls, lease_ttl: 2s, ca_file: '{}'{client}}}\n",
+            tls.ca.display()
+        )
+    };
+    let nodes = [
+        Supervisor::start_node("node-0", &store(true), &service_yaml()).await.unwrap(),
+        Supervisor::start_node("node-1", &store(true), &service_yaml()).await.unwrap(),
+    ];
+    let backend = Backend::start("av-1").await.unwrap();
+    assert_eq!(register(&nodes[0], &backend).await, 201);
+    wait_state_everywhere(&nodes.iter().collect::<Vec<_>>(), "av-1", "healthy", Duration::from_secs(5)).await;
+    leader(&nodes, Duration::from_secs(5)).await;
+    // without a client certificate etcd refuses the connection: the node does not start on a registry it cannot read
+    let refused = Supervisor::start_node("node-2", &store(false), &service_yaml()).await;
+    let Err(e) = refused else { panic!("a node without a client certificate started") };
+    assert!(e.to_string().contains("registry store is unavailable"), "{e}");
 }

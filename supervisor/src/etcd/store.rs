@@ -108,6 +108,13 @@ impl EtcdStore {
         if let Some((user, password)) = &config.user {
             options = options.with_user(user.clone(), password.clone());
         }
+        if let Some(tls) = &config.tls {
+            let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
+        }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(unavailable)?;
         let (outbox, pending) = tokio::sync::mpsc::channel(OUTBOX);
         tokio::spawn(write_events(client.clone(), format!("{}/events/{node}/", config.prefix), pending));
