@@ -405,7 +405,7 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
     let rest: Vec<usize> = (0..3).filter(|&i| i != first).collect();
     let killed = Instant::now();
     let other = loop {
-        if let Some(&i) = futures_first(&nodes, &rest).await {
+        if let Some(&i) = first_leading(&nodes, &rest).await {
             break i;
         }
         assert!(killed.elapsed() < LEASE + Duration::from_secs(1), "no new leader");
@@ -451,7 +451,7 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
 }
 
 /// The first of `candidates` that leads.
-async fn futures_first<'a>(nodes: &[Supervisor], candidates: &'a [usize]) -> Option<&'a usize> {
+async fn first_leading<'a>(nodes: &[Supervisor], candidates: &'a [usize]) -> Option<&'a usize> {
     for i in candidates {
         if nodes[*i].leads().await {
             return Some(i);
