@@ -27,6 +27,16 @@ pub enum Key {
 /// The directory of the registry's keys under the prefix.
 pub const REGISTRY_DIR: &str = "/registry/";
 
+/// Where the registry's keys are.
+pub fn registry_dir(prefix: &str) -> String {
+    format!("{prefix}{REGISTRY_DIR}")
+}
+
+/// Where the nodes' events are, each node's under `<node>/` (see `etcd/store.rs`).
+pub fn events_dir(prefix: &str) -> String {
+    format!("{prefix}/events/")
+}
+
 impl Key {
     pub fn path(&self, prefix: &str) -> String {
         match self {
@@ -200,12 +210,7 @@ pub fn apply(reg: &mut Registry, key: &Key, bytes: Option<&[u8]>) -> Result<(), 
             }
             let svc =
                 reg.services.get_mut(service).ok_or_else(|| format!("instance {service}/{id}: no such service"))?;
-            if let Some(current) = svc.instances.get(id)
-                && current.health.health == inst.health.health
-            {
-                inst.health = current.health;
-                inst.check_latency_ms = current.check_latency_ms;
-            }
+            keep_checker_state(svc.instances.get(id), &mut inst);
             svc.instances.insert(id.clone(), inst);
         }
         (Key::Instance(service, id), None) => {
@@ -215,6 +220,17 @@ pub fn apply(reg: &mut Registry, key: &Key, bytes: Option<&[u8]>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// Keeps this node's health-check counters and last latency in `incoming` (a value from etcd, or from a change) when
+/// the health state is the one it has: they are not shared (see the module's doc).
+pub fn keep_checker_state(current: Option<&Instance>, incoming: &mut Instance) {
+    if let Some(current) = current
+        && current.health.health == incoming.health.health
+    {
+        incoming.health = current.health;
+        incoming.check_latency_ms = current.check_latency_ms;
+    }
 }
 
 /// Copies `key` from `from` into `to` as [`apply`] would put its value, without a round trip through JSON: how a
@@ -247,12 +263,7 @@ pub fn copy(from: &Registry, to: &mut Registry, key: &Key) {
             match inst {
                 Some(inst) => {
                     let mut inst = inst.clone();
-                    if let Some(current) = svc.instances.get(id)
-                        && current.health.health == inst.health.health
-                    {
-                        inst.health = current.health;
-                        inst.check_latency_ms = current.check_latency_ms;
-                    }
+                    keep_checker_state(svc.instances.get(id), &mut inst);
                     svc.instances.insert(id.clone(), inst);
                 }
                 None => {

@@ -117,7 +117,7 @@ impl EtcdStore {
         }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(unavailable)?;
         let (outbox, pending) = tokio::sync::mpsc::channel(OUTBOX);
-        tokio::spawn(write_events(client.clone(), format!("{}/events/{node}/", config.prefix), pending));
+        tokio::spawn(write_events(client.clone(), format!("{}{node}/", layout::events_dir(&config.prefix)), pending));
         Ok(EtcdStore {
             outbox,
             node: node.to_string(),
@@ -147,14 +147,15 @@ impl EtcdStore {
         self.malformed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn refused(&self, key: &Key, why: &str) {
+    /// Counts and logs a value read from etcd that does not parse (`key`: its etcd key).
+    fn refused(&self, key: &str, why: &str) {
         self.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(key = %key.path(&self.prefix), reason = %why, "etcd value refused; keeping what this node had");
+        tracing::warn!(%key, reason = %why, "etcd value refused; keeping what this node had");
     }
 
     /// Reads the whole registry: `None` when etcd holds none yet (a new deployment). Also the revision it was read at.
     pub async fn load(&self) -> Result<(Option<Registry>, i64), PersistError> {
-        let dir = format!("{}{}", self.prefix, layout::REGISTRY_DIR);
+        let dir = layout::registry_dir(&self.prefix);
         let answer = call(|| {
             let (mut client, dir) = (self.client.clone(), dir.clone());
             async move { client.get(dir, Some(GetOptions::new().with_prefix())).await }
@@ -181,7 +182,7 @@ impl EtcdStore {
                 Ok(()) => {
                     seen.insert(key, revision);
                 }
-                Err(why) => self.refused(&key, &why),
+                Err(why) => self.refused(&key.path(&self.prefix), &why),
             }
         }
         Ok((Some(registry), revision))
@@ -207,7 +208,7 @@ impl EtcdStore {
     async fn watch_from(&self, mut revision: i64) -> Result<i64, etcd_client::Error> {
         let Some(registry) = self.registry.get() else { return Ok(revision) };
         let mut client = self.client.clone();
-        let dir = format!("{}{}", self.prefix, layout::REGISTRY_DIR);
+        let dir = layout::registry_dir(&self.prefix);
         let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1).with_progress_notify();
         let mut stream = client.watch(dir, Some(options)).await?;
         while let Some(answer) = stream.message().await? {
@@ -232,7 +233,7 @@ impl EtcdStore {
                     Ok(()) => {
                         seen.insert(key, kv.mod_revision());
                     }
-                    Err(why) => self.refused(&key, &why),
+                    Err(why) => self.refused(&key.path(&self.prefix), &why),
                 }
             }
             if let Some(h) = answer.header() {
@@ -244,7 +245,7 @@ impl EtcdStore {
 
     /// Shows the events the other nodes publish, as they come (from now on), through `show`.
     pub async fn follow_events(self: Arc<Self>, show: impl Fn(Event) + Send + 'static) {
-        let dir = format!("{}/events/", self.prefix);
+        let dir = layout::events_dir(&self.prefix);
         let mine = format!("{dir}{}/", self.node);
         loop {
             let mut client = self.client.clone();
@@ -258,7 +259,7 @@ impl EtcdStore {
                         }
                         match serde_json::from_slice::<Event>(kv.value()) {
                             Ok(e) => show(e),
-                            Err(why) => self.refused(&Key::Secret, &format!("event: {why}")),
+                            Err(why) => self.refused(&String::from_utf8_lossy(kv.key()), &format!("event: {why}")),
                         }
                     }
                 }
@@ -280,12 +281,7 @@ impl EtcdStore {
             // keep the checker's counters for instances whose health did not change
             for (name, svc) in &mut merged.services {
                 for (id, inst) in &mut svc.instances {
-                    if let Some(current) = reg.services.get(name).and_then(|s| s.instances.get(id))
-                        && current.health.health == inst.health.health
-                    {
-                        inst.health = current.health;
-                        inst.check_latency_ms = current.check_latency_ms;
-                    }
+                    layout::keep_checker_state(reg.services.get(name).and_then(|s| s.instances.get(id)), inst);
                 }
             }
             *reg = merged;
@@ -367,7 +363,7 @@ impl EtcdStore {
                     Ok(()) => {
                         seen.insert(k, entry.map_or(0, |(_, r, _)| *r));
                     }
-                    Err(why) => self.refused(&k, &why),
+                    Err(why) => self.refused(&k.path(&self.prefix), &why),
                 }
             }
         }
