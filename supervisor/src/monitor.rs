@@ -145,6 +145,10 @@ async fn housekeeping(app: &App) {
             Err(e) => tracing::warn!(error = %e, "finished drains not kept; checking again"),
         }
     }
+    // a change copies the registry: made only when a heartbeat is missed, not on every round
+    if app.registry().missed_heartbeats(now).is_empty() {
+        return;
+    }
     let expired =
         app.change_as_leader(|reg, now| Ok::<_, crate::persist::PersistError>(((), reg.expire_heartbeats(now)))).await;
     if let Err(e) = expired {

@@ -424,20 +424,25 @@ impl Registry {
 
     /// Removes the instances that missed their heartbeat TTL (as Consul's TTL checks).
     pub fn expire_heartbeats(&mut self, now_ms: u64) -> Vec<Event> {
-        let mut expired = Vec::new();
+        self.missed_heartbeats(now_ms)
+            .into_iter()
+            .flat_map(|(s, id)| self.deregister(&s, &id, now_ms, "missed its heartbeat").unwrap_or_default())
+            .collect()
+    }
+
+    /// (service, instance) of the instances past their heartbeat TTL at `now_ms`.
+    pub fn missed_heartbeats(&self, now_ms: u64) -> Vec<(String, String)> {
+        let mut missed = Vec::new();
         for (name, svc) in &self.services {
             for (id, inst) in &svc.instances {
                 if let Some(ttl) = inst.heartbeat_ttl_ms
                     && now_ms.saturating_sub(inst.last_heartbeat_ms) > ttl
                 {
-                    expired.push((name.clone(), id.clone()));
+                    missed.push((name.clone(), id.clone()));
                 }
             }
         }
-        expired
-            .into_iter()
-            .flat_map(|(s, id)| self.deregister(&s, &id, now_ms, "missed its heartbeat").unwrap_or_default())
-            .collect()
+        missed
     }
 
     pub fn set_policy(&mut self, service: &str, policy: Value, now_ms: u64) -> Result<Vec<Event>, RegistryError> {

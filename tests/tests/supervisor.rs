@@ -569,6 +569,27 @@ async fn hostile_registrations_and_reports_are_refused_naming_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_misses_its_heartbeat_is_removed_and_one_that_keeps_it_stays() {
+    let s = Supervisor::start("environment: development\nservices:\n  av: {}\n").await.unwrap();
+    for id in ["quiet", "alive"] {
+        let body = json!({"id": id, "address": format!("127.0.0.{}:8080", if id == "quiet" { 2 } else { 3 }), "heartbeat_ttl": 1});
+        assert_eq!(s.call("POST", "/v1/services/av/instances", Some(body)).await.unwrap().0, 201);
+    }
+    let started = Instant::now();
+    let ids = || async {
+        let v = s.get("/v1/services/av/instances").await.unwrap();
+        v.as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    while ids().await.contains(&"quiet".to_string()) {
+        assert!(started.elapsed() < Duration::from_secs(3), "not removed after missing its heartbeat");
+        assert_eq!(s.call("POST", "/v1/services/av/instances/alive/heartbeat", None).await.unwrap().0, 204);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900), "removed before its TTL");
+    assert_eq!(ids().await, vec!["alive".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_do_not_follow_redirects() {
     use axum::routing::get;
     let b = backends(1).await;
