@@ -210,6 +210,30 @@ impl Supervisor {
     }
 }
 
+/// The index of the first running node (a killed one is skipped) that says it leads.
+pub async fn leading(nodes: &[Supervisor]) -> Option<usize> {
+    for (i, n) in nodes.iter().enumerate() {
+        if n.pid().is_some() && n.leads().await {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// [`leading`], asked every 20 ms until one leads or `within` has passed.
+pub async fn wait_leading(nodes: &[Supervisor], within: Duration) -> Option<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(i) = leading(nodes).await {
+            return Some(i);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for Supervisor {
     fn drop(&mut self) {
         self.kill9();

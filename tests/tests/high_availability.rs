@@ -19,7 +19,7 @@ use equilibrio_tests::backend::Backend;
 use equilibrio_tests::containers::{Containers, IMAGE, docker_ready};
 use equilibrio_tests::etcd::Etcd;
 use equilibrio_tests::host::{Host, render_config_nodes};
-use equilibrio_tests::supervisor::Supervisor;
+use equilibrio_tests::supervisor::{Supervisor, wait_leading};
 use serde_json::json;
 
 const SERVICE: &str = "agente-vendedor";
@@ -173,19 +173,9 @@ async fn a_killed_or_stalled_leader_is_replaced_within_the_lease_and_the_new_one
     nodes[first].kill9();
     let rest: Vec<usize> = (0..3).filter(|&i| i != first).collect();
     let survivors: Vec<&Supervisor> = rest.iter().map(|&i| &nodes[i]).collect();
-    let second = loop {
-        let mut leading = None;
-        for &i in &rest {
-            if nodes[i].leads().await {
-                leading = Some(i);
-            }
-        }
-        if let Some(i) = leading {
-            break i;
-        }
-        assert!(killed_at.elapsed() < LEASE + Duration::from_secs(1), "no new leader within the lease and a second");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let second = wait_leading(&nodes, LEASE + Duration::from_secs(1)).await;
+    let second = second.expect("no new leader within the lease and a second");
+    assert!(killed_at.elapsed() < LEASE + Duration::from_secs(1), "no new leader within the lease and a second");
     // the new leader checks: a backend killed now is unhealthy on every node within interval x retries and a bit
     b.kill();
     wait_state_everywhere(&survivors, "av-2", "unhealthy", Duration::from_secs(3)).await;
@@ -404,13 +394,8 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
     nodes[first].kill9();
     let rest: Vec<usize> = (0..3).filter(|&i| i != first).collect();
     let killed = Instant::now();
-    let other = loop {
-        if let Some(&i) = first_leading(&nodes, &rest).await {
-            break i;
-        }
-        assert!(killed.elapsed() < LEASE + Duration::from_secs(1), "no new leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let other = wait_leading(&nodes, LEASE + Duration::from_secs(1)).await.expect("no new leader");
+    assert!(killed.elapsed() < LEASE + Duration::from_secs(1), "no new leader");
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut after = containers.ids(true);
     after.sort();
@@ -448,16 +433,6 @@ async fn a_new_leader_adopts_the_running_containers_with_no_duplicate_and_no_rem
     assert_eq!(now, before);
     let after = nodes[third].get(&format!("/v1/services/{service}/endpoints")).await.unwrap()["version"].clone();
     assert_eq!(version, after, "nothing written after it woke");
-}
-
-/// The first of `candidates` that leads.
-async fn first_leading<'a>(nodes: &[Supervisor], candidates: &'a [usize]) -> Option<&'a usize> {
-    for i in candidates {
-        if nodes[*i].leads().await {
-            return Some(i);
-        }
-    }
-    None
 }
 
 /// A CA, and two certificates it signed (for 127.0.0.1, server and client use) written as PEM files in `dir`: the

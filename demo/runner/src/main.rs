@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use equilibrio_demo::{SERVICE, cleanup_containers, instances};
-use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use equilibrio_tests::supervisor::{Supervisor, TOKEN, leading};
 
 const QUIET_PACE_MS: usize = 4000;
 
@@ -35,16 +35,6 @@ struct Args {
 /// The node to ask for the narration: one still running.
 fn alive(nodes: &[Supervisor]) -> Option<&Supervisor> {
     nodes.iter().find(|n| n.pid().is_some())
-}
-
-/// The index of the node that leads, if one does.
-async fn leader(nodes: &[Supervisor]) -> Option<usize> {
-    for (i, n) in nodes.iter().enumerate() {
-        if n.pid().is_some() && n.leads().await {
-            return Some(i);
-        }
-    }
-    None
 }
 
 #[derive(Default)]
@@ -75,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  Supervisor API: http://{}/openapi.json\n", nodes[0].addr);
     println!("  Proxy ({}): {}\n", equilibrio_demo::proxy_name(args.proxy), proxy.url("/search?q=zapatos"));
     if args.ha {
-        let leads = leader(&nodes).await.map_or("none yet".to_string(), |i| format!("node-{}", i + 1));
+        let leads = leading(&nodes).await.map_or("none yet".to_string(), |i| format!("node-{}", i + 1));
         println!("  Three supervisors on etcd; {leads} leads (health checks, autoscaler). It is killed mid-demo.\n");
     }
     // the leader's kill, and whether the new leader was announced
@@ -141,13 +131,13 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
         if args.ha && killed_at.is_none() && t >= args.duration * 2 / 5 {
-            if let Some(i) = leader(&nodes).await {
+            if let Some(i) = leading(&nodes).await {
                 println!("  >> kill -9 of node-{}, the leader, under load", i + 1);
                 nodes[i].kill9();
                 killed_at = Some(Instant::now());
             }
         } else if let Some(at) = killed_at.filter(|_| !announced)
-            && let Some(i) = leader(&nodes).await
+            && let Some(i) = leading(&nodes).await
         {
             let after = at.elapsed().as_secs_f64();
             println!("  >> node-{} leads, {after:.1} s after the kill; {failed_total} requests failed so far", i + 1);
