@@ -29,6 +29,10 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Largest request head (request line and headers) accepted; above it the client gets 431.
     pub max_request_headers_kb: usize,
+    /// Largest body a filter may buffer (`StopIterationAndBuffer`), per request and direction: Envoy's
+    /// `per_connection_buffer_limit_bytes`. Beyond it a request gets 413, a response 500 (or a reset once its head is
+    /// sent).
+    pub buffer_limit_kb: usize,
     /// A client that has not sent a complete request head within this time of its first byte is disconnected.
     pub header_read_timeout: Millis,
     /// A keep-alive connection with no request in flight for this long is closed.
@@ -46,6 +50,7 @@ impl Default for ListenerConfig {
             workers: 0,
             max_connections: 50_000,
             max_request_headers_kb: 60,
+            buffer_limit_kb: 1024,
             header_read_timeout: Millis(10_000),
             idle_timeout: Millis(60_000),
             http2: true,
@@ -249,6 +254,9 @@ impl Config {
         }
         if !(1..=1024).contains(&l.max_request_headers_kb) {
             return Err(err("listener.max_request_headers_kb", "must be between 1 and 1024"));
+        }
+        if !(1..=1024 * 1024).contains(&l.buffer_limit_kb) {
+            return Err(err("listener.buffer_limit_kb", "must be between 1 and 1048576 (1 GiB)"));
         }
         for (key, v) in
             [("listener.header_read_timeout", l.header_read_timeout), ("listener.idle_timeout", l.idle_timeout)]

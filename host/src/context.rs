@@ -58,6 +58,9 @@ pub struct LocalReply {
     pub details: String,
     pub body: Vec<u8>,
     pub headers: Pairs,
+    /// The proxy's own reply (an upstream failure, a limit), not a filter's: as Envoy's router replies, its head
+    /// carries no `content-length` and its body goes chunked over HTTP/1.1.
+    pub proxy: bool,
 }
 
 /// One HTTP request/response as the filters see it.
@@ -73,6 +76,11 @@ pub struct Stream {
     pub local_reply: Option<LocalReply>,
     /// Set by `proxy_close_stream`: the proxy resets the stream.
     pub closed: bool,
+    /// Request and response trailers, once they arrived (read and changed by the trailer callbacks).
+    pub request_trailers: Option<http::HeaderMap>,
+    pub response_trailers: Option<http::HeaderMap>,
+    /// The client's request body has been read to its end (or there was none).
+    pub request_complete: bool,
     pub filter_state: Pairs,
     pub started: Instant,
 }
@@ -89,10 +97,22 @@ impl Stream {
             details: "",
             local_reply: None,
             closed: false,
+            request_trailers: None,
+            response_trailers: None,
+            request_complete: false,
             filter_state: vec![],
             started: Instant::now(),
         }
     }
+}
+
+/// Paused streams by context id.
+pub type Parked = std::collections::HashMap<u32, Box<Stream>>;
+
+/// Which body a body callback sees, and its bytes (what the filter has buffered, the new data included).
+pub struct BodyBuffer {
+    pub response: bool,
+    pub bytes: Vec<u8>,
 }
 
 /// An HTTP call a filter dispatched (`proxy_http_call`), to be made by the driver.
@@ -140,6 +160,13 @@ pub struct HostState {
     /// Metric handles by id, cached so that the hot path takes no lock.
     pub metrics: Vec<Option<Arc<Metric>>>,
     pub stream: Option<Box<Stream>>,
+    /// The context id of `stream`.
+    pub stream_context: u32,
+    /// Streams paused by this VM's filters, by context id: reachable from HTTP-call and tick callbacks (through
+    /// `proxy_set_effective_context`), which may answer them, read or change their headers, or resume them.
+    pub parked: Parked,
+    /// The body buffer of the current body callback (`proxy_get_buffer_bytes` / `proxy_set_buffer_bytes`).
+    pub body: Option<BodyBuffer>,
     pub call_response: Option<CallResponse>,
     pub effects: Effects,
     pub effective_context: u32,
@@ -166,6 +193,9 @@ impl HostState {
             malloc: None,
             metrics: vec![],
             stream: None,
+            stream_context: 0,
+            parked: Parked::new(),
+            body: None,
             call_response: None,
             effects: Effects::default(),
             effective_context: 0,
@@ -173,6 +203,32 @@ impl HostState {
             stdio_line: vec![],
             store_limits,
         }
+    }
+
+    /// The stream of the effective context: the one being called back for, or a paused one a callback reaches.
+    pub fn stream_mut(&mut self) -> Option<&mut Stream> {
+        let context = self.effective_context;
+        if context == self.stream_context
+            && let Some(s) = self.stream.as_deref_mut()
+        {
+            return Some(s);
+        }
+        self.parked.get_mut(&context).map(|s| &mut **s)
+    }
+
+    pub fn stream_ref(&self) -> Option<&Stream> {
+        let context = self.effective_context;
+        if context == self.stream_context
+            && let Some(s) = self.stream.as_deref()
+        {
+            return Some(s);
+        }
+        self.parked.get(&context).map(|s| &**s)
+    }
+
+    /// Whether the effective context is a paused stream (an answer to it must wake the request that waits).
+    pub fn effective_is_parked(&self) -> bool {
+        self.parked.contains_key(&self.effective_context)
     }
 
     pub fn metric(&mut self, id: u32) -> Option<Arc<Metric>> {

@@ -1,6 +1,9 @@
 //! Drives one VM on one thread: starts it, re-creates it after a trap (as Envoy's fail-reload does), runs its tick
 //! timer, makes the HTTP calls it dispatches and delivers their answers, and wakes streams it resumes. Every call
 //! into the VM goes through [`VmSlot::call`], which applies the call's effects once the VM is released.
+//!
+//! A stream a filter paused is parked here ([`VmSlot::park`]) while its request waits, so that the filter's HTTP-call
+//! and tick callbacks can read and change it, answer it locally or resume it, as in Envoy.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,7 +15,7 @@ use tokio::sync::{Notify, oneshot};
 use wasmtime::Engine;
 
 use crate::config::ClusterConfig;
-use crate::context::{Effects, Env, HttpCall};
+use crate::context::{Effects, Env, HttpCall, Parked, Stream};
 use crate::stats::Metric;
 use crate::vm::{Plugin, StartError, Trap, Vm};
 
@@ -27,6 +30,7 @@ pub struct VmSlot {
     tick_changed: Notify,
     waiters: RefCell<HashMap<u32, oneshot::Sender<()>>>,
     resumed_early: RefCell<HashSet<u32>>,
+    parked: RefCell<Parked>,
     restarts: Arc<Metric>,
 }
 
@@ -52,6 +56,7 @@ impl VmSlot {
             tick_changed: Notify::new(),
             waiters: RefCell::new(HashMap::new()),
             resumed_early: RefCell::new(HashSet::new()),
+            parked: RefCell::new(Parked::new()),
             restarts,
         });
         slot.apply_pending();
@@ -90,11 +95,40 @@ impl VmSlot {
                 self.restarts.inc();
                 *guard = None;
                 self.generation.set(self.generation.get() + 1);
+                // the streams it paused wake, see the new generation and fail at once rather than at their timeout
+                for (_, tx) in self.waiters.borrow_mut().drain() {
+                    let _ = tx.send(());
+                }
             }
             (result, effects)
         };
         self.apply(effects);
         result
+    }
+
+    /// [`VmSlot::call`] with the paused streams in the VM's reach (HTTP-call and tick callbacks).
+    fn call_parked(self: &Rc<Self>, f: impl FnOnce(&mut Vm, &mut Parked) -> Result<(), Trap>) -> Result<(), Trap> {
+        let Ok(mut parked) = self.parked.try_borrow_mut() else {
+            return Err(Trap("re-entrant call into the VM".into()));
+        };
+        let mut taken = std::mem::take(&mut *parked);
+        drop(parked);
+        let r = self.call(|vm| f(vm, &mut taken));
+        if let Ok(mut parked) = self.parked.try_borrow_mut() {
+            // streams parked meanwhile (none can be: the call is synchronous) are kept too
+            taken.extend(parked.drain());
+            *parked = taken;
+        }
+        r
+    }
+
+    /// Parks a paused stream (see the module's comment) until [`VmSlot::unpark`].
+    pub fn park(&self, context: u32, stream: Box<Stream>) {
+        self.parked.borrow_mut().insert(context, stream);
+    }
+
+    pub fn unpark(&self, context: u32) -> Option<Box<Stream>> {
+        self.parked.borrow_mut().remove(&context)
     }
 
     fn apply_pending(self: &Rc<Self>) {
@@ -132,7 +166,7 @@ impl VmSlot {
         if self.generation() != generation {
             return; // the VM that asked is gone
         }
-        let _ = self.call(|vm| vm.on_http_call_response(call.context_id, call.token, response));
+        let _ = self.call_parked(|vm, parked| vm.on_http_call_response(call.context_id, call.token, response, parked));
     }
 
     /// Runs the VM's tick timer for as long as the thread runs.
@@ -145,14 +179,15 @@ impl VmSlot {
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(u64::from(ms))) => {
-                    let _ = self.call(Vm::on_tick);
+                    let _ = self.call_parked(Vm::on_tick);
                 }
                 () = self.tick_changed.notified() => {}
             }
         }
     }
 
-    /// Waits until the filter resumes the stream `context` (`proxy_continue_stream`), or `timeout`.
+    /// Waits until the filter resumes the stream `context` (`proxy_continue_stream`, a local reply or a close from a
+    /// callback, or its VM trapping), or `timeout`.
     pub async fn wait_resumed(&self, context: u32, timeout: Duration) -> bool {
         if self.resumed_early.borrow_mut().remove(&context) {
             return true;

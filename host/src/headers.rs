@@ -1,6 +1,10 @@
 //! Header maps as the ABI sees them: HTTP/2-style pseudo headers (`:method`, `:path`, `:authority`, `:scheme`,
 //! `:status`) beside the regular headers, over hyper's request and response heads (no copy into another structure),
 //! or over a plain list (HTTP call responses, local replies).
+//!
+//! A request's `Host` is its `:authority`, as in Envoy (whose codecs turn `Host` into `:authority`): the map a filter
+//! sees has no `host` entry beside it (reading `host` gives the authority, as Envoy's does), nor the codec's
+//! `transfer-encoding`.
 
 use std::borrow::Cow;
 
@@ -14,7 +18,20 @@ pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 pub enum Headers<'a> {
     Request(&'a mut request::Parts),
     Response(&'a mut response::Parts),
+    /// Trailers.
+    Map(&'a mut HeaderMap),
     List(&'a mut Pairs),
+}
+
+/// Whether a request header is in the map a filter sees: `host` is `:authority`, and `transfer-encoding` is the
+/// codec's (Envoy's HTTP/1 codec takes it out of the map too; the upstream request is framed again).
+fn visible(name: &HeaderName) -> bool {
+    name != HOST && name != http::header::TRANSFER_ENCODING
+}
+
+/// How many of a request's headers a filter does not see (see [`visible`]).
+pub fn hidden(headers: &HeaderMap) -> usize {
+    usize::from(headers.contains_key(HOST)) + usize::from(headers.contains_key(http::header::TRANSFER_ENCODING))
 }
 
 fn name_of(name: &[u8]) -> Result<HeaderName, Status> {
@@ -40,10 +57,12 @@ fn joined<'m>(map: &'m HeaderMap, name: &[u8]) -> Option<Cow<'m, [u8]>> {
     Some(Cow::Owned(out))
 }
 
+/// `Host` (which the proxy sets from the URI for HTTP/2 and absolute-form requests, and a filter may change), else
+/// the URI's authority.
 fn authority(parts: &request::Parts) -> Option<&[u8]> {
-    match parts.uri.authority() {
-        Some(a) => Some(a.as_str().as_bytes()),
-        None => parts.headers.get(HOST).map(|h| h.as_bytes()),
+    match parts.headers.get(HOST) {
+        Some(h) => Some(h.as_bytes()),
+        None => parts.uri.authority().map(|a| a.as_str().as_bytes()),
     }
 }
 
@@ -71,12 +90,16 @@ impl Headers<'_> {
                 b":path" => Some(Cow::Borrowed(path(p))),
                 b":authority" => authority(p).map(Cow::Borrowed),
                 b":scheme" => Some(Cow::Borrowed(p.uri.scheme_str().unwrap_or("http").as_bytes())),
+                // Envoy answers `host` with the authority, though its map has no `host` entry
+                b"host" => authority(p).map(Cow::Borrowed),
+                b"transfer-encoding" => None,
                 _ => joined(&p.headers, name),
             },
             Headers::Response(p) => match name {
                 b":status" => Some(Cow::Borrowed(p.status.as_str().as_bytes())),
                 _ => joined(&p.headers, name),
             },
+            Headers::Map(m) => joined(m, name),
             Headers::List(list) => {
                 list.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| Cow::Borrowed(v.as_slice()))
             }
@@ -92,12 +115,16 @@ impl Headers<'_> {
                 pseudo.push((b":path", path(p)));
                 pseudo.push((b":method", p.method.as_str().as_bytes()));
                 pseudo.push((b":scheme", p.uri.scheme_str().unwrap_or("http").as_bytes()));
-                &p.headers
+                pseudo.extend(
+                    p.headers.iter().filter(|(k, _)| visible(k)).map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+                );
+                return crate::abi::pairs::encode(pseudo.iter().copied());
             }
             Headers::Response(p) => {
                 pseudo.push((b":status", p.status.as_str().as_bytes()));
                 &p.headers
             }
+            Headers::Map(m) => m,
             Headers::List(list) => {
                 return crate::abi::pairs::encode(list.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
             }
@@ -108,8 +135,9 @@ impl Headers<'_> {
 
     pub fn len(&self) -> usize {
         match self {
-            Headers::Request(p) => p.headers.len() + 4,
+            Headers::Request(p) => p.headers.len() + 4 - hidden(&p.headers),
             Headers::Response(p) => p.headers.len() + 1,
+            Headers::Map(m) => m.len(),
             Headers::List(l) => l.len(),
         }
     }
@@ -128,6 +156,7 @@ impl Headers<'_> {
                     p.headers.insert(HOST, value_of(value)?);
                 }
                 b":scheme" => {}
+                // `host` is `:authority` (see the module's comment)
                 _ => {
                     p.headers.insert(name_of(name)?, value_of(value)?);
                 }
@@ -138,6 +167,9 @@ impl Headers<'_> {
                     p.headers.insert(name_of(name)?, value_of(value)?);
                 }
             },
+            Headers::Map(m) => {
+                m.insert(name_of(name)?, value_of(value)?);
+            }
             Headers::List(list) => {
                 list.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
                 list.push((name.to_ascii_lowercase(), value.to_vec()));
@@ -158,6 +190,9 @@ impl Headers<'_> {
             Headers::Response(p) => {
                 p.headers.append(name_of(name)?, value_of(value)?);
             }
+            Headers::Map(m) => {
+                m.append(name_of(name)?, value_of(value)?);
+            }
             Headers::List(list) => list.push((name.to_ascii_lowercase(), value.to_vec())),
         }
         Ok(())
@@ -169,13 +204,20 @@ impl Headers<'_> {
         }
         match self {
             Headers::Request(p) => {
-                if let Ok(n) = HeaderName::from_bytes(name) {
+                if let Ok(n) = HeaderName::from_bytes(name)
+                    && n != HOST
+                {
                     p.headers.remove(n);
                 }
             }
             Headers::Response(p) => {
                 if let Ok(n) = HeaderName::from_bytes(name) {
                     p.headers.remove(n);
+                }
+            }
+            Headers::Map(m) => {
+                if let Ok(n) = HeaderName::from_bytes(name) {
+                    m.remove(n);
                 }
             }
             Headers::List(list) => list.retain(|(k, _)| !k.eq_ignore_ascii_case(name)),
@@ -186,8 +228,16 @@ impl Headers<'_> {
     /// Replaces every regular header with `pairs` (pseudo headers in it are applied).
     pub fn set_all(&mut self, pairs: Pairs) -> HostResult {
         match self {
-            Headers::Request(p) => p.headers.clear(),
+            // the authority stays: it is a pseudo header, set again only if `pairs` names it
+            Headers::Request(p) => {
+                let host = p.headers.remove(HOST);
+                p.headers.clear();
+                if let Some(h) = host {
+                    p.headers.insert(HOST, h);
+                }
+            }
             Headers::Response(p) => p.headers.clear(),
+            Headers::Map(m) => m.clear(),
             Headers::List(list) => list.clear(),
         }
         for (k, v) in pairs {
@@ -241,7 +291,10 @@ mod tests {
         let pairs = crate::abi::pairs::decode(&h.serialize()).unwrap();
         assert_eq!(pairs[0], (b":authority".to_vec(), b"shop.example".to_vec()));
         assert_eq!(pairs[2], (b":method".to_vec(), b"GET".to_vec()));
-        assert_eq!(pairs.len(), 7);
+        assert_eq!(pairs.len(), 6, "four pseudo headers and two cookies: `host` is `:authority`, not beside it");
+        assert!(!pairs.iter().any(|(k, _)| k == b"host"));
+        assert_eq!(h.get(b"host").unwrap().as_ref(), b"shop.example", "`host` reads as the authority");
+        assert_eq!(h.len(), 6);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod admin;
 pub mod body;
+pub mod body_filters;
 pub mod client_body;
 pub mod client_io;
 pub mod config;

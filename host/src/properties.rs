@@ -22,7 +22,7 @@ pub fn get(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         b"plugin_vm_id" => return Some(text(&plugin.vm_id)),
         _ => {}
     }
-    let stream = state.stream.as_deref()?;
+    let stream = state.stream_ref()?;
     stream_property(stream, path, &state.env.route_cluster)
 }
 
@@ -77,7 +77,7 @@ fn dotted(path: &[u8]) -> Vec<u8> {
 
 /// `proxy_set_property`: kept with the stream and readable back (Envoy's filter state).
 pub fn set(state: &mut HostState, path: &[u8], value: &[u8]) -> bool {
-    let Some(stream) = state.stream.as_deref_mut() else { return false };
+    let Some(stream) = state.stream_mut() else { return false };
     let key = dotted(path);
     stream.filter_state.retain(|(k, _)| *k != key);
     stream.filter_state.push((key, value.to_vec()));

@@ -4,7 +4,6 @@
 //! response body is done.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -15,8 +14,9 @@ use hyper::body::{Body, Incoming};
 use tokio::time::{Instant, timeout_at};
 
 use crate::abi::types::{Action, response_flags as rf};
-use crate::body::{ProxyBody, Release};
-use crate::client_body::ClientBody;
+use crate::body::{BodyCallbacks, ProxyBody, Release};
+use crate::body_filters::{BodyFilters, Step, payload_too_large, response_too_large};
+use crate::client_body::{ClientBody, FilteredBody};
 use crate::config::RouteConfig;
 use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
@@ -52,16 +52,34 @@ pub struct Worker {
     pub next_fallback: Cell<usize>,
     pub local: SocketAddr,
     pub stats: ProxyStats,
+    /// Whether any filter has body (or trailers) callbacks, for requests and for responses: only then do bodies go
+    /// through the filters.
+    pub body_filters: [bool; 2],
+    /// Largest body a filter may buffer (`listener.buffer_limit_kb`).
+    pub buffer_limit: usize,
     /// Test-only fault injection (`EQUILIBRIO_FAULT_INJECTION=1`): `x-equilibrio-fault: panic` panics the request.
     pub faults: bool,
 }
+
+/// A stream a filter closed (`proxy_close_stream`): the client's stream is reset (HTTP/1.1: the connection closes
+/// without a response; HTTP/2: `RST_STREAM`), as Envoy resets it.
+#[derive(Debug)]
+pub struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stream closed by a filter")
+    }
+}
+
+impl std::error::Error for Reset {}
 
 pub async fn handle(
     w: Rc<Worker>,
     peer: Peer,
     conn: Rc<ConnState>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, Reset> {
     conn.request_started();
     if w.faults && req.headers().get("x-equilibrio-fault").is_some_and(|v| v == "panic") {
         #[allow(clippy::panic)] // the one deliberate panic: what fault injection exists for
@@ -72,14 +90,61 @@ pub async fn handle(
     // the supervisor's health check: say that this is a proxy, so an instance registered at our own address (a
     // routing loop) never becomes healthy
     let health_check = req.headers().contains_key(&forward::HEALTH_CHECK);
-    let mut response = serve(w, peer, req).await;
+    let served = serve(w, peer, req).await;
+    let Ok(mut response) = served else {
+        conn.request_done();
+        return Err(Reset);
+    };
     if health_check {
         response.headers_mut().insert(forward::PROXY_MARK.clone(), http::HeaderValue::from_static("equilibrio-host"));
     }
     Ok(response.map(|body| body.on_connection(conn)))
 }
 
-async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Why a request ends before its upstream response: a local reply to send, or a reset.
+enum Stop {
+    Reply(LocalReply),
+    Reset,
+}
+
+/// After a callback: the local reply it asked for, or the close.
+fn stopped(guard: &mut StreamGuard) -> Option<Stop> {
+    let s = guard.stream.as_deref_mut()?;
+    if let Some(r) = s.local_reply.take() {
+        return Some(Stop::Reply(r));
+    }
+    s.closed.then_some(Stop::Reset)
+}
+
+/// Parks the stream with the filter that paused it, waits until the filter resumes it (or answers or closes it from
+/// a callback), and takes it back.
+async fn paused(w: &Worker, guard: &mut StreamGuard, slot: &Rc<VmSlot>, context: u32, generation: u64) -> Option<Stop> {
+    guard.park(slot, context);
+    // as long as Envoy's stream idle timeout: nothing moves on a stream its filter holds
+    let timeout = std::time::Duration::from_millis(w.route.idle_timeout.0);
+    let resumed = slot.wait_resumed(context, timeout).await;
+    guard.unpark();
+    if slot.generation() != generation || guard.stream.is_none() {
+        return Some(Stop::Reply(reply(503, "filter_error")));
+    }
+    if let Some(stop) = stopped(guard) {
+        return Some(stop);
+    }
+    (!resumed).then(stream_timeout)
+}
+
+/// Envoy's answer to a stream idle for its whole idle timeout.
+fn stream_timeout() -> Stop {
+    Stop::Reply(LocalReply {
+        status: 504,
+        details: "stream_idle_timeout".into(),
+        body: b"stream timeout".to_vec(),
+        headers: vec![],
+        proxy: true,
+    })
+}
+
+async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Response<ProxyBody>, Reset> {
     w.stats.downstream_rq_total.inc();
     let (mut parts, body) = req.into_parts();
     let client_version = parts.version;
@@ -88,7 +153,9 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     // the guard owns the stream from here on: however the request ends (even abandoned by the client while the
     // upstream works on it), dropping the guard gives each filter the end of its stream
     let mut guard = StreamGuard::new();
-    guard.stream = Some(Box::new(Stream::new(parts, peer.addr, w.local)));
+    let mut stream = Box::new(Stream::new(parts, peer.addr, w.local));
+    stream.request_complete = end_of_stream;
+    guard.stream = Some(stream);
 
     // request phase
     for slot in &w.filters {
@@ -101,46 +168,86 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
             Ok(x) => x,
             Err(_) => return local(&w, guard, client_version, reply(503, "filter_error"), 0),
         };
-        guard.push(slot.clone(), context, slot.generation());
-        if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-            return local(&w, guard, client_version, r, 0);
+        let generation = slot.generation();
+        guard.push(slot.clone(), context, generation);
+        let mut stop = stopped(&mut guard);
+        if stop.is_none() && action == Action::Pause {
+            stop = paused(&w, &mut guard, slot, context, generation).await;
         }
-        if guard.stream.as_deref().is_some_and(|s| s.closed) {
-            return local(&w, guard, client_version, reply(503, "closed_by_filter"), 0);
-        }
-        if action == Action::Pause {
-            let timeout = std::time::Duration::from_millis(w.route.timeout.0);
-            if !slot.wait_resumed(context, timeout).await {
-                return local(&w, guard, client_version, reply(504, "filter_paused_too_long"), 0);
-            }
-            if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-                return local(&w, guard, client_version, r, 0);
-            }
+        match stop {
+            Some(Stop::Reply(r)) => return local(&w, guard, client_version, r, 0),
+            Some(Stop::Reset) => return Err(Reset),
+            None => {}
         }
     }
 
     // upstream
     let Some(s) = guard.stream.as_deref_mut() else {
-        return plain(client_version, StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(plain(client_version, StatusCode::INTERNAL_SERVER_ERROR));
     };
     let max = w.route.retries as usize + 1;
-    let mut upstreams = match s.request.headers.remove(&forward::UPSTREAM) {
+    let upstreams = match s.request.headers.remove(&forward::UPSTREAM) {
         Some(v) => Upstreams::listed(v, max),
         None => Upstreams::fixed(fallback(&w, max), max),
     };
-    let Some(first) = upstreams.next() else {
+    let mut upstreams = upstreams.peekable();
+    if upstreams.peek().is_none() {
         w.stats.no_healthy_upstream.inc();
         let r = LocalReply {
             status: 503,
             details: "no_healthy_upstream".into(),
             body: b"no healthy upstream".to_vec(),
             headers: vec![],
+            proxy: true,
         };
         return local(&w, guard, client_version, r, rf::NO_HEALTHY_UPSTREAM);
-    };
+    }
     // one timer for all attempts: the route timeout covers them all, as Envoy's does
     let deadline = Instant::now() + std::time::Duration::from_millis(w.route.timeout.0);
-    let sent = timeout_at(deadline, send(&w, s, body, std::iter::once(first).chain(upstreams))).await;
+    let tried = Cell::new(None);
+    let sent = if w.body_filters[0] && !end_of_stream {
+        // the filters' body callbacks see the request body on its way: this task feeds the upstream what they pass
+        let head = Head::of(s);
+        let (tx, filtered) = FilteredBody::new();
+        let outcome = {
+            let send = timeout_at(deadline, send(&w, &head, &tried, Either::Right(filtered), false, upstreams));
+            let pump = pump_request(&w, &mut guard, body, tx);
+            tokio::pin!(send, pump);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    sent = &mut send => break Ok(sent),
+                    stop = &mut pump, if pumping => {
+                        pumping = false;
+                        if let Some(stop) = stop {
+                            break Err(stop);
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(sent) => sent,
+            Err(Stop::Reply(r)) => return local(&w, guard, client_version, r, 0),
+            Err(Stop::Reset) => return Err(Reset),
+        }
+    } else {
+        let head = Head::borrowed(s);
+        let (client, failed) = ClientBody::new(body);
+        let sent = timeout_at(deadline, send(&w, &head, &tried, Either::Left(client), end_of_stream, upstreams)).await;
+        if failed.get() && sent.as_ref().is_ok_and(Result::is_err) {
+            // the client's body was malformed: its fault, not the upstream's, and nothing to retry
+            Ok(Err(rf::DOWNSTREAM_PROTOCOL_ERROR))
+        } else {
+            sent
+        }
+    };
+    let Some(s) = guard.stream.as_deref_mut() else {
+        return Ok(plain(client_version, StatusCode::INTERNAL_SERVER_ERROR));
+    };
+    s.upstream = tried.get();
+    // sent upstream, or failed there: a local reply now is no longer the client's unread body's concern
+    s.request_complete = true;
     let (response, addr, sender) = match sent.unwrap_or(Err(rf::UPSTREAM_REQUEST_TIMEOUT)) {
         Ok(x) => x,
         Err(flags) => {
@@ -150,18 +257,25 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
             } else if flags & rf::UPSTREAM_REQUEST_TIMEOUT != 0 {
                 w.stats.upstream_rq_timeout.inc();
                 (504, "upstream_response_timeout", b"upstream request timeout")
-            } else {
+            } else if flags & rf::UPSTREAM_CONNECTION_FAILURE != 0 {
                 (
                     503,
                     "upstream_reset_before_response_started",
-                    b"upstream connect error or disconnect/reset before headers",
+                    b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+                )
+            } else {
+                // the words Envoy's router uses
+                (
+                    503,
+                    "upstream_reset_before_response_started",
+                    b"upstream connect error or disconnect/reset before headers. reset reason: connection termination",
                 )
             };
-            let r = LocalReply { status, details: details.into(), body: text.to_vec(), headers: vec![] };
+            let r = LocalReply { status, details: details.into(), body: text.to_vec(), headers: vec![], proxy: true };
             return local(&w, guard, client_version, r, flags);
         }
     };
-    let (mut rparts, rbody) = response.into_parts();
+    let (mut rparts, mut rbody) = response.into_parts();
     if rparts.status.is_server_error() {
         w.stats.upstream_rq_5xx.inc();
     }
@@ -171,18 +285,181 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Response<Pr
     s.response = Some(rparts);
 
     // response phase
-    response_phase(&mut guard, rbody.is_end_stream());
-    if let Some(r) = guard.stream.as_deref_mut().and_then(|s| s.local_reply.take()) {
-        return local(&w, guard, client_version, r, 0);
+    let end_of_stream = rbody.is_end_stream();
+    let mut position = 0;
+    let mut buffered = Vec::new();
+    while let Some((at, slot, context, generation)) = response_phase(&mut guard, position, end_of_stream) {
+        // a filter stopped the response head: it goes on once the filter resumes it from another callback; the body
+        // waits meanwhile, buffered up to the limit (beyond it: 500, as Envoy answers)
+        match held_head(&w, &mut guard, (&slot, context, generation), &mut rbody, &mut buffered).await {
+            None => {}
+            Some(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
+            Some(Stop::Reset) => return Err(Reset),
+        }
+        position = at + 1;
+    }
+    if let Some(stop) = stopped(&mut guard) {
+        return match stop {
+            // a local reply from the response phase replaces the response without going through the filters again
+            Stop::Reply(r) => local_after_head(&w, guard, client_version, r),
+            Stop::Reset => Err(Reset),
+        };
+    }
+    let mut filters = w.body_filters[1].then(|| BodyFilters::new(w.filters.len(), true, w.buffer_limit));
+    let mut first = (!buffered.is_empty()).then(|| Bytes::from(buffered));
+    if let (Some(data), Some(f)) = (first.take(), filters.as_mut()) {
+        // what was read while the head waited goes through the body callbacks first
+        match through(&w, &mut guard, f, 0, usize::MAX, data.to_vec(), rbody.is_end_stream()).await {
+            Ok(b) => first = b,
+            Err(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
+            Err(Stop::Reset) => return Err(Reset),
+        }
     }
     let out = head(guard.stream.as_deref(), client_version);
+    // a response whose `content-length` a filter removed is sent chunked (HTTP/1.1), as Envoy sends it
+    let sized = out.headers().contains_key(http::header::CONTENT_LENGTH) && filters.is_none();
     let release = Release { pool: w.pool.clone(), addr, sender };
     let idle = std::time::Duration::from_millis(w.route.idle_timeout.0);
-    out.map(|()| ProxyBody::upstream(rbody, release, guard, idle))
+    let callbacks = filters.map(|filters| BodyCallbacks { filters, first, wait_timeout: idle });
+    Ok(out.map(|()| ProxyBody::upstream(rbody, release, guard, idle, sized, callbacks)))
+}
+
+/// Runs body data through the filters at positions `from..to`, waiting for a filter that stops at the end of the body
+/// (or at its watermark) to be resumed. `None`: a filter holds the data.
+async fn through(
+    w: &Worker,
+    guard: &mut StreamGuard,
+    filters: &mut BodyFilters,
+    from: usize,
+    to: usize,
+    data: Vec<u8>,
+    end: bool,
+) -> Result<Option<Bytes>, Stop> {
+    let mut step = filters.run(guard, from, to, data, end);
+    loop {
+        match step {
+            Step::Forward(b) => return Ok(Some(b)),
+            Step::Held => return Ok(None),
+            Step::Wait(position) => {
+                let (slot, context, generation) = filters.context_at(guard, position).ok_or(Stop::Reset)?;
+                if let Some(stop) = paused(w, guard, &slot, context, generation).await {
+                    return Err(stop);
+                }
+                let held = filters.take_held(position);
+                step = filters.run(guard, position + 1, to, held, end);
+            }
+            Step::Reply(r) => return Err(Stop::Reply(r)),
+            Step::Overflow if filters.is_response() => return Err(Stop::Reply(response_too_large())),
+            Step::Overflow => return Err(Stop::Reply(payload_too_large())),
+            Step::Close => return Err(Stop::Reset),
+        }
+    }
+}
+
+/// Waits for the filter that stopped the response head (see [`paused`]) while the upstream body is read into
+/// `buffered`, up to the buffer limit.
+async fn held_head(
+    w: &Worker,
+    guard: &mut StreamGuard,
+    (slot, context, generation): (&Rc<VmSlot>, u32, u64),
+    body: &mut Incoming,
+    buffered: &mut Vec<u8>,
+) -> Option<Stop> {
+    use http_body_util::BodyExt;
+    let mut reading = !body.is_end_stream();
+    let stop = {
+        let wait = paused(w, guard, slot, context, generation);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                stop = &mut wait => break stop,
+                frame = body.frame(), if reading => match frame {
+                    None | Some(Err(_)) => reading = false,
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buffered.extend_from_slice(&data);
+                        }
+                        if buffered.len() > w.buffer_limit {
+                            break Some(Stop::Reply(response_too_large()));
+                        }
+                        reading = !body.is_end_stream();
+                    }
+                },
+            }
+        }
+    };
+    // the wait may have ended early, with the stream still parked
+    guard.unpark();
+    stop
+}
+
+/// Feeds the upstream the client's body as the filters' body callbacks pass it on; ends with the body, or with the
+/// filters' local reply or reset.
+async fn pump_request(
+    w: &Worker,
+    guard: &mut StreamGuard,
+    mut body: Incoming,
+    tx: tokio::sync::mpsc::Sender<hyper::body::Frame<Bytes>>,
+) -> Option<Stop> {
+    use http_body_util::BodyExt;
+    let mut filters = BodyFilters::new(w.filters.len(), false, w.buffer_limit);
+    loop {
+        let (data, end) = match body.frame().await {
+            None => (Vec::new(), true),
+            Some(Err(_)) => {
+                w.stats.downstream_cx_protocol_error.inc();
+                let r = LocalReply {
+                    status: 400,
+                    details: "http1.codec_error".into(),
+                    body: b"Bad Request".to_vec(),
+                    headers: vec![],
+                    proxy: true,
+                };
+                return Some(Stop::Reply(r));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => (d.to_vec(), body.is_end_stream()),
+                Err(frame) => {
+                    // trailers end the body: the filters see them, and what they held goes on before them
+                    if let (Some(s), Ok(t)) = (guard.stream.as_deref_mut(), frame.into_trailers()) {
+                        s.request_trailers = Some(t);
+                    }
+                    let contexts = guard.filters().to_vec();
+                    for (slot, context, generation) in contexts {
+                        if slot.generation() == generation {
+                            let _ = slot.call(|vm| vm.on_trailers(context, &mut guard.stream, false));
+                        }
+                        if let Some(stop) = stopped(guard) {
+                            return Some(stop);
+                        }
+                    }
+                    let held = filters.take_all();
+                    if !held.is_empty() && tx.send(hyper::body::Frame::data(Bytes::from(held))).await.is_err() {
+                        return None;
+                    }
+                    let t = guard.stream.as_deref_mut().and_then(|s| s.request_trailers.take()).unwrap_or_default();
+                    let _ = tx.send(hyper::body::Frame::trailers(t)).await;
+                    return None;
+                }
+            },
+        };
+        match through(w, guard, &mut filters, 0, usize::MAX, data, end).await {
+            Ok(Some(b)) if !b.is_empty() => {
+                if tx.send(hyper::body::Frame::data(b)).await.is_err() {
+                    return None; // the upstream no longer reads it
+                }
+            }
+            Ok(_) => {}
+            Err(stop) => return Some(stop),
+        }
+        if end {
+            return None;
+        }
+    }
 }
 
 fn reply(status: u16, details: &str) -> LocalReply {
-    LocalReply { status, details: details.into(), body: vec![], headers: vec![] }
+    LocalReply { status, details: details.into(), body: vec![], headers: vec![], proxy: true }
 }
 
 fn fallback(w: &Worker, max: usize) -> Vec<SocketAddr> {
@@ -215,22 +492,67 @@ fn head(stream: Option<&Stream>, version: Version) -> Response<()> {
     out
 }
 
-fn response_phase(guard: &mut StreamGuard, end_of_stream: bool) {
+/// The filters' response-head callbacks, in reverse order, from `position` on (in that order). A filter that stops the
+/// head: its position, slot, context and generation (the filters after it have not seen the head yet).
+fn response_phase(
+    guard: &mut StreamGuard,
+    position: usize,
+    end_of_stream: bool,
+) -> Option<(usize, Rc<VmSlot>, u32, u64)> {
     let (stream, contexts) = guard.parts();
-    for (slot, context, generation) in contexts.iter().rev() {
+    for (at, (slot, context, generation)) in contexts.iter().rev().enumerate().skip(position) {
         if slot.generation() == *generation {
             // a trap here leaves the response as it is; the VM is re-created for the next request
-            let _ = slot.call(|vm| vm.on_response_headers(*context, stream, end_of_stream));
+            let action = slot.call(|vm| vm.on_response_headers(*context, stream, end_of_stream));
+            if stream.as_deref().is_some_and(|s| s.local_reply.is_some() || s.closed) {
+                return None;
+            }
+            if matches!(action, Ok(Action::Pause)) && !end_of_stream {
+                return Some((at, slot.clone(), *context, *generation));
+            }
         }
     }
+    None
 }
 
 /// Answers locally (a filter's reply, or the proxy's own), through the filters' response phase.
-fn local(w: &Worker, mut guard: StreamGuard, version: Version, r: LocalReply, flags: u64) -> Response<ProxyBody> {
+fn local(
+    w: &Worker,
+    guard: StreamGuard,
+    version: Version,
+    r: LocalReply,
+    flags: u64,
+) -> Result<Response<ProxyBody>, Reset> {
+    reply_with(w, guard, version, r, flags, true)
+}
+
+/// A local reply asked for in the response phase: it replaces the response, and the filters do not see it again.
+fn local_after_head(
+    w: &Worker,
+    guard: StreamGuard,
+    version: Version,
+    r: LocalReply,
+) -> Result<Response<ProxyBody>, Reset> {
+    reply_with(w, guard, version, r, 0, false)
+}
+
+fn reply_with(
+    w: &Worker,
+    mut guard: StreamGuard,
+    version: Version,
+    r: LocalReply,
+    flags: u64,
+    through_filters: bool,
+) -> Result<Response<ProxyBody>, Reset> {
     w.stats.local_replies.inc();
     let mut parts = Response::new(()).into_parts().0;
     parts.status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if !r.body.is_empty() {
+        // as Envoy's local replies: the filters see the type, and the length of a filter's reply (the proxy's own
+        // go chunked, as Envoy's router sends them, unless they replace a response)
+        if !r.proxy || !through_filters {
+            parts.headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(r.body.len()));
+        }
         parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     }
     for (k, v) in &r.headers {
@@ -250,18 +572,59 @@ fn local(w: &Worker, mut guard: StreamGuard, version: Version, r: LocalReply, fl
         };
         s.response = Some(parts);
     }
-    response_phase(&mut guard, body.is_empty());
-    let out = head(guard.stream.as_deref(), version);
-    out.map(|()| ProxyBody::full(body, Some(guard)))
+    // a local reply's head goes through the filters' response phase once; a filter stopping it is not waited for
+    if through_filters {
+        let _ = response_phase(&mut guard, 0, true);
+    }
+    if guard.stream.as_deref().is_some_and(|s| s.closed) {
+        return Err(Reset);
+    }
+    let mut out = head(guard.stream.as_deref(), version);
+    // an HTTP/1 request whose body was not read: the connection cannot be reused, and says so (as Envoy's does)
+    let incomplete = guard.stream.as_deref().is_some_and(|s| !s.request_complete);
+    if incomplete && version != Version::HTTP_2 {
+        out.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    Ok(out.map(|()| ProxyBody::full(body, Some(guard)).sized(!r.proxy || !through_filters)))
+}
+
+/// The request head as sent upstream, borrowed from the stream or (while body callbacks may change the stream)
+/// copied out of it.
+struct Head<'a> {
+    method: std::borrow::Cow<'a, Method>,
+    uri: std::borrow::Cow<'a, Uri>,
+    headers: std::borrow::Cow<'a, http::HeaderMap>,
+}
+
+impl<'a> Head<'a> {
+    fn borrowed(s: &'a Stream) -> Head<'a> {
+        use std::borrow::Cow::Borrowed;
+        Head {
+            method: Borrowed(&s.request.method),
+            uri: Borrowed(&s.request.uri),
+            headers: Borrowed(&s.request.headers),
+        }
+    }
+
+    fn of(s: &Stream) -> Head<'static> {
+        use std::borrow::Cow::Owned;
+        // `content-length` stays as the client sent it (a filter that changes the body's length changes it, as in
+        // Envoy)
+        Head {
+            method: Owned(s.request.method.clone()),
+            uri: Owned(s.request.uri.clone()),
+            headers: Owned(s.request.headers.clone()),
+        }
+    }
 }
 
 /// The request as sent upstream: HTTP/1.1, origin-form target.
-fn upstream_request(s: &Stream, body: UpstreamBody) -> Request<UpstreamBody> {
+fn upstream_request(head: &Head, body: UpstreamBody) -> Request<UpstreamBody> {
     let mut req = Request::new(body);
-    *req.method_mut() = s.request.method.clone();
-    *req.uri_mut() = s.request.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    *req.method_mut() = head.method.as_ref().clone();
+    *req.uri_mut() = head.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = s.request.headers.clone();
+    *req.headers_mut() = head.headers.as_ref().clone();
     req
 }
 
@@ -269,23 +632,23 @@ fn upstream_request(s: &Stream, body: UpstreamBody) -> Request<UpstreamBody> {
 /// was written) moves on with its body; one sent and then reset moves on only if it is safe to repeat (GET, HEAD,
 /// OPTIONS without a body). When the failed connection came from the pool (the upstream may have closed it while
 /// idle), the same host is tried once more on a new connection first. The error is the Envoy response flags of the
-/// last failure.
+/// last failure; `tried` is the last host tried.
 async fn send(
     w: &Worker,
-    s: &mut Stream,
-    body: Incoming,
+    head: &Head<'_>,
+    tried: &Cell<Option<SocketAddr>>,
+    body: Either<ClientBody, FilteredBody>,
+    bodyless: bool,
     upstreams: impl Iterator<Item = SocketAddr>,
 ) -> Result<(Response<Incoming>, SocketAddr, Sender), u64> {
-    let bodyless = body.is_end_stream();
-    let repeatable = bodyless && matches!(s.request.method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let (body, client_failed) = ClientBody::new(body);
+    let repeatable = bodyless && matches!(*head.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body);
     let mut flags = 0;
     'hosts: for (attempt, addr) in upstreams.enumerate() {
         if attempt > 0 {
             w.stats.upstream_rq_retry.inc();
         }
-        s.upstream = Some(addr);
+        tried.set(Some(addr));
         let mut pooled = w.pool.checkout(addr);
         // a pooled connection the upstream closed while idle is not the host's failure: once, the same host gets a
         // new connection
@@ -317,14 +680,10 @@ async fn send(
                 None => break 'hosts,
             };
             w.stats.upstream_rq_total.inc();
-            match sender.try_send_request(upstream_request(s, req_body)).await {
+            match sender.try_send_request(upstream_request(head, req_body)).await {
                 Ok(response) => return Ok((response, addr, sender)),
                 Err(mut e) => {
                     w.pool.evict(addr);
-                    if client_failed.get() {
-                        // the client's body was malformed: its fault, not the upstream's, and nothing to retry
-                        return Err(rf::DOWNSTREAM_PROTOCOL_ERROR);
-                    }
                     match e.take_message() {
                         // never written: the body is still ours
                         Some(req) => {

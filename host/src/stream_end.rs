@@ -14,11 +14,32 @@ pub type FilterContext = (Rc<VmSlot>, u32, u64);
 pub struct StreamGuard {
     filters: Vec<FilterContext>,
     pub stream: Option<Box<Stream>>,
+    /// Where the stream is parked while a filter holds it paused (see [`crate::driver`]).
+    parked: Option<(Rc<VmSlot>, u32)>,
 }
 
 impl StreamGuard {
     pub fn new() -> StreamGuard {
-        StreamGuard { filters: Vec::with_capacity(1), stream: None }
+        StreamGuard { filters: Vec::with_capacity(1), stream: None, parked: None }
+    }
+
+    /// Parks the stream with the filter context that paused it, so that the filter's callbacks reach it.
+    pub fn park(&mut self, slot: &Rc<VmSlot>, context: u32) {
+        if let Some(s) = self.stream.take() {
+            slot.park(context, s);
+            self.parked = Some((slot.clone(), context));
+        }
+    }
+
+    /// Takes the stream back from where it is parked.
+    pub fn unpark(&mut self) {
+        if let Some((slot, context)) = self.parked.take() {
+            self.stream = slot.unpark(context);
+        }
+    }
+
+    pub fn filters(&self) -> &[FilterContext] {
+        &self.filters
     }
 
     /// A filter created `context` for this stream in VM generation `generation`.
@@ -40,6 +61,8 @@ impl Default for StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        // a request abandoned while paused: its stream comes back from the filter's slot for the end callbacks
+        self.unpark();
         for (slot, context, generation) in std::mem::take(&mut self.filters) {
             // a context of a VM that trapped since is gone with it
             if slot.generation() == generation && self.stream.is_some() {

@@ -12,10 +12,11 @@ use http_body_util::{Either, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-use crate::client_body::ClientBody;
+use crate::client_body::{ClientBody, FilteredBody};
 
-/// The body of a request to an upstream: the client's, or nothing (a retry of a request without a body).
-pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
+/// The body of a request to an upstream: the client's (as it came, or as the filters' body callbacks passed it on),
+/// or nothing (a retry of a request without a body).
+pub type UpstreamBody = Either<Either<ClientBody, FilteredBody>, Empty<Bytes>>;
 pub type Sender = SendRequest<UpstreamBody>;
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use wasmtime::{Engine, Instance, Linker, Module, Store, TypedFunc};
 
 use crate::config::PluginConfig;
-use crate::context::{CallResponse, Effects, Env, HostState, PluginInfo, Stream};
+use crate::context::{BodyBuffer, CallResponse, Effects, Env, HostState, Parked, PluginInfo, Stream};
 
 /// A trap (or other failure) inside the guest, with wasmtime's message.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,8 @@ fn trap(e: wasmtime::Error) -> Trap {
     Trap(format!("{e:#}"))
 }
 
-/// A filter action (Continue or Pause).
-pub use crate::abi::types::Action;
+/// A filter action (Continue or Pause), and a body callback's.
+pub use crate::abi::types::{Action, DataAction};
 
 /// The ABI versions we speak: 0.2.1, and 0.2.0 (the same calls as far as filters use them).
 const ABI_MARKERS: [&str; 2] = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
@@ -82,6 +82,10 @@ struct Exports {
     on_tick: Option<TypedFunc<i32, ()>>,
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_delete: Option<TypedFunc<i32, ()>>,
@@ -139,6 +143,10 @@ impl Vm {
             on_tick: typed(&instance, &mut store, "proxy_on_tick")?,
             on_request_headers: typed(&instance, &mut store, "proxy_on_request_headers")?,
             on_response_headers: typed(&instance, &mut store, "proxy_on_response_headers")?,
+            on_request_body: typed(&instance, &mut store, "proxy_on_request_body")?,
+            on_response_body: typed(&instance, &mut store, "proxy_on_response_body")?,
+            on_request_trailers: typed(&instance, &mut store, "proxy_on_request_trailers")?,
+            on_response_trailers: typed(&instance, &mut store, "proxy_on_response_trailers")?,
             on_log: typed(&instance, &mut store, "proxy_on_log")?,
             on_done: typed(&instance, &mut store, "proxy_on_done")?,
             on_delete: typed(&instance, &mut store, "proxy_on_delete")?,
@@ -191,14 +199,29 @@ impl Vm {
         !self.store.data().effects.is_empty()
     }
 
-    pub fn on_tick(&mut self) -> Result<(), Trap> {
+    /// Runs `call` with the paused streams in the VM's reach (a callback may set one as its effective context), and
+    /// gives them back, whatever the call's outcome.
+    fn with_parked<R>(&mut self, parked: &mut Parked, call: impl FnOnce(&mut Self) -> R) -> R {
+        std::mem::swap(&mut self.store.data_mut().parked, parked);
+        let r = call(self);
+        std::mem::swap(&mut self.store.data_mut().parked, parked);
+        r
+    }
+
+    pub fn on_tick(&mut self, parked: &mut Parked) -> Result<(), Trap> {
         self.arm();
         let Some(f) = self.f.on_tick.clone() else { return Ok(()) };
         self.store.data_mut().effective_context = self.root_context;
-        f.call(&mut self.store, self.root_context as i32).map_err(trap)
+        self.with_parked(parked, |vm| f.call(&mut vm.store, vm.root_context as i32).map_err(trap))
     }
 
-    pub fn on_http_call_response(&mut self, context: u32, token: u32, response: CallResponse) -> Result<(), Trap> {
+    pub fn on_http_call_response(
+        &mut self,
+        context: u32,
+        token: u32,
+        response: CallResponse,
+        parked: &mut Parked,
+    ) -> Result<(), Trap> {
         self.arm();
         let Some(f) = self.f.on_http_call_response.clone() else { return Ok(()) };
         let args = (
@@ -211,9 +234,19 @@ impl Vm {
         let state = self.store.data_mut();
         state.effective_context = context;
         state.call_response = Some(response);
-        let r = f.call(&mut self.store, args).map_err(trap);
+        let r = self.with_parked(parked, |vm| f.call(&mut vm.store, args).map_err(trap));
         self.store.data_mut().call_response = None;
         r
+    }
+
+    /// Whether the module has a body callback for this direction (if not, bodies stream past it untouched).
+    pub fn exports_body(&self, response: bool) -> bool {
+        if response { self.f.on_response_body.is_some() } else { self.f.on_request_body.is_some() }
+    }
+
+    /// Whether the module has a trailers callback for this direction.
+    pub fn exports_trailers(&self, response: bool) -> bool {
+        if response { self.f.on_response_trailers.is_some() } else { self.f.on_request_trailers.is_some() }
     }
 
     /// Creates an HTTP context for a new stream.
@@ -238,6 +271,7 @@ impl Vm {
         self.arm();
         let state = self.store.data_mut();
         state.stream = stream.take();
+        state.stream_context = context;
         state.effective_context = context;
         let r = call(&self.f, &mut self.store);
         *stream = self.store.data_mut().stream.take();
@@ -250,7 +284,9 @@ impl Vm {
         stream: &mut Option<Box<Stream>>,
         end_of_stream: bool,
     ) -> Result<Action, Trap> {
-        let n = stream.as_ref().map_or(0, |s| s.request.headers.len() as i32 + 4);
+        let n = stream
+            .as_ref()
+            .map_or(0, |s| (s.request.headers.len() + 4 - crate::headers::hidden(&s.request.headers)) as i32);
         self.with_stream(context, stream, |f, store| match &f.on_request_headers {
             Some(func) => {
                 func.call(store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
@@ -271,6 +307,47 @@ impl Vm {
                 func.call(store, (context as i32, n, i32::from(end_of_stream))).map(Action::from_code).map_err(trap)
             }
             None => Ok(Action::Continue),
+        })
+    }
+
+    /// `proxy_on_request_body` / `proxy_on_response_body` with `bytes` (what this filter holds, the new data
+    /// included) as the body buffer the filter reads and changes.
+    pub fn on_body(
+        &mut self,
+        context: u32,
+        stream: &mut Option<Box<Stream>>,
+        response: bool,
+        bytes: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<DataAction, Trap> {
+        let func = if response { self.f.on_response_body.clone() } else { self.f.on_request_body.clone() };
+        let Some(func) = func else { return Ok(DataAction::Continue) };
+        let size = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        self.store.data_mut().body = Some(BodyBuffer { response, bytes: std::mem::take(bytes) });
+        let r = self.with_stream(context, stream, |_, store| {
+            func.call(store, (context as i32, size, i32::from(end_of_stream))).map(DataAction::from_code).map_err(trap)
+        });
+        if let Some(b) = self.store.data_mut().body.take() {
+            *bytes = b.bytes;
+        }
+        r
+    }
+
+    /// `proxy_on_request_trailers` / `proxy_on_response_trailers` (the stream holds the trailers).
+    pub fn on_trailers(
+        &mut self,
+        context: u32,
+        stream: &mut Option<Box<Stream>>,
+        response: bool,
+    ) -> Result<Action, Trap> {
+        let func = if response { self.f.on_response_trailers.clone() } else { self.f.on_request_trailers.clone() };
+        let Some(func) = func else { return Ok(Action::Continue) };
+        let n = stream.as_ref().map_or(0, |s| {
+            let t = if response { &s.response_trailers } else { &s.request_trailers };
+            t.as_ref().map_or(0, |t| t.len() as i32)
+        });
+        self.with_stream(context, stream, |_, store| {
+            func.call(store, (context as i32, n)).map(Action::from_code).map_err(trap)
         })
     }
 

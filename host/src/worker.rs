@@ -128,7 +128,7 @@ async fn serve_one(
     client: crate::forward::Peer,
     conn: Rc<crate::conn_timer::ConnState>,
     req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<crate::body::ProxyBody>, std::convert::Infallible> {
+) -> Result<hyper::Response<crate::body::ProxyBody>, crate::proxy::Reset> {
     use futures_util::FutureExt;
     let panics = worker.stats.handler_panics.clone();
     let handled = crate::proxy::handle(worker, client, conn.clone(), req);
@@ -233,7 +233,16 @@ async fn run_worker(
     let stats = &shared.stats;
     let counter = |name: &str| stats.handle(MetricKind::Counter, name);
     let cluster = &config.route.cluster;
+    // bodies go through the filters only if one of them has body or trailer callbacks
+    let exports = |response: bool| {
+        filters
+            .iter()
+            .any(|slot| slot.call(|vm| Ok(vm.exports_body(response) || vm.exports_trailers(response))).unwrap_or(false))
+    };
+    let body_filters = [exports(false), exports(true)];
     let worker = Rc::new(Worker {
+        body_filters,
+        buffer_limit: config.listener.buffer_limit_kb * 1024,
         filters,
         pool: Rc::new(Pool::new(
             route_cluster.max_idle_per_host,

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod conformance;
 pub mod containers;
 pub mod envoy;
 pub mod etcd;

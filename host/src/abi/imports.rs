@@ -13,7 +13,8 @@ use crate::context::{HostState, HttpCall, LocalReply};
 use crate::headers::Headers;
 use crate::shared_data::SetError;
 
-/// Runs `f` on the header map `map` of the current call.
+/// Runs `f` on the header map `map` of the current call (the effective context's stream, which may be a paused one
+/// reached from an HTTP-call or tick callback).
 fn with_map<R>(
     state: &mut HostState,
     map: i32,
@@ -21,13 +22,18 @@ fn with_map<R>(
 ) -> Result<R, Status> {
     let map = MapType::from_code(map).ok_or(Status::BadArgument)?;
     match map {
-        MapType::RequestHeaders => {
-            let s = state.stream.as_deref_mut().ok_or(Status::NotFound)?;
-            f(&mut Headers::Request(&mut s.request))
-        }
+        MapType::RequestHeaders => f(&mut Headers::Request(&mut state.stream_mut().ok_or(Status::NotFound)?.request)),
         MapType::ResponseHeaders => {
-            let s = state.stream.as_deref_mut().ok_or(Status::NotFound)?;
+            let s = state.stream_mut().ok_or(Status::NotFound)?;
             f(&mut Headers::Response(s.response.as_mut().ok_or(Status::NotFound)?))
+        }
+        MapType::RequestTrailers => {
+            let s = state.stream_mut().ok_or(Status::NotFound)?;
+            f(&mut Headers::Map(s.request_trailers.as_mut().ok_or(Status::NotFound)?))
+        }
+        MapType::ResponseTrailers => {
+            let s = state.stream_mut().ok_or(Status::NotFound)?;
+            f(&mut Headers::Map(s.response_trailers.as_mut().ok_or(Status::NotFound)?))
         }
         MapType::HttpCallResponseHeaders => {
             f(&mut Headers::List(&mut state.call_response.as_mut().ok_or(Status::NotFound)?.headers))
@@ -35,7 +41,7 @@ fn with_map<R>(
         MapType::HttpCallResponseTrailers => {
             f(&mut Headers::List(&mut state.call_response.as_mut().ok_or(Status::NotFound)?.trailers))
         }
-        // trailers and gRPC metadata are not kept
+        // gRPC metadata: no gRPC calls
         _ => Err(Status::NotFound),
     }
 }
@@ -45,9 +51,39 @@ fn buffer(state: &HostState, kind: i32) -> Result<&[u8], Status> {
         BufferType::PluginConfiguration => Ok(&state.plugin.configuration),
         BufferType::VmConfiguration => Ok(&state.plugin.vm_configuration),
         BufferType::HttpCallResponseBody => Ok(&state.call_response.as_ref().ok_or(Status::NotFound)?.body),
-        // bodies stream through the proxy unbuffered; no network filters
+        BufferType::RequestBody => body(state, false),
+        BufferType::ResponseBody => body(state, true),
+        // no network filters, no gRPC
         _ => Err(Status::NotFound),
     }
+}
+
+/// The body being called back for, if it is the one asked for.
+fn body(state: &HostState, response: bool) -> Result<&[u8], Status> {
+    match &state.body {
+        Some(b) if b.response == response => Ok(&b.bytes),
+        _ => Err(Status::NotFound),
+    }
+}
+
+/// `proxy_set_buffer_bytes` on a body, as Envoy does it: `start` 0 and `length` 0 prepends, `start` 0 and a
+/// `length` covering the buffer replaces it, `start` at or past its end appends; anything else is `BadArgument`.
+pub fn set_body(buffer: &mut Vec<u8>, start: usize, length: usize, data: &[u8]) -> Result<(), Status> {
+    if start == 0 {
+        if length == 0 {
+            buffer.splice(0..0, data.iter().copied());
+        } else if length >= buffer.len() {
+            buffer.clear();
+            buffer.extend_from_slice(data);
+        } else {
+            return Err(Status::BadArgument);
+        }
+    } else if start >= buffer.len() {
+        buffer.extend_from_slice(data);
+    } else {
+        return Err(Status::BadArgument);
+    }
+    Ok(())
 }
 
 /// Turns a `Result<Result<(), Status>>` from [`give`] into the function's answer.
@@ -118,11 +154,20 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |c: C, kind: i32, _s: i32, _l: i32, _p: i32, _n: i32| -> i32 {
-            match buffer(c.data(), kind) {
-                Ok(_) => Status::Unimplemented.code(),
-                Err(s) => s.code(),
-            }
+        |mut c: C, kind: i32, start: i32, length: i32, ptr: i32, size: i32| -> i32 {
+            let response = match BufferType::from_code(kind) {
+                Some(BufferType::RequestBody) => false,
+                Some(BufferType::ResponseBody) => true,
+                Some(_) => return Status::BadArgument.code(),
+                None => return Status::BadArgument.code(),
+            };
+            let r = borrow(&mut c, ptr, size).and_then(|(data, state)| match &mut state.body {
+                Some(b) if b.response == response => {
+                    set_body(&mut b.bytes, start as u32 as usize, length as u32 as usize, data)
+                }
+                _ => Err(Status::NotFound),
+            });
+            code(r)
         },
     )?;
 
@@ -229,9 +274,15 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         Status::Ok.code()
     })?;
     linker.func_wrap("env", "proxy_close_stream", |mut c: C, _stream: i32| -> i32 {
-        match c.data_mut().stream.as_deref_mut() {
+        let state = c.data_mut();
+        let parked = state.effective_is_parked();
+        match state.stream_mut() {
             Some(s) => {
                 s.closed = true;
+                if parked {
+                    let ctx = state.effective_context;
+                    state.effects.resumed.push(ctx);
+                }
                 Status::Ok.code()
             }
             None => Status::NotFound.code(),
@@ -247,8 +298,15 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 let headers = pairs::decode(&read(&c, hp, hl)?).ok_or(Status::BadArgument)?;
                 let status =
                     u16::try_from(status).ok().filter(|s| (100..=999).contains(s)).ok_or(Status::BadArgument)?;
-                let stream = c.data_mut().stream.as_deref_mut().ok_or(Status::NotFound)?;
-                stream.local_reply = Some(LocalReply { status, details, body, headers });
+                let state = c.data_mut();
+                let parked = state.effective_is_parked();
+                let stream = state.stream_mut().ok_or(Status::NotFound)?;
+                stream.local_reply = Some(LocalReply { status, details, body, headers, proxy: false });
+                if parked {
+                    // a paused request answered from a callback: the request waiting for it wakes and sends it
+                    let ctx = state.effective_context;
+                    state.effects.resumed.push(ctx);
+                }
                 Ok(())
             })();
             code(r)
@@ -362,9 +420,17 @@ pub fn define_missing(linker: &mut Linker<HostState>, module: &Module) {
         let Some(ty) = import.ty().func().cloned() else { continue };
         let name = import.name().to_string();
         let kinds: Vec<ValType> = ty.results().collect();
+        let logged = std::sync::atomic::AtomicBool::new(false);
         // fails, changing nothing, for the functions already defined
-        let _ = linker.func_new("env", import.name(), ty, move |_c, _params, results| {
-            tracing::debug!("filter called {name}, which this host does not implement");
+        let _ = linker.func_new("env", import.name(), ty, move |c, _params, results| {
+            // once per module (a linker is per plugin), never silently
+            if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "wasm {}: the filter called {name}, which this host does not implement; it got Unimplemented \
+                     (logged once)",
+                    c.data().plugin.name
+                );
+            }
             for (i, (r, kind)) in results.iter_mut().zip(&kinds).enumerate() {
                 *r = match kind {
                     ValType::I32 if i == 0 => Val::I32(Status::Unimplemented.code()),

@@ -104,6 +104,30 @@ impl Action {
     }
 }
 
+/// What a body callback asks of the host (Envoy's `FilterDataStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataAction {
+    /// Pass what the filter holds on to the next filter.
+    Continue,
+    /// Hold the data and call again with more; the buffer is bounded (413 for a request, 500 for a response).
+    StopIterationAndBuffer,
+    /// Hold the data and stop reading more once the buffer is full, until the filter resumes the stream.
+    StopIterationAndWatermark,
+    /// Drop the data (the filter took what it wanted).
+    StopIterationNoBuffer,
+}
+
+impl DataAction {
+    pub fn from_code(code: i32) -> DataAction {
+        match code {
+            1 => DataAction::StopIterationAndBuffer,
+            2 => DataAction::StopIterationAndWatermark,
+            3 => DataAction::StopIterationNoBuffer,
+            _ => DataAction::Continue,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricKind {
     Counter,

@@ -1,0 +1,213 @@
+//! Our purpose-built module: a request's `x-case` header picks which ABI calls and callbacks it exercises, so that
+//! the harness can compare each one between Envoy and equilibrio-host:
+//!
+//! - `view`: answers with the request header map it sees (sorted `name: value` lines, the count the host gave, and
+//!   what `host` and `:authority` read as);
+//! - `reply` / `reply-empty`: a local reply with a body and a header / with neither; the response phase reports the
+//!   response header names it saw (`x-seen`);
+//! - `tick-reply`: pauses; the root context's tick answers the stream (`proxy_set_effective_context`);
+//! - `call-headers`: pauses on an HTTP call; its callback reads the request headers, adds one and resumes;
+//! - `call-reply`: pauses on an HTTP call; its callback answers 403;
+//! - `remove-length`: removes the response's `content-length`;
+//! - `upper-request`: buffers the request body to its end and sends it upstream in capitals;
+//! - `buffer-request`: buffers the request body without end (the host's limit applies);
+//! - `hold-response`: stops the response head, buffers the body, then sets a new body and its length;
+//! - `buffer-response`: buffers the response body without end (the limit applies after the head went);
+//! - `continue-response`: stops the response head on an HTTP call; its callback adds a header and resumes;
+//! - `reply-in-response`: answers 502 locally from the response-head callback;
+//! - `reset`: resets the stream (`proxy_close_stream`).
+
+#[cfg(target_arch = "wasm32")]
+mod wasm {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(LogLevel::Info);
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { waiting: Rc::default() }) });
+    }}
+
+    fn log(message: &str) {
+        hostcalls::log(LogLevel::Info, &format!("corpus: {message}")).ok();
+    }
+
+    /// Streams waiting for the tick to answer them.
+    type Waiting = Rc<RefCell<Vec<u32>>>;
+
+    struct Root {
+        waiting: Waiting,
+    }
+
+    impl Context for Root {}
+
+    impl RootContext for Root {
+        fn on_configure(&mut self, _: usize) -> bool {
+            self.set_tick_period(Duration::from_millis(50));
+            true
+        }
+
+        fn on_tick(&mut self) {
+            let ids: Vec<u32> = self.waiting.borrow_mut().drain(..).collect();
+            for id in ids {
+                if hostcalls::set_effective_context(id).is_ok() {
+                    let path = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, ":path");
+                    let path = path.ok().flatten().unwrap_or_default();
+                    let body = format!("answered from the tick for {path}\n");
+                    hostcalls::send_http_response(202, vec![("x-from", "tick")], Some(body.as_bytes())).ok();
+                }
+            }
+        }
+
+        fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+            Some(Box::new(Abi { id, case: String::new(), waiting: self.waiting.clone() }))
+        }
+
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    struct Abi {
+        id: u32,
+        case: String,
+        waiting: Waiting,
+    }
+
+    impl Abi {
+        fn call(&self) -> Action {
+            let headers = vec![(":method", "GET"), (":path", "/auth"), (":authority", "auth"), ("x-user", "alice")];
+            match self.dispatch_http_call("auth", headers, None, vec![], Duration::from_secs(5)) {
+                Ok(_) => Action::Pause,
+                Err(e) => {
+                    log(&format!("call failed: {e:?}"));
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    impl Context for Abi {
+        fn on_http_call_response(&mut self, _: u32, _: usize, _: usize, _: usize) {
+            let status = self.get_http_call_response_header(":status").unwrap_or_default();
+            let mut names: Vec<String> = self.get_http_call_response_headers().into_iter().map(|(k, _)| k).collect();
+            names.sort();
+            log(&format!("{}: call answered {status} with {}", self.case, names.join(" ")));
+            match self.case.as_str() {
+                "call-headers" => {
+                    let user = self.get_http_request_header("x-user").unwrap_or_else(|| "<none>".into());
+                    let path = self.get_http_request_header(":path").unwrap_or_default();
+                    self.set_http_request_header("x-from-callback", Some(&format!("{user} {path}")));
+                    self.resume_http_request();
+                }
+                "call-reply" => {
+                    self.send_http_response(403, vec![("x-from", "callback")], Some(b"denied from the callback\n"));
+                }
+                "continue-response" => {
+                    let status = self.get_http_response_header(":status").unwrap_or_default();
+                    self.set_http_response_header("x-from-callback", Some(&format!("upstream said {status}")));
+                    self.resume_http_response();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    impl HttpContext for Abi {
+        fn on_http_request_headers(&mut self, count: usize, end_of_stream: bool) -> Action {
+            self.case = self.get_http_request_header("x-case").unwrap_or_default();
+            match self.case.as_str() {
+                "view" => {
+                    let mut lines: Vec<String> =
+                        self.get_http_request_headers().into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    lines.sort();
+                    let host = self.get_http_request_header("host").unwrap_or_else(|| "<none>".into());
+                    let authority = self.get_http_request_header(":authority").unwrap_or_else(|| "<none>".into());
+                    let body = format!(
+                        "count={count} end_of_stream={end_of_stream}\nhost={host}\nauthority={authority}\n{}\n",
+                        lines.join("\n")
+                    );
+                    self.send_http_response(200, vec![], Some(body.as_bytes()));
+                    Action::Pause
+                }
+                "reply" => {
+                    self.send_http_response(418, vec![("x-abi", "reply")], Some(b"short and stout"));
+                    Action::Pause
+                }
+                "reply-empty" => {
+                    self.send_http_response(204, vec![], None);
+                    Action::Pause
+                }
+                "tick-reply" => {
+                    self.waiting.borrow_mut().push(self.id);
+                    Action::Pause
+                }
+                "call-headers" | "call-reply" => self.call(),
+                "reset" => {
+                    self.reset_http_request();
+                    Action::Pause
+                }
+                _ => Action::Continue,
+            }
+        }
+
+        fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            match self.case.as_str() {
+                "upper-request" if !end_of_stream => Action::Pause,
+                "upper-request" => {
+                    let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+                    log(&format!("request body of {body_size} bytes"));
+                    self.set_http_request_body(0, body_size, &body.to_ascii_uppercase());
+                    Action::Continue
+                }
+                "buffer-request" => Action::Pause,
+                _ => Action::Continue,
+            }
+        }
+
+        fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+            let mut names: Vec<String> = self.get_http_response_headers().into_iter().map(|(k, _)| k).collect();
+            names.sort();
+            self.set_http_response_header("x-seen", Some(&names.join(" ")));
+            match self.case.as_str() {
+                "remove-length" => {
+                    self.set_http_response_header("content-length", None);
+                    Action::Continue
+                }
+                "hold-response" | "buffer-held-response" if !end_of_stream => Action::Pause,
+                "continue-response" => self.call(),
+                "reply-in-response" => {
+                    self.send_http_response(502, vec![("x-from", "response")], Some(b"replaced in the response\n"));
+                    Action::Pause
+                }
+                _ => Action::Continue,
+            }
+        }
+
+        fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+            match self.case.as_str() {
+                "hold-response" if !end_of_stream => Action::Pause,
+                "hold-response" => {
+                    let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                    let new = format!("held {} bytes: {}", body.len(), String::from_utf8_lossy(&body).to_uppercase());
+                    self.set_http_response_body(0, body_size, new.as_bytes());
+                    self.set_http_response_header("content-length", Some(&new.len().to_string()));
+                    Action::Continue
+                }
+                "buffer-response" | "buffer-held-response" => Action::Pause,
+                _ => Action::Continue,
+            }
+        }
+
+        fn on_log(&mut self) {
+            if !self.case.is_empty() {
+                let status = self.get_http_response_header(":status").unwrap_or_else(|| "<none>".into());
+                log(&format!("{}: done with {status}", self.case));
+            }
+        }
+    }
+}
