@@ -1,7 +1,8 @@
 //! One request through the bundled proxy, in Envoy's order: the filters' request phase (which may answer locally or
 //! pause), the upstream chosen by the filter (`x-equilibrio-upstream`) with retries on the next listed host, the
 //! filters' response phase in reverse order, and the response streamed back; the filters' log phase runs when the
-//! response body is done.
+//! response body is done. A paused stream waits parked with its filter (see [`crate::driver`]); when a filter has body
+//! callbacks, this request's task feeds the upstream what they pass on ([`crate::body_filters`]).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -286,12 +287,17 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
 
     // response phase
     let end_of_stream = rbody.is_end_stream();
+    let mut filters = w.body_filters[1].then(|| BodyFilters::new(w.filters.len(), true, w.buffer_limit));
     let mut position = 0;
-    let mut buffered = Vec::new();
+    // body read while a filter held the head: it has been through the filters before `held.from`
+    let mut held = Held { data: Vec::new(), from: 0, any: false };
     while let Some((at, slot, context, generation)) = response_phase(&mut guard, position, end_of_stream) {
         // a filter stopped the response head: it goes on once the filter resumes it from another callback; the body
-        // waits meanwhile, buffered up to the limit (beyond it: 500, as Envoy answers)
-        match held_head(&w, &mut guard, (&slot, context, generation), &mut rbody, &mut buffered).await {
+        // goes meanwhile through the filters that saw the head, and waits, buffered up to the limit (beyond it: 500,
+        // as Envoy answers)
+        let waited =
+            held_head(&w, &mut guard, (&slot, context, generation, at), filters.as_mut(), &mut rbody, &mut held);
+        match waited.await {
             None => {}
             Some(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
             Some(Stop::Reset) => return Err(Reset),
@@ -305,15 +311,18 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
             Stop::Reset => Err(Reset),
         };
     }
-    let mut filters = w.body_filters[1].then(|| BodyFilters::new(w.filters.len(), true, w.buffer_limit));
-    let mut first = (!buffered.is_empty()).then(|| Bytes::from(buffered));
-    if let (Some(data), Some(f)) = (first.take(), filters.as_mut()) {
-        // what was read while the head waited goes through the body callbacks first
-        match through(&w, &mut guard, f, 0, usize::MAX, data.to_vec(), rbody.is_end_stream()).await {
+    let mut first = None;
+    if held.any
+        && let Some(f) = filters.as_mut()
+    {
+        // what was read while the head waited goes on through the filters after the one that held it
+        match through(&w, &mut guard, f, held.from, usize::MAX, held.data, rbody.is_end_stream()).await {
             Ok(b) => first = b,
             Err(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
             Err(Stop::Reset) => return Err(Reset),
         }
+    } else if !held.data.is_empty() {
+        first = Some(Bytes::from(held.data));
     }
     let out = head(guard.stream.as_deref(), client_version);
     // a response whose `content-length` a filter removed is sent chunked (HTTP/1.1), as Envoy sends it
@@ -356,41 +365,98 @@ async fn through(
     }
 }
 
-/// Waits for the filter that stopped the response head (see [`paused`]) while the upstream body is read into
-/// `buffered`, up to the buffer limit.
+/// A response body read while filters held the response head.
+struct Held {
+    /// What passed the filters before position `from`.
+    data: Vec<u8>,
+    from: usize,
+    /// A filter held the head.
+    any: bool,
+}
+
+/// Waits for the filter at response position `at` that stopped the response head (as [`paused`] does), while the
+/// upstream body is read and goes through the filters before it (those that saw the head, as in Envoy), into `held`,
+/// up to the buffer limit.
 async fn held_head(
     w: &Worker,
     guard: &mut StreamGuard,
-    (slot, context, generation): (&Rc<VmSlot>, u32, u64),
+    (slot, context, generation, at): (&Rc<VmSlot>, u32, u64, usize),
+    mut filters: Option<&mut BodyFilters>,
     body: &mut Incoming,
-    buffered: &mut Vec<u8>,
+    held: &mut Held,
 ) -> Option<Stop> {
     use http_body_util::BodyExt;
+    held.any = true;
+    // what an earlier hold kept first passes the filters between that one and this one
+    if let Some(f) = filters.as_deref_mut()
+        && held.from < at
+    {
+        let data = std::mem::take(&mut held.data);
+        match f.run(guard, held.from, at, data, false) {
+            Step::Forward(b) => held.data = b.to_vec(),
+            Step::Held | Step::Wait(_) => {}
+            Step::Reply(r) => return Some(Stop::Reply(r)),
+            Step::Close => return Some(Stop::Reset),
+            Step::Overflow => return Some(Stop::Reply(response_too_large())),
+        }
+    }
+    held.from = at;
     let mut reading = !body.is_end_stream();
-    let stop = {
-        let wait = paused(w, guard, slot, context, generation);
+    guard.park(slot, context);
+    // as long as Envoy's stream idle timeout: nothing moves on a stream its filter holds
+    let timeout = std::time::Duration::from_millis(w.route.idle_timeout.0);
+    let outcome = {
+        let wait = slot.wait_resumed(context, timeout);
         tokio::pin!(wait);
         loop {
             tokio::select! {
-                stop = &mut wait => break stop,
-                frame = body.frame(), if reading => match frame {
-                    None | Some(Err(_)) => reading = false,
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            buffered.extend_from_slice(&data);
+                resumed = &mut wait => break Ok(resumed),
+                frame = body.frame(), if reading => {
+                    let data = match frame {
+                        None | Some(Err(_)) => {
+                            reading = false;
+                            Vec::new()
                         }
-                        if buffered.len() > w.buffer_limit {
-                            break Some(Stop::Reply(response_too_large()));
+                        Some(Ok(frame)) => {
+                            reading = !body.is_end_stream();
+                            frame.into_data().map(|d| d.to_vec()).unwrap_or_default()
                         }
-                        reading = !body.is_end_stream();
+                    };
+                    match filters.as_deref_mut() {
+                        Some(f) if at > 0 => {
+                            // the filters before this one run with the stream in hand, and give it back
+                            guard.unpark();
+                            let step = f.run(guard, 0, at, data, !reading);
+                            guard.park(slot, context);
+                            match step {
+                                Step::Forward(b) => held.data.extend_from_slice(&b),
+                                Step::Held | Step::Wait(_) => {}
+                                Step::Reply(r) => break Err(Stop::Reply(r)),
+                                Step::Close => break Err(Stop::Reset),
+                                Step::Overflow => break Err(Stop::Reply(response_too_large())),
+                            }
+                        }
+                        _ => held.data.extend_from_slice(&data),
                     }
-                },
+                    if held.data.len() > w.buffer_limit {
+                        break Err(Stop::Reply(response_too_large()));
+                    }
+                }
             }
         }
     };
-    // the wait may have ended early, with the stream still parked
     guard.unpark();
-    stop
+    let resumed = match outcome {
+        Ok(resumed) => resumed,
+        Err(stop) => return Some(stop),
+    };
+    if slot.generation() != generation || guard.stream.is_none() {
+        return Some(Stop::Reply(reply(503, "filter_error")));
+    }
+    if let Some(stop) = stopped(guard) {
+        return Some(stop);
+    }
+    (!resumed).then(stream_timeout)
 }
 
 /// Feeds the upstream the client's body as the filters' body callbacks pass it on; ends with the body, or with the
@@ -453,6 +519,9 @@ async fn pump_request(
             Err(stop) => return Some(stop),
         }
         if end {
+            if let Some(s) = guard.stream.as_deref_mut() {
+                s.request_complete = true;
+            }
             return None;
         }
     }

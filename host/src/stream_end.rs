@@ -1,6 +1,6 @@
 //! The end of a stream for the filters: when the response is done, or the request is abandoned at any point (the
-//! client went away while the upstream was still working on it), each filter that saw the stream gets `proxy_on_done`,
-//! `proxy_on_log` and `proxy_on_delete` (those it exports), with the request and response heads still readable. The
+//! client went away while the upstream was still working on it), each filter that saw the stream gets `proxy_on_log`,
+//! `proxy_on_done` and `proxy_on_delete` (those it exports), with the request and response heads still readable. The
 //! guard owns the stream from its first callback, so that dropping it is the end in every case.
 
 use std::rc::Rc;

@@ -351,15 +351,16 @@ impl Vm {
         })
     }
 
-    /// The end of a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` (Envoy's order).
+    /// The end of a stream: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`, in Envoy's order (the access log
+    /// first; the conformance suite compares it).
     pub fn finish_stream(&mut self, context: u32, stream: &mut Option<Box<Stream>>) -> Result<(), Trap> {
         self.arm();
         self.with_stream(context, stream, |f, store| {
             let ctx = context as i32;
-            if let Some(func) = &f.on_done {
+            if let Some(func) = &f.on_log {
                 func.call(&mut *store, ctx).map_err(trap)?;
             }
-            if let Some(func) = &f.on_log {
+            if let Some(func) = &f.on_done {
                 func.call(&mut *store, ctx).map_err(trap)?;
             }
             if let Some(func) = &f.on_delete {

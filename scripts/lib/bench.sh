@@ -32,12 +32,13 @@ declare -A proxy_pid=()
 # the proxy each case measures (direct has none)
 declare -A case_proxy=(
   [nginx_rr]=nginx_rr [native]=native [minimal]=minimal [filter]=filter [sticky_new]=sticky [sticky_cookie]=sticky
-  [host_filter]=host
+  [host_filter]=host [host_base]=host_base
 )
 declare -A url=(
   [direct]=http://127.0.0.1:18081/
   [nginx_rr]=http://127.0.0.1:18170/
   [host_filter]=http://127.0.0.1:18160/
+  [host_base]=http://127.0.0.1:18162/
   [native]=http://127.0.0.1:18100/
   [minimal]=http://127.0.0.1:18140/
   [filter]=http://127.0.0.1:18110/
@@ -48,6 +49,7 @@ declare -A label=(
   [direct]="direct to one nginx backend"
   [nginx_rr]="nginx round robin (1 worker, upstream keep-alive)"
   [host_filter]="equilibrio-host + filter, weighted round robin"
+  [host_base]="equilibrio-host + filter, weighted round robin: the BENCH_HOST_BASE build"
   [native]="Envoy native round robin (STATIC)"
   [minimal]="Envoy + floor wasm filter (reference: one callback per request, round robin into the header)"
   [filter]="Envoy + filter, weighted round robin"
@@ -264,6 +266,14 @@ NGINX
       pids+=($!)
       proxy_pid[host]=$!
       wait_http http://127.0.0.1:18161/ready
+      ;;
+    host_base)
+      # another build of the bundled proxy (BENCH_HOST_BASE), measured in the same interleaved rounds: an A/B of a change
+      render_host 18162 18163 "{\"service\":\"agente-vendedor\",$SUP}" "$work/host-base.yaml"
+      taskset -c 0 "$BENCH_HOST_BASE" -c "$work/host-base.yaml" --concurrency 1 -l warn >"$work/host-base.log" 2>&1 &
+      pids+=($!)
+      proxy_pid[host_base]=$!
+      wait_http http://127.0.0.1:18163/ready
       ;;
     *)
       echo "$bench_name: unknown proxy $1" >&2

@@ -34,16 +34,19 @@ pub const IDLE_TIMEOUT_MS: u64 = 3000;
 
 /// A module of the corpus in the chain, in order.
 pub struct Module {
+    /// The plugin's name, root id and VM id.
     pub name: &'static str,
+    /// The built `.wasm`, from the repository root.
+    pub file: &'static str,
     pub configuration: &'static str,
 }
 
-pub fn corpus_wasm(name: &str) -> anyhow::Result<PathBuf> {
-    let path = repo_root().join(format!("target/wasm32-wasip1/release/examples/{name}.wasm"));
+pub fn corpus_wasm(m: &Module) -> anyhow::Result<PathBuf> {
+    let path = repo_root().join(m.file);
     if !path.exists() {
         bail!(
-            "{} is missing: run `cargo build --release --target wasm32-wasip1 -p equilibrio-corpus --examples` \
-             (scripts/test does)",
+            "{} is missing: run `cargo build --release --target wasm32-wasip1 -p equilibrio-corpus --examples` and \
+             `npm run build` in tests/corpus/assemblyscript (scripts/test does both)",
             path.display()
         );
     }
@@ -54,7 +57,7 @@ pub fn corpus_wasm(name: &str) -> anyhow::Result<PathBuf> {
 pub fn envoy_config(modules: &[Module], upstream: SocketAddr) -> anyhow::Result<String> {
     let mut filters = String::new();
     for m in modules {
-        let wasm = corpus_wasm(m.name)?;
+        let wasm = corpus_wasm(m)?;
         filters.push_str(&format!(
             r#"          - name: envoy.filters.http.wasm
             typed_config:
@@ -131,7 +134,7 @@ static_resources:
 pub fn host_config(modules: &[Module], upstream: SocketAddr) -> anyhow::Result<String> {
     let mut filters = String::new();
     for m in modules {
-        let wasm = corpus_wasm(m.name)?;
+        let wasm = corpus_wasm(m)?;
         filters.push_str(&format!(
             "- name: {name}\n  root_id: {name}\n  vm_id: {name}\n  file: {wasm}\n  configuration: '{config}'\n",
             name = m.name,

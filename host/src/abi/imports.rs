@@ -444,3 +444,27 @@ pub fn define_missing(linker: &mut Linker<HostState>, module: &Module) {
         });
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_changed_as_envoy_changes_it() {
+        let mut b = b"world".to_vec();
+        set_body(&mut b, 0, 0, b"hello ").unwrap();
+        assert_eq!(b, b"hello world", "start 0, length 0: prepends");
+        set_body(&mut b, 0, 11, b"HELLO").unwrap();
+        assert_eq!(b, b"HELLO", "start 0, the whole length: replaces");
+        set_body(&mut b, 0, 100, b"hi").unwrap();
+        assert_eq!(b, b"hi", "a length beyond the end replaces too");
+        set_body(&mut b, 2, 0, b"!").unwrap();
+        assert_eq!(b, b"hi!", "start at the end: appends");
+        set_body(&mut b, 9, 5, b"?").unwrap();
+        assert_eq!(b, b"hi!?", "start past the end: appends");
+        assert_eq!(set_body(&mut b, 1, 1, b"x"), Err(Status::BadArgument), "a range inside: not Envoy's either");
+        assert_eq!(set_body(&mut b, 0, 2, b"x"), Err(Status::BadArgument));
+        assert_eq!(b, b"hi!?", "a refused change changes nothing");
+    }
+}

@@ -62,8 +62,12 @@ pub fn read_u32(c: &C, ptr: i32) -> Result<u32, Status> {
 }
 
 /// Allocates `bytes.len()` in the guest, copies `bytes` there and writes the address and size to the return
-/// pointers. The outer error is a trap inside the guest's allocator, which must propagate.
+/// pointers (no bytes: no allocation, address 0, as in Envoy). The outer error is a trap inside the guest's allocator, which must propagate.
 pub fn give(c: &mut C, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::Result<Result<(), Status>> {
+    if bytes.is_empty() {
+        // as Envoy's host: nothing is allocated for nothing; the guest gets a null pointer and a zero size
+        return Ok(write_u32(c, ret_ptr, 0).and_then(|()| write_u32(c, ret_size, 0)));
+    }
     let Some(malloc) = c.data().malloc.clone() else { return Ok(Err(Status::InternalFailure)) };
     let Ok(len) = i32::try_from(bytes.len()) else { return Ok(Err(Status::BadArgument)) };
     let addr = malloc.call(&mut *c, len)?;

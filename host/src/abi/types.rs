@@ -99,8 +99,10 @@ pub enum Action {
 }
 
 impl Action {
+    /// Envoy's header statuses: `StopIteration` (1) and `StopAllIterationAndBuffer`/`AndWatermark` (3, 4) pause;
+    /// `Continue` (0) and `ContinueAndDontEndStream` (2) go on.
     pub fn from_code(code: i32) -> Action {
-        if code == 1 { Action::Pause } else { Action::Continue }
+        if matches!(code, 1 | 3 | 4) { Action::Pause } else { Action::Continue }
     }
 }
 

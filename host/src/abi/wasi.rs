@@ -1,7 +1,9 @@
 //! WASI preview 1 for filters, from wasmtime-wasi: clocks, random numbers, environment and arguments (empty),
 //! `proc_exit`. Filters get no files and no sockets. Their stdout and stderr go to the proxy's log line by line, as
 //! Envoy does; the file-descriptor functions are replaced with synchronous ones because wasmtime-wasi's run them on
-//! a nested Tokio runtime, which cannot start inside our workers' event loops.
+//! a nested Tokio runtime, which cannot start inside our workers' event loops. Modules built for WASI's older name,
+//! `wasi_unstable` (AssemblyScript's proxy-wasm SDK, older toolchains), get the same functions under it, as Envoy
+//! gives them (where the two versions differ, in file-status layouts, there are no files to tell).
 
 use wasmtime::{Linker, Module, Val, ValType};
 
@@ -9,6 +11,8 @@ use super::memory::{C, read, read_u32, write_u32};
 use crate::context::HostState;
 
 const MODULE: &str = "wasi_snapshot_preview1";
+/// WASI's name before preview 1.
+const UNSTABLE: &str = "wasi_unstable";
 /// `EBADF`: what every replaced file-descriptor function answers (there are no files).
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
@@ -58,6 +62,12 @@ pub fn add_to_linker(linker: &mut Linker<HostState>, module: &Module) -> wasmtim
             }
             Ok(())
         })?;
+    }
+    for import in module.imports() {
+        if import.module() == UNSTABLE && import.ty().func().is_some() {
+            // an unknown name stays unknown: instantiation names it
+            let _ = linker.alias(MODULE, import.name(), UNSTABLE, import.name());
+        }
     }
     linker.allow_shadowing(false);
     Ok(())

@@ -92,6 +92,13 @@ mod wasm {
     }
 
     impl Context for Abi {
+        fn on_done(&mut self) -> bool {
+            if !self.case.is_empty() {
+                log(&format!("{}: on_done", self.case));
+            }
+            true
+        }
+
         fn on_http_call_response(&mut self, _: u32, _: usize, _: usize, _: usize) {
             let status = self.get_http_call_response_header(":status").unwrap_or_default();
             let mut names: Vec<String> = self.get_http_call_response_headers().into_iter().map(|(k, _)| k).collect();
