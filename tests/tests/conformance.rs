@@ -148,6 +148,14 @@ fn cases() -> Vec<Case> {
         case("response resumed from a call callback", "GET", "/echo", &[("x-case", "continue-response")], None),
         case("local reply from the response head", "GET", "/echo", &[("x-case", "reply-in-response")], None),
         case("stream reset by a filter", "GET", "/", &[("x-case", "reset")], None),
+        case(
+            "properties, shared data and a metric",
+            "GET",
+            "/state?x=1",
+            &[("x-case", "state"), ("user-agent", "corpus/1")],
+            None,
+        ),
+        case("response properties", "GET", "/echo", &[("x-case", "response-properties")], None),
         case("upstream slower than the route timeout", "GET", "/slow", &[], None),
         case("upstream resets the connection", "GET", "/reset", &[], None),
     ]

@@ -15,7 +15,10 @@
 //! - `buffer-response`: buffers the response body without end (the limit applies after the head went);
 //! - `continue-response`: stops the response head on an HTTP call; its callback adds a header and resumes;
 //! - `reply-in-response`: answers 502 locally from the response-head callback;
-//! - `reset`: resets the stream (`proxy_close_stream`).
+//! - `reset`: resets the stream (`proxy_close_stream`);
+//! - `state`: answers with what it reads of properties (request, plugin, upstream), shared data (set, then read back
+//!   with its CAS, a stale CAS refused) and a counter metric (defined, incremented, read);
+//! - `response-properties`: reports the response properties it reads in the response phase (`x-props`).
 
 #[cfg(target_arch = "wasm32")]
 mod wasm {
@@ -70,6 +73,64 @@ mod wasm {
         fn get_type(&self) -> Option<ContextType> {
             Some(ContextType::HttpContext)
         }
+    }
+
+    /// A property as text (integers as 8 little-endian bytes, as Envoy encodes them).
+    fn property(path: &[&str]) -> String {
+        match hostcalls::get_property(path.to_vec()) {
+            Ok(Some(b)) if b.len() == 8 && path.last().is_some_and(|l| *l == "code" || l.ends_with("port")) => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b);
+                i64::from_le_bytes(a).to_string()
+            }
+            Ok(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(None) => "<none>".into(),
+            Err(e) => format!("<{e:?}>"),
+        }
+    }
+
+    /// Properties, shared data and a metric, read and written from a request's context.
+    fn state_report() -> String {
+        let mut out = Vec::new();
+        for path in [
+            &["request", "path"][..],
+            &["request", "url_path"],
+            &["request", "method"],
+            &["request", "scheme"],
+            &["request", "protocol"],
+            &["request", "host"],
+            &["request", "useragent"],
+            &["plugin_name"],
+            &["plugin_root_id"],
+            &["no", "such", "property"],
+        ] {
+            out.push(format!("{}={}", path.join("."), property(path)));
+        }
+        // shared data: a fresh key, written without a CAS, read back, then a stale CAS refused
+        let key = "corpus-state";
+        let first = hostcalls::get_shared_data(key).ok();
+        let cas = first.as_ref().and_then(|(_, cas)| *cas);
+        let set = hostcalls::set_shared_data(key, Some(b"v1"), cas);
+        let (value, _) = hostcalls::get_shared_data(key).unwrap_or((None, None));
+        let stale = hostcalls::set_shared_data(key, Some(b"v2"), Some(cas.unwrap_or(0).wrapping_add(1000)));
+        out.push(format!(
+            "shared: set={set:?} value={} stale_cas={stale:?}",
+            value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()
+        ));
+        // a counter defined twice under one name (Envoy gives a new id each time, we the same one: either way both
+        // count the same metric), incremented through one id, read through the other
+        let id = hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, "corpus_requests");
+        let again = hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, "corpus_requests");
+        let counted = match (id, again) {
+            (Ok(id), Ok(again)) => {
+                let before = hostcalls::get_metric(again).unwrap_or(0);
+                let _ = hostcalls::increment_metric(id, 1);
+                Ok(hostcalls::get_metric(again).unwrap_or(0).saturating_sub(before))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        out.push(format!("metric: one_name_one_counter_incremented_by={counted:?}"));
+        out.join("\n") + "\n"
     }
 
     struct Abi {
@@ -158,6 +219,11 @@ mod wasm {
                     self.reset_http_request();
                     Action::Pause
                 }
+                "state" => {
+                    let body = state_report();
+                    self.send_http_response(200, vec![], Some(body.as_bytes()));
+                    Action::Pause
+                }
                 _ => Action::Continue,
             }
         }
@@ -187,6 +253,15 @@ mod wasm {
                 }
                 "hold-response" | "buffer-held-response" if !end_of_stream => Action::Pause,
                 "continue-response" => self.call(),
+                "response-properties" => {
+                    let props: Vec<String> =
+                        [&["response", "code"][..], &["upstream", "address"], &["response", "code_details"]]
+                            .iter()
+                            .map(|p| format!("{}={}", p.join("."), property(p)))
+                            .collect();
+                    self.set_http_response_header("x-props", Some(&props.join(" ")));
+                    Action::Continue
+                }
                 "reply-in-response" => {
                     self.send_http_response(502, vec![("x-from", "response")], Some(b"replaced in the response\n"));
                     Action::Pause
