@@ -125,6 +125,12 @@ async fn paused(w: &Worker, guard: &mut StreamGuard, slot: &Rc<VmSlot>, context:
     let timeout = std::time::Duration::from_millis(w.route.idle_timeout.0);
     let resumed = slot.wait_resumed(context, timeout).await;
     guard.unpark();
+    after_wait(guard, slot, generation, resumed)
+}
+
+/// What a wait for a filter to resume its stream ended with (the stream taken back): the filter's VM gone (503), its
+/// local reply or close, or nothing resuming it (504).
+fn after_wait(guard: &mut StreamGuard, slot: &VmSlot, generation: u64, resumed: bool) -> Option<Stop> {
     if slot.generation() != generation || guard.stream.is_none() {
         return Some(Stop::Reply(reply(503, "filter_error")));
     }
@@ -446,17 +452,10 @@ async fn held_head(
         }
     };
     guard.unpark();
-    let resumed = match outcome {
-        Ok(resumed) => resumed,
-        Err(stop) => return Some(stop),
-    };
-    if slot.generation() != generation || guard.stream.is_none() {
-        return Some(Stop::Reply(reply(503, "filter_error")));
+    match outcome {
+        Ok(resumed) => after_wait(guard, slot, generation, resumed),
+        Err(stop) => Some(stop),
     }
-    if let Some(stop) = stopped(guard) {
-        return Some(stop);
-    }
-    (!resumed).then(stream_timeout)
 }
 
 /// Feeds the upstream the client's body as the filters' body callbacks pass it on; ends with the body, or with the
