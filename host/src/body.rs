@@ -198,6 +198,12 @@ impl ProxyBody {
                         this.release_if_done();
                         Poll::Ready(None)
                     }
+                    // Trailers end the body, and go no further: the upstream speaks HTTP/1, whose trailers Envoy drops
+                    // unless `enable_trailers` is set (so response trailer callbacks are not reached either).
+                    Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                        this.release_if_done();
+                        Poll::Ready(None)
+                    }
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(Idle { after, timer: Some(timer) }) = &mut this.idle {
                             timer.as_mut().reset(tokio::time::Instant::now() + *after);
@@ -251,10 +257,7 @@ impl ProxyBody {
                 Poll::Ready(None) => (Vec::new(), true),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => (d.to_vec(), self.raw_ended()),
-                    Err(frame) => {
-                        self.trailers(frame);
-                        continue;
-                    }
+                    Err(_) => continue, // not given: poll_raw ends the body at trailers
                 },
             };
             let (Some(f), Some(guard)) = (self.filtered.as_deref_mut(), self.guard.as_mut()) else {
@@ -275,28 +278,6 @@ impl ProxyBody {
         }
     }
 
-    /// Response trailers: the filters see them (reverse order), and what they held goes out before them.
-    fn trailers(&mut self, frame: Frame<Bytes>) {
-        let (Some(f), Some(guard)) = (self.filtered.as_deref_mut(), self.guard.as_mut()) else { return };
-        f.ended = true;
-        let Ok(trailers) = frame.into_trailers() else { return };
-        if let Some(s) = guard.stream.as_deref_mut() {
-            s.response_trailers = Some(trailers);
-        }
-        let contexts = guard.filters().to_vec();
-        for (slot, context, generation) in contexts.iter().rev() {
-            if slot.generation() == *generation {
-                let _ = slot.call(|vm| vm.on_trailers(*context, &mut guard.stream, true));
-            }
-        }
-        let held = f.filters.take_all();
-        if !held.is_empty() {
-            f.queued.push_back(Frame::data(Bytes::from(held)));
-        }
-        let t = guard.stream.as_deref_mut().and_then(|s| s.response_trailers.take()).unwrap_or_default();
-        f.queued.push_back(Frame::trailers(t));
-    }
-
     /// Acts on what the filters gave: `Some` is what to return now, `None` means poll on.
     fn on_step(&mut self, step: Step) -> Option<Polled> {
         let f = self.filtered.as_deref_mut()?;
@@ -312,7 +293,7 @@ impl ProxyBody {
                 f.waiting = Some((Box::pin(wait), position, generation));
                 None
             }
-            Step::Reply(_) | Step::Close | Step::Overflow => {
+            Step::End(_) => {
                 self.release = None;
                 Some(Poll::Ready(Some(Err(Box::new(FilterReset)))))
             }

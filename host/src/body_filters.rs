@@ -23,6 +23,13 @@ pub enum Step {
     Held,
     /// The filter at this position (in the direction's order) stopped and must be resumed before what it holds goes on.
     Wait(usize),
+    /// The stream ends here.
+    End(Ending),
+}
+
+/// How body filters end a stream.
+#[derive(Debug)]
+pub enum Ending {
     /// A filter answered locally.
     Reply(LocalReply),
     /// A filter closed the stream, or its VM failed.
@@ -83,18 +90,18 @@ impl BodyFilters {
                 }
                 vm.on_body(context, &mut guard.stream, response, held, end_of_stream)
             });
-            let Ok(action) = action else { return Step::Close };
+            let Ok(action) = action else { return Step::End(Ending::Close) };
             if let Some(s) = guard.stream.as_deref_mut() {
                 if let Some(r) = s.local_reply.take() {
-                    return Step::Reply(r);
+                    return Step::End(Ending::Reply(r));
                 }
                 if s.closed {
-                    return Step::Close;
+                    return Step::End(Ending::Close);
                 }
             }
             match action {
                 DataAction::Continue => data = std::mem::take(held),
-                DataAction::StopIterationAndBuffer if held.len() > self.limit => return Step::Overflow,
+                DataAction::StopIterationAndBuffer if held.len() > self.limit => return Step::End(Ending::Overflow),
                 DataAction::StopIterationAndWatermark if held.len() > self.limit => return Step::Wait(position),
                 DataAction::StopIterationAndBuffer | DataAction::StopIterationAndWatermark => {
                     return if end_of_stream { Step::Wait(position) } else { Step::Held };

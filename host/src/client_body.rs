@@ -1,7 +1,8 @@
 //! The client's request body on its way to the upstream. It remembers whether reading it failed (a malformed chunked
 //! body: a chunk size that overflows, a bad line end), so that the proxy answers the client 400 (its request was bad)
 //! instead of a 503 that blames the upstream, as Envoy does for a downstream protocol error. When a filter has body
-//! callbacks, the upstream gets the body the filters pass on instead ([`FilteredBody`]).
+//! callbacks, the upstream gets the body the filters pass on instead ([`FilteredBody`]). Trailers stay behind: the
+//! upstream speaks HTTP/1, whose trailers Envoy drops unless `enable_trailers` is set.
 
 use std::cell::Cell;
 use std::pin::Pin;
@@ -29,11 +30,15 @@ impl Body for ClientBody {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &r {
-            self.failed.set(true);
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.failed.set(true);
+                Poll::Ready(Some(Err(e)))
+            }
+            // trailers end the body; the HTTP/1 upstream does not get them (Envoy's default, `enable_trailers` off)
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            other => other,
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {

@@ -16,7 +16,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::abi::types::{Action, response_flags as rf};
 use crate::body::{BodyCallbacks, ProxyBody, Release};
-use crate::body_filters::{BodyFilters, Step, payload_too_large, response_too_large};
+use crate::body_filters::{BodyFilters, Ending, Step, payload_too_large, response_too_large};
 use crate::client_body::{ClientBody, FilteredBody};
 use crate::config::RouteConfig;
 use crate::conn_timer::ConnState;
@@ -106,6 +106,19 @@ pub async fn handle(
 enum Stop {
     Reply(LocalReply),
     Reset,
+}
+
+impl Stop {
+    /// How a stream the body filters end stops: with the filter's reply, a reset, or the buffer limit's answer (413
+    /// for a request body, 500 for a response's).
+    fn ending(e: Ending, response: bool) -> Stop {
+        match e {
+            Ending::Reply(r) => Stop::Reply(r),
+            Ending::Close => Stop::Reset,
+            Ending::Overflow if response => Stop::Reply(response_too_large()),
+            Ending::Overflow => Stop::Reply(payload_too_large()),
+        }
+    }
 }
 
 /// After a callback: the local reply it asked for, or the close.
@@ -363,10 +376,7 @@ async fn through(
                 let held = filters.take_held(position);
                 step = filters.run(guard, position + 1, to, held, end);
             }
-            Step::Reply(r) => return Err(Stop::Reply(r)),
-            Step::Overflow if filters.is_response() => return Err(Stop::Reply(response_too_large())),
-            Step::Overflow => return Err(Stop::Reply(payload_too_large())),
-            Step::Close => return Err(Stop::Reset),
+            Step::End(e) => return Err(Stop::ending(e, filters.is_response())),
         }
     }
 }
@@ -401,9 +411,7 @@ async fn held_head(
         match f.run(guard, held.from, at, data, false) {
             Step::Forward(b) => held.data = b.to_vec(),
             Step::Held | Step::Wait(_) => {}
-            Step::Reply(r) => return Some(Stop::Reply(r)),
-            Step::Close => return Some(Stop::Reset),
-            Step::Overflow => return Some(Stop::Reply(response_too_large())),
+            Step::End(e) => return Some(Stop::ending(e, true)),
         }
     }
     held.from = at;
@@ -437,9 +445,7 @@ async fn held_head(
                             match step {
                                 Step::Forward(b) => held.data.extend_from_slice(&b),
                                 Step::Held | Step::Wait(_) => {}
-                                Step::Reply(r) => break Err(Stop::Reply(r)),
-                                Step::Close => break Err(Stop::Reset),
-                                Step::Overflow => break Err(Stop::Reply(response_too_large())),
+                                Step::End(e) => break Err(Stop::ending(e, true)),
                             }
                         }
                         _ => held.data.extend_from_slice(&data),
@@ -485,25 +491,29 @@ async fn pump_request(
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) => (d.to_vec(), body.is_end_stream()),
                 Err(frame) => {
-                    // trailers end the body: the filters see them, and what they held goes on before them
-                    if let (Some(s), Ok(t)) = (guard.stream.as_deref_mut(), frame.into_trailers()) {
+                    // Trailers end the body. As in Envoy (HTTP/1 `enable_trailers` off by default), those of an
+                    // HTTP/1 client are dropped unseen; an HTTP/2 client's reach the filters; none go on to the
+                    // HTTP/1 upstream. What the filters held goes on.
+                    let http2 = guard.stream.as_deref().is_some_and(|s| s.request.version == http::Version::HTTP_2);
+                    if let (Some(s), Ok(t), true) = (guard.stream.as_deref_mut(), frame.into_trailers(), http2) {
                         s.request_trailers = Some(t);
-                    }
-                    let contexts = guard.filters().to_vec();
-                    for (slot, context, generation) in contexts {
-                        if slot.generation() == generation {
-                            let _ = slot.call(|vm| vm.on_trailers(context, &mut guard.stream, false));
-                        }
-                        if let Some(stop) = stopped(guard) {
-                            return Some(stop);
+                        let contexts = guard.filters().to_vec();
+                        for (slot, context, generation) in contexts {
+                            if slot.generation() == generation {
+                                let _ = slot.call(|vm| vm.on_trailers(context, &mut guard.stream, false));
+                            }
+                            if let Some(stop) = stopped(guard) {
+                                return Some(stop);
+                            }
                         }
                     }
                     let held = filters.take_all();
                     if !held.is_empty() && tx.send(hyper::body::Frame::data(Bytes::from(held))).await.is_err() {
                         return None;
                     }
-                    let t = guard.stream.as_deref_mut().and_then(|s| s.request_trailers.take()).unwrap_or_default();
-                    let _ = tx.send(hyper::body::Frame::trailers(t)).await;
+                    if let Some(s) = guard.stream.as_deref_mut() {
+                        s.request_complete = true;
+                    }
                     return None;
                 }
             },

@@ -33,6 +33,9 @@ pub enum EventKind {
     /// Too much of a service is unhealthy at once for replacements to be the answer: they are held (an alert).
     ReplacementsHeld,
     ReplacementsResumed,
+    /// A Swarm service's replica count was changed by someone else (`docker service scale`): adopted, or set back
+    /// to the policy's bounds or to a manual scale through the API.
+    ReplicasChangedOutside,
     DockerUnreachable,
     DockerReachable,
 }

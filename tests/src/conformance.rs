@@ -215,6 +215,8 @@ pub enum SendBody {
     Sized(Vec<u8>),
     /// In these pieces, 20 ms apart, without a length (chunked over HTTP/1.1).
     Chunked(Vec<Vec<u8>>),
+    /// In pieces as `Chunked`, then these trailers (over HTTP/1.1 the request must name them in a `trailer` header).
+    Trailed(Vec<Vec<u8>>, Vec<(&'static str, &'static str)>),
 }
 
 #[derive(Clone, Debug)]
@@ -247,9 +249,9 @@ pub struct Observation {
     pub logs: Vec<String>,
 }
 
-/// A request body sent in pieces.
+/// A body sent in pieces (and perhaps trailers).
 struct Pieces {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    rx: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
 }
 
 impl Body for Pieces {
@@ -257,7 +259,7 @@ impl Body for Pieces {
     type Error = std::convert::Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        self.rx.poll_recv(cx).map(|f| f.map(Ok))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -271,20 +273,30 @@ fn body_of(body: &SendBody) -> ClientBody {
     match body {
         SendBody::None => http_body_util::Either::Left(Full::new(Bytes::new())),
         SendBody::Sized(b) => http_body_util::Either::Left(Full::new(Bytes::from(b.clone()))),
-        SendBody::Chunked(pieces) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let pieces = pieces.clone();
-            tokio::spawn(async move {
-                for p in pieces {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    if tx.send(Bytes::from(p)).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            http_body_util::Either::Right(Pieces { rx })
-        }
+        SendBody::Chunked(pieces) => sent_in_pieces(pieces, &[]),
+        SendBody::Trailed(pieces, trailers) => sent_in_pieces(pieces, trailers),
     }
+}
+
+fn sent_in_pieces(pieces: &[Vec<u8>], trailers: &[(&'static str, &'static str)]) -> ClientBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut frames: Vec<Frame<Bytes>> = pieces.iter().map(|p| Frame::data(Bytes::from(p.clone()))).collect();
+    if !trailers.is_empty() {
+        let mut map = hyper::HeaderMap::new();
+        for (k, v) in trailers {
+            map.append(*k, hyper::header::HeaderValue::from_static(v));
+        }
+        frames.push(Frame::trailers(map));
+    }
+    tokio::spawn(async move {
+        for f in frames {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    http_body_util::Either::Right(Pieces { rx })
 }
 
 /// Sends `request` to `proxy` on a new connection and observes the answer and the filters' logs.
@@ -345,7 +357,7 @@ async fn exchange(addr: SocketAddr, protocol: Protocol, request: &Request) -> an
 }
 
 /// The recording upstream both proxies route to:
-/// - `/echo`: the request as received (method, path, headers without Envoy's own, body), as text;
+/// - `/echo`: the request as received (method, path, headers without Envoy's own, body, trailers), as text;
 /// - `/secret`: a body with secrets in it, with its length; `/secret-chunked`: the same in three chunks;
 /// - `/big?kb=N`: N KiB; `/slow`: answers after 5 s (beyond the route timeout);
 /// - `/reset`: closes the connection without an answer; `/auth`: 200 for `x-user: alice`, else 403;
@@ -380,7 +392,7 @@ fn pieces(parts: &[&'static str]) -> UpstreamBody {
     tokio::spawn(async move {
         for p in parts {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if tx.send(Bytes::from_static(p.as_bytes())).await.is_err() {
+            if tx.send(Frame::data(Bytes::from_static(p.as_bytes()))).await.is_err() {
                 break;
             }
         }
@@ -390,7 +402,12 @@ fn pieces(parts: &[&'static str]) -> UpstreamBody {
 
 async fn answer(req: hyper::Request<Incoming>) -> Result<hyper::Response<UpstreamBody>, Abort> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(|_| Abort)?.to_bytes();
+    let collected = body.collect().await.map_err(|_| Abort)?;
+    let trailers: Vec<String> = collected
+        .trailers()
+        .map(|t| t.iter().map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v.as_bytes()))).collect())
+        .unwrap_or_default();
+    let body = collected.to_bytes();
     let full = |s: String| http_body_util::Either::Left(Full::new(Bytes::from(s)));
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or_default();
@@ -405,11 +422,12 @@ async fn answer(req: hyper::Request<Incoming>) -> Result<hyper::Response<Upstrea
                 .collect();
             headers.sort();
             full(format!(
-                "{} {}\n{}\nbody: {}\n",
+                "{} {}\n{}\nbody: {}\ntrailers: {}\n",
                 parts.method,
                 parts.uri,
                 headers.join("\n"),
-                String::from_utf8_lossy(&body)
+                String::from_utf8_lossy(&body),
+                trailers.join(" ")
             ))
         }
         "/secret" => full("the secret is: secret\n".into()),

@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod host;
 pub mod proxy;
 pub mod supervisor;
+pub mod swarm;
 pub mod table_server;
 
 use std::path::PathBuf;

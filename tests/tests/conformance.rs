@@ -156,6 +156,20 @@ fn cases() -> Vec<Case> {
             None,
         ),
         case("response properties", "GET", "/echo", &[("x-case", "response-properties")], None),
+        case(
+            "header map size and pairs, log level, a property read back",
+            "GET",
+            "/echo",
+            &[("x-case", "calls"), ("x-drop", "1")],
+            None,
+        ),
+        case(
+            "request trailers (HTTP/1.1's dropped, as Envoy's default)",
+            "POST",
+            "/echo",
+            &[("x-case", "trailers"), ("trailer", "x-checksum")],
+            SendBody::Trailed(vec![text("first "), text("second")], vec![("x-checksum", "42")]),
+        ),
         case("upstream slower than the route timeout", "GET", "/slow", &[], None),
         case("upstream resets the connection", "GET", "/reset", &[], None),
     ]
@@ -311,4 +325,30 @@ impl Compared {
             self.failures.join("\n")
         );
     }
+}
+
+/// The bundled proxy does not implement gRPC calls (Envoy does, so this is not a comparison): a filter calling one
+/// gets the spec's `Unimplemented` (12), never a trap, and the host warns once per module however often it is
+/// called, from whichever worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unimplemented_call_answers_unimplemented_and_is_logged_once_per_module() {
+    let upstream = Upstream::start().await.unwrap();
+    let config = host_config(&CHAIN, upstream.addr).unwrap();
+    let host =
+        Proxy::start("host-unimplemented", host_binary().unwrap(), &["--concurrency", "2"], &config).await.unwrap();
+    let request =
+        Request { method: "GET", path: "/".into(), headers: vec![("x-case", "grpc".into())], body: SendBody::None };
+    for protocol in [Protocol::Http1, Protocol::Http2, Protocol::Http1, Protocol::Http2] {
+        let seen = observe(&host, protocol, &request).await.unwrap();
+        match seen.outcome {
+            Outcome::Response { status, body, .. } => {
+                assert_eq!((status, body.as_str()), (200, "proxy_grpc_call gave status 12\n"));
+            }
+            other => panic!("no answer from the filter: {other:?}"),
+        }
+    }
+    let log = std::fs::read_to_string(&host.log).unwrap();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("proxy_grpc_call")).collect();
+    assert_eq!(warned.len(), 1, "one warning for four calls: {warned:?}");
+    assert!(warned[0].contains("abi") && warned[0].contains("does not implement"), "{}", warned[0]);
 }

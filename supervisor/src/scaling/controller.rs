@@ -20,8 +20,9 @@ use crate::registry::Source;
 use crate::scaling::cost::Observation;
 use crate::scaling::planner::{self, Action, Health, Known, PlanInput};
 use crate::scaling::policy::{self, Sample, ScalingPolicy};
-use crate::scaling::runtime::{Container, Runtime};
+use crate::scaling::runtime::{Container, Replicas, Runtime};
 use crate::scaling::state::{Episode, ScalingEventKind};
+use crate::scaling::swarm_plan::{self, SwarmAction, SwarmPlanInput};
 
 /// Evaluation period.
 pub const TICK_MS: u64 = 1000;
@@ -96,6 +97,12 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
             let memory =
                 if h.total_memory() > 0 { h.used_memory() as f64 / h.total_memory() as f64 * 100.0 } else { 0.0 };
             app.set_host_usage(f64::from(h.global_cpu_usage()), memory);
+        }
+        if !app.leadership.is_leader() {
+            // a Swarm count set while leading may have changed since: adopt it afresh when leading again
+            for st in app.scaling().values_mut() {
+                st.swarm_replicas = None;
+            }
         }
         if now < retry_at || !app.leadership.is_leader() {
             // another supervisor leads: it scales; this one serves the registry it writes
@@ -192,7 +199,7 @@ async fn scale_service<R: Runtime>(
     let limit =
         |c: &Container| if c.managed { app.scaling_template(service).and_then(|t| t.cpus).unwrap_or(1.0) } else { 1.0 };
     // concurrently: each stats call takes about a second (Docker measures over an interval)
-    let stats = futures_util::future::join_all(serving.iter().map(|c| runtime.stats(&c.id))).await;
+    let stats = futures_util::future::join_all(serving.iter().map(|c| runtime.stats(c))).await;
     let mut cpu = Vec::new();
     let mut mem = Vec::new();
     for (c, s) in serving.iter().zip(stats) {
@@ -227,7 +234,7 @@ async fn scale_service<R: Runtime>(
         policy.metrics().iter().map(|(_, m)| (m.measurement_window * 1000.0) as u64).max().unwrap_or(300_000) + 10_000;
 
     // ---- decide
-    let (desired, reason, decided, (backoff_until_ms, failing_counts_from_ms)) = {
+    let (desired, manual, reason, decided, (backoff_until_ms, failing_counts_from_ms)) = {
         let mut states = app.scaling();
         let Some(st) = states.get_mut(service) else { return };
         let observation = Observation {
@@ -240,11 +247,11 @@ async fn scale_service<R: Runtime>(
         let added = st.observe(sample, keep_ms, observation);
         app.metrics.instance_seconds(service, added);
         st.forgive_failures(now, serving.len() as u32, current);
-        let (desired, reason) = match st.manual_target(now) {
-            Some(d) => (d.clamp(policy.min_instances, policy.max_instances), "manual scale".to_string()),
+        let (desired, manual, reason) = match st.manual_target(now) {
+            Some(d) => (d.clamp(policy.min_instances, policy.max_instances), true, "manual scale".to_string()),
             None => {
                 let d = policy::decide(policy, current, &mut st.history, now, TICK_MS);
-                (d.desired, d.reason)
+                (d.desired, false, d.reason)
             }
         };
         // a new decision (not the one already under way) is recorded and published once
@@ -252,7 +259,7 @@ async fn scale_service<R: Runtime>(
         if let Some(kind) = decided {
             app.metrics.scaling_event(service, kind.as_str());
         }
-        (desired, reason, decided.is_some(), (st.backoff_until_ms, st.failing_counts_from_ms(now)))
+        (desired, manual, reason, decided.is_some(), (st.backoff_until_ms, st.failing_counts_from_ms(now)))
     };
     if decided {
         let kind = if desired > current { EventKind::ScaledUp } else { EventKind::ScaledDown };
@@ -261,6 +268,37 @@ async fn scale_service<R: Runtime>(
     }
 
     // ---- plan and act
+    match runtime.replicas(service, policy.min_instances).await {
+        Ok(Some(replicas)) => {
+            let last_set = app.scaling().get(service).and_then(|st| st.swarm_replicas);
+            let input = SwarmPlanInput {
+                desired,
+                manual,
+                min: policy.min_instances,
+                max: policy.max_instances,
+                replicas,
+                last_set,
+                tasks: &containers,
+                known: &known,
+            };
+            let actions = swarm_plan::plan(input);
+            if last_set.is_none()
+                && let Some(st) = app.scaling().get_mut(service)
+            {
+                st.swarm_replicas = Some(replicas.count); // adopted as it is
+            }
+            for action in actions {
+                act_swarm(app, runtime, service, policy, action, now).await;
+            }
+            ramp(app, service, policy, now).await;
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "swarm service");
+            return;
+        }
+    }
     let mut counter = 0u32;
     let actions = planner::plan(
         PlanInput {
@@ -288,7 +326,11 @@ async fn scale_service<R: Runtime>(
     for action in actions {
         act(app, runtime, service, policy, action, now).await;
     }
-    // slow start
+    ramp(app, service, policy, now).await;
+}
+
+/// Slow start: each round, the instances still ramping get their next step of weight.
+async fn ramp(app: &App, service: &str, policy: &ScalingPolicy, now: u64) {
     let ramping: Vec<String> = {
         let reg = app.registry();
         reg.service(service)
@@ -349,7 +391,8 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 Ok(c) => {
                     tracing::info!(%service, %instance, address = ?c.address, "container started");
                     if let Some(address) = c.address {
-                        register(app, service, &instance, &address, policy.slow_start > 0.0).await;
+                        register(app, service, &instance, &address, ("docker", "docker"), policy.slow_start > 0.0)
+                            .await;
                     }
                 }
                 Err(e) => {
@@ -361,18 +404,10 @@ async fn act<R: Runtime>(app: &App, runtime: &R, service: &str, policy: &Scaling
                 }
             }
         }
-        Action::Register { instance, address } => register(app, service, &instance, &address, false).await,
-        Action::Drain { instance } => {
-            let timeout = app.config.drain_timeout_ms;
-            let r = app
-                .change_as_leader(|reg, now| {
-                    reg.drain(service, &instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(%service, %instance, error = %e, "drain");
-            }
+        Action::Register { instance, address } => {
+            register(app, service, &instance, &address, ("docker", "docker"), false).await
         }
+        Action::Drain { instance } => drain(app, service, &instance).await,
         Action::Stop { container, instance, reason } => {
             let grace = template.map_or(10, |t| t.stop_grace);
             if let Err(e) = runtime.stop(&container, grace).await {
@@ -433,14 +468,78 @@ enum ActError {
     Persist(#[from] PersistError),
 }
 
-async fn register(app: &App, service: &str, instance: &str, address: &str, slow_start: bool) {
+/// The actions of a Swarm service's plan ([`swarm_plan`]).
+async fn act_swarm<R: Runtime>(
+    app: &App,
+    runtime: &R,
+    service: &str,
+    policy: &ScalingPolicy,
+    action: SwarmAction,
+    now: u64,
+) {
+    if let Err(e) = app.confirm_leadership().await {
+        tracing::warn!(%service, error = %e, "not acting: leadership not confirmed");
+        return;
+    }
+    match action {
+        SwarmAction::Register { instance, address, zone } => {
+            let zone = if zone.is_empty() { "swarm".to_string() } else { zone };
+            register(app, service, &instance, &address, (&zone, "swarm"), policy.slow_start > 0.0).await
+        }
+        SwarmAction::Deregister { instance, reason } => deregister(app, service, &instance, &reason).await,
+        SwarmAction::Drain { instance } => drain(app, service, &instance).await,
+        SwarmAction::ChangedByHand { from, to } => {
+            tracing::warn!(%service, from, to, "the Swarm service's replicas were changed outside the supervisor");
+            if let Some(st) = app.scaling().get_mut(service) {
+                st.changed_outside(now, from, to);
+            }
+            app.metrics.scaling_event(service, ScalingEventKind::ChangedOutside.as_str());
+            let detail =
+                serde_json::json!({"from": from, "to": to, "min": policy.min_instances, "max": policy.max_instances});
+            app.observe(vec![event(now, EventKind::ReplicasChangedOutside, service, None, detail)]);
+        }
+        SwarmAction::SetReplicas { from, to, version } => {
+            match runtime.set_replicas(service, Replicas { count: from, version }, to).await {
+                Ok(()) => {
+                    tracing::info!(%service, from, to, "swarm replicas set");
+                    if let Some(st) = app.scaling().get_mut(service) {
+                        st.swarm_replicas = Some(to);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    tracing::warn!(%service, %message, "setting the swarm replicas failed");
+                    let detail = serde_json::json!({"message": message, "from": from, "to": to});
+                    let published = event(now, EventKind::ScalingFailed, service, None, detail);
+                    record_failure(app, service, now, ScalingEventKind::Failed, message, published);
+                }
+            }
+        }
+    }
+}
+
+async fn drain(app: &App, service: &str, instance: &str) {
+    let timeout = app.config.drain_timeout_ms;
+    let r = app
+        .change_as_leader(|reg, now| {
+            reg.drain(service, instance, timeout, now).map(|e| ((), e)).map_err(ActError::from)
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(%service, %instance, error = %e, "drain");
+    }
+}
+
+/// Registers an instance in `(zone, tag)`; with slow start it begins at a tenth of its weight.
+async fn register(app: &App, service: &str, instance: &str, address: &str, place: (&str, &str), slow_start: bool) {
+    let (zone, tag) = place;
     let full = equilibrio_contract::table::DEFAULT_WEIGHT;
     let spec = InstanceSpec {
         id: instance.into(),
         address: address.into(),
         weight: full,
-        zone: "docker".into(),
-        tags: vec!["docker".into()],
+        zone: zone.into(),
+        tags: vec![tag.into()],
         version: String::new(),
         capabilities: vec![],
     };
@@ -555,5 +654,61 @@ mod tests {
         // backed off: no new attempt right away
         round(&a, &rt, Now::at(2500)).await.unwrap();
         assert_eq!(a.scaling().get("av").unwrap().events.iter().filter(|e| e.kind == "failed").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_swarm_service_is_adopted_scaled_through_its_replicas_and_drained_before_swarm_removes() {
+        // no proxy reports here: CPU and memory decide; short windows
+        let quick = ", scale_down_stabilization: 10, scale_down_cooldown: 5, request_rate: {weight: 0}, response_time: {weight: 0}, cpu_utilization: {measurement_window: 10}, memory_utilization: {measurement_window: 10}";
+        let (a, rt) = (app(quick), FakeRuntime::default());
+        rt.as_swarm(2);
+        rt.add_task("av", 1, "n1", "10.0.0.1:30001");
+        rt.add_task("av", 2, "n1", "10.0.0.1:30002");
+        rt.set_stats(Stats { cpu_percent: 100.0, memory_percent: 10.0 });
+        // first round: adopted as it is (no replica change on start), tasks registered with their node's zone
+        round(&a, &rt, Now::at(1000)).await.unwrap();
+        assert_eq!(rt.swarm_replicas().unwrap().count, 2);
+        {
+            let reg = a.registry();
+            let i = &reg.service("av").unwrap().instances["av.1.t1"];
+            assert_eq!((i.spec.zone.as_str(), i.spec.address.as_str()), ("zone-n1", "10.0.0.1:30001"));
+        }
+        all_healthy(&a, 1000);
+        // hot: the next rounds raise the replicas (max 3); Swarm places the task on another node
+        let mut now = 2000;
+        while rt.swarm_replicas().unwrap().count < 3 && now < 60_000 {
+            round(&a, &rt, Now::at(now)).await.unwrap();
+            all_healthy(&a, now);
+            now += 1000;
+        }
+        assert_eq!(rt.swarm_replicas().unwrap().count, 3);
+        rt.add_task("av", 3, "n2", "10.0.0.2:30003");
+        // someone scales it by hand above max: set back, with an event
+        let hand = rt.swarm_replicas().unwrap();
+        rt.set_replicas("av", hand, 5).await.unwrap();
+        round(&a, &rt, Now::at(now)).await.unwrap();
+        assert_eq!(rt.swarm_replicas().unwrap().count, 3, "held to max_instances");
+        assert!(a.events.history(Some("av")).iter().any(|e| e.kind == EventKind::ReplicasChangedOutside));
+        // idle: down to the minimum; Swarm keeps slot 1 (n1's first copy) and removes 2 and 3, which are drained
+        // first: the count goes down only once both drains are done
+        rt.set_stats(Stats { cpu_percent: 1.0, memory_percent: 10.0 });
+        all_healthy(&a, now);
+        let drained = |id: &str| a.registry().service("av").unwrap().instances.get(id).is_some_and(|i| i.drain.is_some());
+        let mut both_drained = false;
+        for _ in 0..120 {
+            now += 1000;
+            round(&a, &rt, Now::at(now)).await.unwrap();
+            all_healthy(&a, now);
+            if rt.swarm_replicas().unwrap().count < 3 {
+                break;
+            }
+            assert!(!drained("av.1.t1"), "slot 1 is the one Swarm keeps");
+            both_drained = drained("av.2.t2") && drained("av.3.t3");
+            // the drains complete (nothing in flight) in the registry's own (wall-clock) time
+            a.registry().advance_drains(|_, _| Some(0), crate::app::now_ms() + 60_000);
+        }
+        let events = a.scaling().get("av").unwrap().events.clone();
+        assert_eq!(rt.swarm_replicas().unwrap().count, 1, "{events:?}");
+        assert!(both_drained, "the count went down before slots 2 and 3 were drained");
     }
 }

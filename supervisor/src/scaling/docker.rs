@@ -1,5 +1,6 @@
-//! The Docker runtime, through bollard: the only module that talks to the Docker API. It moves data in and out and
-//! decides nothing. Every call has a timeout; a daemon that does not answer is [`RuntimeError::Unreachable`].
+//! The Docker runtime, through bollard: with [`swarm`] (for services in `mode: swarm`), the only module that talks to
+//! the Docker API. It moves data in and out and decides nothing. Every call has a timeout; a daemon that does not
+//! answer is [`RuntimeError::Unreachable`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,13 +13,13 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
+use super::docker_call::{CALL_TIMEOUT, failed, timed};
 use super::runtime::{
-    Container, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_PORT, LABEL_SERVICE, LABEL_SIGNATURE, MANAGED_BY, Runtime,
-    RuntimeError, Stats, Template,
+    Container, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_PORT, LABEL_SERVICE, LABEL_SIGNATURE, MANAGED_BY, Mode,
+    Replicas, Runtime, RuntimeError, Stats, Template,
 };
+use super::swarm;
 use crate::secret::{LabelClaims, Secret};
-
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct DockerRuntime {
     /// Connected and version-negotiated on first use, and again after the daemon was unreachable (Debian's
@@ -30,28 +31,23 @@ pub struct DockerRuntime {
     secret: Secret,
     /// Containers with a service label but no valid signature, already logged (logged once each).
     ignored: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-fn failed(e: bollard::errors::Error) -> RuntimeError {
-    match e {
-        bollard::errors::Error::DockerResponseServerError { status_code, message } => {
-            RuntimeError::Failed(format!("docker answered {status_code}: {message}"))
-        }
-        other => RuntimeError::Unreachable(other.to_string()),
-    }
-}
-
-async fn timed<T>(f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, RuntimeError> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(failed),
-        Err(_) => Err(RuntimeError::Unreachable(format!("no answer in {} s", CALL_TIMEOUT.as_secs()))),
-    }
+    /// Swarm mode: the Docker API of other nodes (by hostname), connected on first use.
+    nodes: tokio::sync::Mutex<HashMap<String, Docker>>,
+    /// Swarm mode: the node id of the supervisor's own daemon, once read.
+    local_node: tokio::sync::OnceCell<String>,
 }
 
 impl DockerRuntime {
     /// The local daemon (`DOCKER_HOST`, or the unix socket `/var/run/docker.sock`); connects lazily.
     pub fn new(templates: HashMap<String, Template>, secret: Secret) -> DockerRuntime {
-        DockerRuntime { docker: tokio::sync::Mutex::new(None), templates, secret, ignored: Default::default() }
+        DockerRuntime {
+            docker: tokio::sync::Mutex::new(None),
+            templates,
+            secret,
+            ignored: Default::default(),
+            nodes: Default::default(),
+            local_node: Default::default(),
+        }
     }
 
     /// Whether a container's labels carry this supervisor's signature for what they claim.
@@ -98,6 +94,41 @@ impl DockerRuntime {
         r
     }
 
+    fn swarm_template(&self, service: &str) -> Option<&Template> {
+        self.templates.get(service).filter(|t| t.mode == Mode::Swarm)
+    }
+
+    /// The daemon that runs a container: ours, or for a Swarm task on another node that node's (`node_apis`).
+    async fn daemon_of(&self, c: &Container) -> Result<Docker, RuntimeError> {
+        let docker = self.client().await?;
+        let Some(task) = &c.task else { return Ok(docker) };
+        let local = self
+            .local_node
+            .get_or_try_init(|| async {
+                let info = timed(docker.info()).await?;
+                Ok::<_, RuntimeError>(info.swarm.and_then(|s| s.node_id).unwrap_or_default())
+            })
+            .await?;
+        if task.node.as_deref() == Some(local.as_str()) {
+            return Ok(docker);
+        }
+        // by hostname, else by the node's address
+        let apis = self.templates.get(&c.service).map(|t| &t.node_apis);
+        let Some((key, api)) =
+            [&task.hostname, &task.addr].into_iter().find_map(|k| apis.and_then(|a| a.get_key_value(k.as_str())))
+        else {
+            return Err(RuntimeError::Failed(format!("no Docker API for node {} (node_apis)", task.hostname)));
+        };
+        let mut nodes = self.nodes.lock().await;
+        if let Some(d) = nodes.get(key) {
+            return Ok(d.clone());
+        }
+        let d = Docker::connect_with_host(api).map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        let d = timed(d.negotiate_version()).await?;
+        nodes.insert(key.clone(), d.clone());
+        Ok(d)
+    }
+
     /// Where a container serves. `signed_port` is its port label, believed only when signed; otherwise the template's.
     fn address(&self, service: &str, c: &ContainerSummary, signed_port: Option<u16>) -> Option<String> {
         let template = self.templates.get(service);
@@ -119,6 +150,11 @@ impl DockerRuntime {
 
 impl Runtime for DockerRuntime {
     async fn list(&self, service: &str) -> Result<Vec<Container>, RuntimeError> {
+        if let Some(t) = self.swarm_template(service) {
+            let docker = self.client().await?;
+            let nodes = self.forget_on_unreachable(swarm::nodes(&docker, &t.zone_label).await).await?;
+            return swarm::tasks(&docker, service, t, &nodes).await;
+        }
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_SERVICE}={service}")])]);
         let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
         let docker = self.client().await?;
@@ -170,6 +206,7 @@ impl Runtime for DockerRuntime {
                 created_ms: c.created.unwrap_or(0).max(0) as u64 * 1000,
                 oom_killed,
                 exit_code,
+                task: None,
             });
         }
         Ok(out)
@@ -259,12 +296,31 @@ impl Runtime for DockerRuntime {
             ("type".to_string(), vec!["container".to_string()]),
             ("label".to_string(), vec![LABEL_SERVICE.to_string()]),
         ]);
-        let mut events = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+        let ours = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
+        // Swarm services: their tasks' containers on this node, and the swarm's service and node changes (the other
+        // nodes' tasks are read each round)
+        let swarm: Vec<String> =
+            self.templates.iter().filter(|(_, t)| t.mode == Mode::Swarm).map(|(n, _)| n.clone()).collect();
+        let tasks = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("label".to_string(), swarm.iter().map(|s| format!("com.docker.swarm.service.name={s}")).collect()),
+        ]);
+        let cluster = HashMap::from([("type".to_string(), vec!["service".to_string(), "node".to_string()])]);
+        let mut events = if swarm.is_empty() {
+            ours.boxed()
+        } else {
+            let tasks = docker.events(Some(EventsOptions { filters: Some(tasks), ..Default::default() }));
+            let cluster = docker.events(Some(EventsOptions { filters: Some(cluster), ..Default::default() }));
+            futures_util::stream::select(ours, futures_util::stream::select(tasks, cluster)).boxed()
+        };
         while let Some(e) = events.next().await {
             match e {
                 Ok(m) => {
                     let action = m.action.unwrap_or_default();
-                    if matches!(action.as_str(), "start" | "die" | "oom" | "kill" | "stop" | "destroy") {
+                    if matches!(
+                        action.as_str(),
+                        "start" | "die" | "oom" | "kill" | "stop" | "destroy" | "update" | "remove"
+                    ) {
                         tracing::debug!(%action, "docker event");
                         wake.notify_one();
                     }
@@ -275,10 +331,22 @@ impl Runtime for DockerRuntime {
         Ok(())
     }
 
-    async fn stats(&self, id: &str) -> Result<Stats, RuntimeError> {
-        let opts = StatsOptions { stream: false, one_shot: false };
+    async fn replicas(&self, service: &str, create_with: u32) -> Result<Option<Replicas>, RuntimeError> {
+        let Some(t) = self.swarm_template(service) else { return Ok(None) };
         let docker = self.client().await?;
-        let mut stream = docker.stats(id, Some(opts));
+        let r = swarm::replicas(&docker, service, t, &self.secret, create_with).await;
+        self.forget_on_unreachable(r).await.map(Some)
+    }
+
+    async fn set_replicas(&self, service: &str, read: Replicas, to: u32) -> Result<(), RuntimeError> {
+        let docker = self.client().await?;
+        swarm::set_replicas(&docker, service, read, to).await
+    }
+
+    async fn stats(&self, c: &Container) -> Result<Stats, RuntimeError> {
+        let opts = StatsOptions { stream: false, one_shot: false };
+        let docker = self.daemon_of(c).await?;
+        let mut stream = docker.stats(&c.id, Some(opts));
         let s = match tokio::time::timeout(CALL_TIMEOUT, stream.next()).await {
             Ok(Some(Ok(s))) => s,
             Ok(Some(Err(e))) => return Err(failed(e)),

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use super::runtime::{Container, Runtime, RuntimeError, Stats, Template};
+use super::runtime::{Container, Replicas, Runtime, RuntimeError, Stats, Task, Template};
 
 /// An in-memory runtime for unit tests: containers are records; tests can kill them or make creation fail.
 #[derive(Default)]
@@ -18,6 +18,8 @@ struct FakeState {
     fail_create: Option<String>,
     unreachable: bool,
     stats: Stats,
+    /// A Swarm service's replicas (`None`: plain containers).
+    swarm: Option<Replicas>,
 }
 
 impl FakeRuntime {
@@ -33,6 +35,42 @@ impl FakeRuntime {
     }
     pub fn set_stats(&self, stats: Stats) {
         self.with(|s| s.stats = stats);
+    }
+    /// The service is a Swarm service with `count` replicas.
+    pub fn as_swarm(&self, count: u32) {
+        self.with(|s| s.swarm = Some(Replicas { count, version: 1 }));
+    }
+    pub fn swarm_replicas(&self) -> Option<Replicas> {
+        self.with(|s| s.swarm)
+    }
+    /// Swarm starts a task in `slot` on `node` (running, at `address`).
+    pub fn add_task(&self, service: &str, slot: u64, node: &str, address: &str) {
+        self.with(|s| {
+            s.containers.push(Container {
+                id: format!("c{slot}"),
+                name: format!("{service}.{slot}.t{slot}"),
+                service: service.into(),
+                instance: format!("{service}.{slot}.t{slot}"),
+                managed: true,
+                running: true,
+                address: Some(address.into()),
+                created_ms: 0,
+                oom_killed: false,
+                exit_code: None,
+                task: Some(Task {
+                    slot,
+                    node: Some(node.into()),
+                    live: true,
+                    zone: format!("zone-{node}"),
+                    hostname: node.into(),
+                    addr: String::new(),
+                }),
+            })
+        });
+    }
+    /// Swarm removes the task in `slot`.
+    pub fn remove_task(&self, slot: u64) {
+        self.with(|s| s.containers.retain(|c| c.task.as_ref().is_none_or(|t| t.slot != slot)));
     }
     /// The container dies (as `docker kill` or an OOM kill).
     pub fn kill(&self, instance: &str, oom: bool) {
@@ -58,6 +96,7 @@ impl FakeRuntime {
                 created_ms: 0,
                 oom_killed: false,
                 exit_code: None,
+                task: None,
             })
         });
     }
@@ -99,6 +138,7 @@ impl Runtime for FakeRuntime {
                 created_ms: u64::from(s.next),
                 oom_killed: false,
                 exit_code: None,
+                task: None,
             };
             s.containers.push(c.clone());
             Ok(c)
@@ -122,8 +162,23 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    async fn stats(&self, _id: &str) -> Result<Stats, RuntimeError> {
+    async fn stats(&self, _c: &Container) -> Result<Stats, RuntimeError> {
         self.with(|s| Ok(s.stats))
+    }
+
+    async fn replicas(&self, _service: &str, _create_with: u32) -> Result<Option<Replicas>, RuntimeError> {
+        self.with(|s| if s.unreachable { Err(RuntimeError::Unreachable("fake".into())) } else { Ok(s.swarm) })
+    }
+
+    async fn set_replicas(&self, _service: &str, read: Replicas, to: u32) -> Result<(), RuntimeError> {
+        self.with(|s| match &mut s.swarm {
+            Some(r) if r.version == read.version => {
+                *r = Replicas { count: to, version: r.version + 1 };
+                Ok(())
+            }
+            Some(_) => Err(RuntimeError::Failed("update out of sequence".into())),
+            None => Err(RuntimeError::Failed("not a swarm service".into())),
+        })
     }
 
     async fn watch(&self, _wake: &tokio::sync::Notify) -> Result<(), RuntimeError> {

@@ -249,6 +249,7 @@ mod tests {
             created_ms: created,
             oom_killed: false,
             exit_code: if running { None } else { Some(137) },
+            task: None,
         }
     }
 

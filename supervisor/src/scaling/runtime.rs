@@ -48,10 +48,49 @@ pub struct Template {
     /// able to start a container could otherwise take a share of the traffic (docs/security.md).
     #[serde(default)]
     pub adopt_unsigned: bool,
+    /// `container` (the default): containers on the supervisor's Docker host. `swarm`: a Docker Swarm service whose
+    /// replicas the supervisor sets, across the swarm's nodes (docs/swarm.md).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Swarm mode: where Swarm may place the tasks.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Swarm mode: the node label whose value is the zone of the tasks on that node.
+    #[serde(default = "default_zone_label")]
+    pub zone_label: String,
+    /// Swarm mode: each node's Docker API by hostname or node address (`tcp://10.0.0.2:2375`,
+    /// `unix:///run/docker-n2.sock`), read for the CPU and memory of the tasks on it. Tasks on the node the supervisor's own daemon runs need no entry; on a
+    /// node without one, the scaling decision goes by the proxies' request rate and latency.
+    #[serde(default)]
+    pub node_apis: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Container,
+    Swarm,
+}
+
+/// Swarm placement: constraints (`node.labels.io.equilibrio.zone!=c`, `node.role==worker`) and the labels to spread
+/// the tasks evenly over (`node.labels.io.equilibrio.zone`), as `docker service create --constraint` and
+/// `--placement-pref spread=` take them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    #[serde(default)]
+    pub spread: Vec<String>,
 }
 
 fn default_grace() -> u32 {
     10
+}
+
+fn default_zone_label() -> String {
+    "io.equilibrio.zone".into()
 }
 
 impl Template {
@@ -78,6 +117,27 @@ impl Template {
         if self.stop_grace > 600 {
             return Err(FieldError::new("stop_grace", "must be at most 600 seconds"));
         }
+        if self.mode == Mode::Swarm {
+            if self.network.is_some() {
+                return Err(FieldError::new(
+                    "network",
+                    "not supported with mode: swarm (tasks publish a port per node)",
+                ));
+            }
+            if self.adopt_unsigned {
+                return Err(FieldError::new("adopt_unsigned", "not supported with mode: swarm"));
+            }
+            for (name, api) in &self.node_apis {
+                if !["tcp://", "http://", "unix://"].iter().any(|p| api.starts_with(p)) {
+                    return Err(FieldError::new(
+                        format!("node_apis.{name}"),
+                        "must be a tcp://, http:// or unix:// Docker API address",
+                    ));
+                }
+            }
+        } else if !self.placement.constraints.is_empty() || !self.placement.spread.is_empty() {
+            return Err(FieldError::new("placement", "only with mode: swarm"));
+        }
         Ok(())
     }
 }
@@ -99,6 +159,29 @@ pub struct Container {
     /// Killed by the kernel's OOM killer.
     pub oom_killed: bool,
     pub exit_code: Option<i64>,
+    /// For a Swarm task: where Swarm placed it (a plain container has none).
+    pub task: Option<Task>,
+}
+
+/// A Swarm service's replica count as Swarm holds it, with the version an update must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    pub count: u32,
+    pub version: u64,
+}
+
+/// A Swarm task's place: its slot, its node and whether Swarm wants it running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub slot: u64,
+    pub node: Option<String>,
+    /// Its desired state is `running` (or earlier): Swarm is not removing it.
+    pub live: bool,
+    /// Its node's zone (the node label the template names), or empty.
+    pub zone: String,
+    /// Its node's hostname and address (whose Docker API gives its CPU and memory: the template's `node_apis`).
+    pub hostname: String,
+    pub addr: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -128,7 +211,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// SIGTERM, then SIGKILL after `grace` seconds.
     fn stop(&self, id: &str, grace: u32) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    fn stats(&self, id: &str) -> impl Future<Output = Result<Stats, RuntimeError>> + Send;
+    /// CPU and memory of a running container (or Swarm task, read on its node).
+    fn stats(&self, c: &Container) -> impl Future<Output = Result<Stats, RuntimeError>> + Send;
+    /// A Swarm service's replica count (the service is created with `create_with` if it does not exist yet); `None`
+    /// for a service of plain containers.
+    fn replicas(
+        &self,
+        service: &str,
+        create_with: u32,
+    ) -> impl Future<Output = Result<Option<Replicas>, RuntimeError>> + Send;
+    /// Sets a Swarm service's replicas, refused if the service changed since `read`.
+    fn set_replicas(
+        &self,
+        service: &str,
+        read: Replicas,
+        to: u32,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Follows the runtime's container events (start, die, OOM...) of Equilibrio's services, calling `wake` for
     /// each, so the loop reacts at once instead of at its next tick. Returns when the stream ends or fails.
     fn watch(&self, wake: &tokio::sync::Notify) -> impl Future<Output = Result<(), RuntimeError>> + Send;

@@ -29,6 +29,8 @@ pub enum ScalingEventKind {
     Replaced,
     /// Too much of the service was unhealthy at once: replacements wait.
     ReplacementsHeld,
+    /// A Swarm service's replicas were changed by someone else (`from` what we had set, `to` what was found).
+    ChangedOutside,
 }
 
 impl ScalingEventKind {
@@ -41,6 +43,7 @@ impl ScalingEventKind {
             ScalingEventKind::Failed => "failed",
             ScalingEventKind::Replaced => "replaced",
             ScalingEventKind::ReplacementsHeld => "replacements_held",
+            ScalingEventKind::ChangedOutside => "changed_outside",
         }
     }
 }
@@ -83,6 +86,9 @@ pub struct ScalingState {
     pub manual_desired: Option<u32>,
     pub current: u32,
     pub desired: u32,
+    /// A Swarm service's replica count as this supervisor last set or adopted it (`None` until its first round as
+    /// leader, which adopts the count as it is): a different count read back was changed by someone else.
+    pub swarm_replicas: Option<u32>,
     pub cost: CostStats,
     last_failure_ms: u64,
     /// Replacements are held (too much of the service unhealthy at once): the episode's event was published.
@@ -103,11 +109,24 @@ impl ScalingState {
             manual_desired: None,
             current: 0,
             desired: 0,
+            swarm_replicas: None,
             cost: CostStats::default(),
             last_failure_ms: 0,
             replacements_held: false,
             replacements_resumed_ms: 0,
         }
+    }
+
+    /// A Swarm service's replica count found changed by someone else: recorded, and adopted as the count we know.
+    pub fn changed_outside(&mut self, time_ms: u64, from: u32, to: u32) {
+        self.swarm_replicas = Some(to);
+        self.record(
+            time_ms,
+            ScalingEventKind::ChangedOutside,
+            from,
+            to,
+            "replicas changed outside the supervisor".into(),
+        );
     }
 
     fn record(&mut self, time_ms: u64, kind: ScalingEventKind, from: u32, to: u32, reason: String) {
@@ -225,6 +244,10 @@ mod tests {
             network: None,
             stop_grace: 10,
             adopt_unsigned: false,
+            mode: Default::default(),
+            placement: Default::default(),
+            zone_label: String::new(),
+            node_apis: Default::default(),
         };
         ScalingState::new(t)
     }

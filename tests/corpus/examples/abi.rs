@@ -18,7 +18,15 @@
 //! - `reset`: resets the stream (`proxy_close_stream`);
 //! - `state`: answers with what it reads of properties (request, plugin, upstream), shared data (set, then read back
 //!   with its CAS, a stale CAS refused) and a counter metric (defined, incremented, read);
-//! - `response-properties`: reports the response properties it reads in the response phase (`x-props`).
+//! - `response-properties`: reports the response properties it reads in the response phase (`x-props`);
+//! - `calls`: replaces the request headers with `proxy_set_header_map_pairs` (drops `x-drop`, adds `x-calls` with the
+//!   map's size from `proxy_get_header_map_size`, the log level, and a property written then read back), so the
+//!   upstream's echo shows the result;
+//! - `trailers`: logs the request trailers the host gives (`proxy_on_request_trailers`) and adds one;
+//! - `grpc`: answers with the status `proxy_grpc_call` returned (the bundled proxy does not implement gRPC calls:
+//!   `Unimplemented`, logged once per module; not compared with Envoy, which does).
+//!
+//! The HTTP-call callback also logs what `proxy_get_status` answers there.
 
 #[cfg(target_arch = "wasm32")]
 mod wasm {
@@ -34,6 +42,78 @@ mod wasm {
         proxy_wasm::set_log_level(LogLevel::Info);
         proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { waiting: Rc::default() }) });
     }}
+
+    /// The ABI calls the SDK does not wrap, or wraps with a panic on statuses we want to see: declared here with the
+    /// spec's signatures, their status returned as a number.
+    #[allow(unsafe_code)]
+    mod raw {
+        #[link(wasm_import_module = "env")]
+        unsafe extern "C" {
+            fn proxy_get_header_map_size(map_type: u32, return_size: *mut usize) -> u32;
+            fn proxy_get_status(code: *mut u32, message_data: *mut *mut u8, message_size: *mut usize) -> u32;
+            #[allow(clippy::too_many_arguments)]
+            fn proxy_grpc_call(
+                upstream_data: *const u8,
+                upstream_size: usize,
+                service_data: *const u8,
+                service_size: usize,
+                method_data: *const u8,
+                method_size: usize,
+                metadata_data: *const u8,
+                metadata_size: usize,
+                message_data: *const u8,
+                message_size: usize,
+                timeout_ms: u32,
+                return_token: *mut u32,
+            ) -> u32;
+        }
+
+        /// `proxy_get_header_map_size` of a map type: its status and the size.
+        pub fn header_map_size(map_type: u32) -> (u32, usize) {
+            let mut size = 0;
+            // SAFETY: the host writes one usize through a pointer to a live local
+            let status = unsafe { proxy_get_header_map_size(map_type, &mut size) };
+            (status, size)
+        }
+
+        /// `proxy_get_status`: its status, the code and the message (whose buffer the host allocated with our
+        /// allocator, or left null).
+        pub fn status() -> (u32, u32, String) {
+            let (mut code, mut data, mut size) = (0u32, std::ptr::null_mut::<u8>(), 0usize);
+            // SAFETY: the host writes through pointers to live locals
+            let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+            let message = if data.is_null() {
+                String::new()
+            } else {
+                // SAFETY: the host allocated `size` bytes at `data` with this module's allocator, which we now own
+                String::from_utf8_lossy(&unsafe { Vec::from_raw_parts(data, size, size) }).into_owned()
+            };
+            (status, code, message)
+        }
+
+        /// `proxy_grpc_call` to the `auth` cluster: its status.
+        pub fn grpc_call() -> u32 {
+            let (upstream, service, method) = ("auth", "corpus.Check", "Allow");
+            let mut token = 0;
+            // SAFETY: every pointer is to a live local of the given length; the host writes one u32
+            unsafe {
+                proxy_grpc_call(
+                    upstream.as_ptr(),
+                    upstream.len(),
+                    service.as_ptr(),
+                    service.len(),
+                    method.as_ptr(),
+                    method.len(),
+                    std::ptr::null(),
+                    0,
+                    std::ptr::null(),
+                    0,
+                    1000,
+                    &mut token,
+                )
+            }
+        }
+    }
 
     fn log(message: &str) {
         hostcalls::log(LogLevel::Info, &format!("corpus: {message}")).ok();
@@ -165,6 +245,8 @@ mod wasm {
             let mut names: Vec<String> = self.get_http_call_response_headers().into_iter().map(|(k, _)| k).collect();
             names.sort();
             log(&format!("{}: call answered {status} with {}", self.case, names.join(" ")));
+            let (got, code, message) = raw::status();
+            log(&format!("{}: proxy_get_status gave status {got}, code {code}, message {message:?}", self.case));
             match self.case.as_str() {
                 "call-headers" => {
                     let user = self.get_http_request_header("x-user").unwrap_or_else(|| "<none>".into());
@@ -219,6 +301,27 @@ mod wasm {
                     self.reset_http_request();
                     Action::Pause
                 }
+                "calls" => {
+                    let (status, size) = raw::header_map_size(0);
+                    let level = hostcalls::get_log_level().map(|l| l as u32);
+                    let property = ["corpus", "note"];
+                    let set = hostcalls::set_property(property.to_vec(), Some(b"written"));
+                    let read = hostcalls::get_property(property.to_vec());
+                    let read = read.map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()));
+                    let report = format!(
+                        "size status={status} bytes={size}; log level={level:?}; property set={set:?} read={read:?}"
+                    );
+                    let mut pairs: Vec<(String, String)> =
+                        self.get_http_request_headers().into_iter().filter(|(k, _)| k != "x-drop").collect();
+                    pairs.push(("x-calls".into(), report));
+                    self.set_http_request_headers(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect());
+                    Action::Continue
+                }
+                "grpc" => {
+                    let body = format!("proxy_grpc_call gave status {}\n", raw::grpc_call());
+                    self.send_http_response(200, vec![], Some(body.as_bytes()));
+                    Action::Pause
+                }
                 "state" => {
                     let body = state_report();
                     self.send_http_response(200, vec![], Some(body.as_bytes()));
@@ -240,6 +343,17 @@ mod wasm {
                 "buffer-request" => Action::Pause,
                 _ => Action::Continue,
             }
+        }
+
+        fn on_http_request_trailers(&mut self, count: usize) -> Action {
+            if self.case == "trailers" {
+                let mut lines: Vec<String> =
+                    self.get_http_request_trailers().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+                lines.sort();
+                log(&format!("trailers: {count} request trailers: {}", lines.join(" ")));
+                self.add_http_request_trailer("x-added-trailer", "by the filter");
+            }
+            Action::Continue
         }
 
         fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {

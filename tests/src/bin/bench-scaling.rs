@@ -7,7 +7,9 @@
 //! `scripts/bench-scaling`.
 //!
 //! The scaling policy is the development profile's (docs/configuration.md); `BENCH_FAST=1` shortens the measurement
-//! windows and the scale-down stabilization to a few seconds.
+//! windows and the scale-down stabilization to a few seconds. `BENCH_SWARM=1` runs the service as a Docker Swarm
+//! service (`mode: swarm`, docs/swarm.md) on the daemon `DOCKER_HOST` names (a swarm manager: `scripts/swarm-lab env`
+//! for the multi-node lab); instances are then its running tasks.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -20,7 +22,18 @@ use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 
 const IMAGE: &str = "equilibrio/agente-vendedor:dev";
 
+fn swarm() -> bool {
+    std::env::var("BENCH_SWARM").is_ok_and(|v| v == "1")
+}
+
 fn running(service: &str) -> usize {
+    if swarm() {
+        let out = Command::new("docker")
+            .args(["service", "ps", "--filter", "desired-state=running", "--format", "{{.CurrentState}}", service])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("Running")).count());
+        return out.unwrap_or(0);
+    }
     let out = Command::new("docker")
         .args(["ps", "-q", "--filter", &format!("label=io.equilibrio.service={service}")])
         .output()
@@ -29,6 +42,10 @@ fn running(service: &str) -> usize {
 }
 
 fn cleanup(service: &str) {
+    if swarm() {
+        let _ = Command::new("docker").args(["service", "rm", service]).output();
+        return;
+    }
     if let Ok(o) = Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label=io.equilibrio.service={service}")])
         .output()
@@ -50,7 +67,8 @@ async fn main() -> anyhow::Result<()> {
         "{}"
     };
     let yaml = format!(
-        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: {mode}, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n",
+        mode = if swarm() { "swarm" } else { "container" }
     );
     let s = Supervisor::start(&yaml).await?;
     let wall = Arc::new(Mutex::new(0.0f64));

@@ -1,0 +1,151 @@
+//! The autoscaler with a real Docker Swarm (the test machine's dockerd as a one-node swarm, `equilibrio_tests::swarm`)
+//! and the bundled proxy: a service in `mode: swarm` scaled up under load and back down without a failed request
+//! (tasks drained before Swarm removes them), a killed task replaced by Swarm and followed by the table, a replica count
+//! changed by hand reconciled with an event, a restarted supervisor adopting the service as it is.
+
+// test code: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use equilibrio_tests::containers::IMAGE;
+use equilibrio_tests::host::Host;
+use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use equilibrio_tests::swarm::{NODE_ZONE, SwarmService, swarm_ready};
+use serde_json::{Value, json};
+
+fn service_name(test: &str) -> String {
+    format!("av-swarm-{test}-{}", std::process::id())
+}
+
+fn yaml(service: &str, scaling: &str) -> String {
+    format!(
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: swarm, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
+    )
+}
+
+async fn instances(s: &Supervisor, service: &str) -> Vec<Value> {
+    let v = s.get(&format!("/v1/services/{service}/instances")).await.unwrap();
+    v.as_array().cloned().unwrap_or_default()
+}
+
+async fn healthy(s: &Supervisor, service: &str) -> usize {
+    instances(s, service).await.iter().filter(|i| i["state"] == "healthy").count()
+}
+
+async fn wait_until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_failed_request() {
+    swarm_ready();
+    let service = service_name("load");
+    let swarm = SwarmService(service.clone());
+    let scaling = "{min_instances: 1, max_instances: 3, target_cpu_percent: 50, slow_start: 2, scale_down_stabilization: 10, scale_down_cooldown: 5, scale_up_cooldown: 3, \
+        cpu_utilization: {weight: 0.5, scale_up_threshold: 60, scale_down_threshold: 20, measurement_window: 8}, \
+        memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
+        request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
+        response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
+    let s = Supervisor::start(&yaml(&service, scaling)).await.unwrap();
+    // the supervisor creates the Swarm service with the minimum; its task becomes an instance in the node's zone
+    wait_until("one healthy task", Duration::from_secs(40), async || healthy(&s, &service).await == 1).await;
+    assert_eq!(swarm.replicas(), Some(1));
+    let first = instances(&s, &service).await.remove(0);
+    assert_eq!(first["zone"], NODE_ZONE, "{first}");
+    assert!(first["id"].as_str().unwrap().starts_with(&format!("{service}.1.")), "{first}");
+    let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Host::start(&filter, s.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (stop, ok, failed, url) =
+            (stop.clone(), ok.clone(), failed.clone(), format!("http://{}/search?q=zapatos", proxy.listener));
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+    let start = Instant::now();
+    while swarm.replicas() < Some(3) {
+        if start.elapsed() > Duration::from_secs(60) {
+            let view = s.get(&format!("/v1/services/{service}/scaling")).await.unwrap();
+            let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+            panic!("replicas did not reach 3: {view}\n{events}\n{}", s.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let up = start.elapsed();
+    wait_until("3 healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 3).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    // back down to the minimum after the load, each removed task drained first
+    let down = wait_until("replicas back to 1", Duration::from_secs(120), async || swarm.replicas() == Some(1)).await;
+    wait_until("one task left", Duration::from_secs(30), async || swarm.running().len() == 1).await;
+    let failed = failed.load(Ordering::SeqCst);
+    let ok = ok.load(Ordering::SeqCst);
+    eprintln!("swarm: replicas to 3 in {up:?}, back to 1 in {down:?}; {ok} requests, {failed} failed");
+    let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"scale_up") && kinds.contains(&"scale_down"), "{events}");
+    assert!(ok > 100);
+    assert_eq!(failed, 0, "no failed request while Swarm scaled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_changes_are_followed_a_killed_task_a_hand_scale_and_a_restart() {
+    swarm_ready();
+    let service = service_name("follow");
+    let swarm = SwarmService(service.clone());
+    let mut s = Supervisor::start(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await.unwrap();
+    wait_until("two healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 2).await;
+
+    // a task killed: Swarm replaces it; the table drops the dead one and takes in the new one
+    let before = swarm.running();
+    let (dead_task, dead_container) = before[0].clone();
+    Command::new("docker").args(["kill", &dead_container]).output().unwrap();
+    let followed = wait_until("the table follows the replacement", Duration::from_secs(40), async || {
+        let ids: Vec<String> =
+            instances(&s, &service).await.iter().filter_map(|i| i["id"].as_str().map(String::from)).collect();
+        let healthy = healthy(&s, &service).await;
+        ids.len() == 2 && healthy == 2 && !ids.iter().any(|id| id.ends_with(&dead_task))
+    })
+    .await;
+    eprintln!("killed task replaced and in the table within {followed:?}");
+
+    // scaled by hand above the maximum: set back to it, with an event
+    swarm.scale_by_hand(5);
+    wait_until("replicas held to max_instances", Duration::from_secs(20), async || swarm.replicas() == Some(3)).await;
+    let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
+    let changed = events.as_array().unwrap().iter().find(|e| e["kind"] == "changed_outside");
+    let changed = changed.unwrap_or_else(|| panic!("no changed_outside event: {events}"));
+    assert_eq!((changed["from"].as_u64(), changed["to"].as_u64()), (Some(2), Some(5)));
+
+    // within bounds: adopted as it is; a restarted supervisor adopts it too (no replica change on start)
+    swarm.scale_by_hand(3);
+    wait_until("three healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 3).await;
+    s.kill9();
+    s.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(swarm.replicas(), Some(3), "no replica change on start");
+    wait_until("adopted tasks serving", Duration::from_secs(20), async || healthy(&s, &service).await == 3).await;
+}
