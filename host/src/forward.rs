@@ -4,9 +4,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{
-    CONNECTION, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, UPGRADE,
-};
+use http::header::{CONNECTION, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, UPGRADE};
 use http::{HeaderMap, request};
 
 /// The header through which the filter names the upstream hosts, in order (as with Envoy's `override_host`).
@@ -20,14 +18,14 @@ pub static HEALTH_CHECK: HeaderName = HeaderName::from_static("x-equilibrio-heal
 pub static PROXY_MARK: HeaderName = HeaderName::from_static("x-equilibrio-proxy");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// Connection-specific headers, not forwarded. `Trailer` is not among them (RFC 9110 sec. 6.6.2; Envoy passes it on).
+static HOP_BY_HOP: [HeaderName; 7] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
     TE,
-    TRAILER,
     UPGRADE,
 ];
 

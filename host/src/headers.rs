@@ -133,6 +133,14 @@ impl Headers<'_> {
         crate::abi::pairs::encode(pseudo.iter().copied())
     }
 
+    /// Envoy's `byteSize()`, what `proxy_get_header_map_size` answers: the lengths of every name and value.
+    pub fn byte_size(&self) -> usize {
+        // the serialization: a count, then per pair two lengths (8 bytes) and two NULs, then names and values
+        let bytes = self.serialize();
+        let count = bytes.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes) as usize;
+        bytes.len().saturating_sub(4 + 10 * count)
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Headers::Request(p) => p.headers.len() + 4 - hidden(&p.headers),

@@ -64,21 +64,17 @@ fn stream_property(s: &Stream, path: &[u8], cluster: &str) -> Option<Vec<u8>> {
         b"connection\0mtls" => vec![0],
         b"cluster_name" => text(cluster),
         b"route_name" => text("default"),
-        other => {
-            let key = dotted(other);
-            return s.filter_state.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
-        }
+        // Envoy's filter state: a value set under a one-segment path reads back; a read names only its first segment
+        // (it would descend into a structured value, and a set value is bytes), so a longer path reads nothing
+        other if other.contains(&0) => return None,
+        other => return s.filter_state.iter().find(|(k, _)| k == other).map(|(_, v)| v.clone()),
     })
 }
 
-fn dotted(path: &[u8]) -> Vec<u8> {
-    path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(&b"."[..])
-}
-
-/// `proxy_set_property`: kept with the stream and readable back (Envoy's filter state).
+/// `proxy_set_property`: kept with the stream under its whole path (Envoy's filter state, `wasm.<path>`).
 pub fn set(state: &mut HostState, path: &[u8], value: &[u8]) -> bool {
     let Some(stream) = state.stream_mut() else { return false };
-    let key = dotted(path);
+    let key = path.strip_suffix(&[0]).unwrap_or(path).to_vec();
     stream.filter_state.retain(|(k, _)| *k != key);
     stream.filter_state.push((key, value.to_vec()));
     true
@@ -132,11 +128,14 @@ mod tests {
     }
 
     #[test]
-    fn set_properties_read_back() {
+    fn set_properties_read_back_as_envoy_reads_them() {
         let mut s = state();
-        assert!(set(&mut s, b"my\0key\0", b"v1"));
-        assert!(set(&mut s, b"my\0key", b"v2"));
-        assert_eq!(get(&s, b"my\0key\0").unwrap(), b"v2");
+        assert!(set(&mut s, b"my_key\0", b"v1"));
+        assert!(set(&mut s, b"my_key", b"v2"));
+        assert_eq!(get(&s, b"my_key\0").unwrap(), b"v2");
+        // Envoy looks a read up by its first segment only: a value set under a longer path is not read back
+        assert!(set(&mut s, b"my\0key", b"v3"));
+        assert!(get(&s, b"my\0key").is_none());
         s.stream = None;
         assert!(!set(&mut s, b"my\0key", b"v"));
     }

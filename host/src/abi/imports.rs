@@ -214,7 +214,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         code(r)
     })?;
     linker.func_wrap("env", "proxy_get_header_map_size", |mut c: C, map: i32, ret: i32| -> i32 {
-        let r = with_map(c.data_mut(), map, |h| Ok(h.serialize().len() as u32)).and_then(|n| write_u32(&mut c, ret, n));
+        let r = with_map(c.data_mut(), map, |h| Ok(h.byte_size() as u32)).and_then(|n| write_u32(&mut c, ret, n));
         code(r)
     })?;
 

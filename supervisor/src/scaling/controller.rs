@@ -693,7 +693,8 @@ mod tests {
         // first: the count goes down only once both drains are done
         rt.set_stats(Stats { cpu_percent: 1.0, memory_percent: 10.0 });
         all_healthy(&a, now);
-        let drained = |id: &str| a.registry().service("av").unwrap().instances.get(id).is_some_and(|i| i.drain.is_some());
+        let drained =
+            |id: &str| a.registry().service("av").unwrap().instances.get(id).is_some_and(|i| i.drain.is_some());
         let mut both_drained = false;
         for _ in 0..120 {
             now += 1000;

@@ -302,14 +302,21 @@ mod wasm {
                     Action::Pause
                 }
                 "calls" => {
+                    // the size is the names' and values' lengths (Envoy's byteSize): the same view, so the same sum
                     let (status, size) = raw::header_map_size(0);
+                    let pairs = self.get_http_request_headers();
+                    let names_and_values: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
                     let level = hostcalls::get_log_level().map(|l| l as u32);
-                    let property = ["corpus", "note"];
-                    let set = hostcalls::set_property(property.to_vec(), Some(b"written"));
-                    let read = hostcalls::get_property(property.to_vec());
-                    let read = read.map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()));
+                    let text = |v: Option<Vec<u8>>| v.map(|v| String::from_utf8_lossy(&v).into_owned());
+                    // one segment reads back; Envoy reads a longer path by its first segment only
+                    let set = hostcalls::set_property(vec!["corpus_note"], Some(b"written"));
+                    let read = hostcalls::get_property(vec!["corpus_note"]).map(text);
+                    let set_long = hostcalls::set_property(vec!["corpus", "note"], Some(b"written"));
+                    let read_long = hostcalls::get_property(vec!["corpus", "note"]).map(text);
                     let report = format!(
-                        "size status={status} bytes={size}; log level={level:?}; property set={set:?} read={read:?}"
+                        "size status={status} equals names and values={}; log level={level:?}; property set={set:?} \
+                         read={read:?}, two segments set={set_long:?} read={read_long:?}",
+                        size == names_and_values
                     );
                     let mut pairs: Vec<(String, String)> =
                         self.get_http_request_headers().into_iter().filter(|(k, _)| k != "x-drop").collect();
