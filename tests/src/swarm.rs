@@ -28,7 +28,8 @@ pub fn swarm_ready() {
         let (ok, out) = docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
         assert!(ok, "docker swarm init failed: {out}");
     }
-    let (ok, out) = docker(&["node", "update", "--label-add", &format!("io.equilibrio.zone={NODE_ZONE}"), "self"]);
+    let (_, node) = docker(&["info", "--format", "{{.Swarm.NodeID}}"]);
+    let (ok, out) = docker(&["node", "update", "--label-add", &format!("io.equilibrio.zone={NODE_ZONE}"), &node]);
     assert!(ok, "labelling the swarm node failed: {out}");
 }
 

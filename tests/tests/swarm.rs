@@ -92,7 +92,19 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let up = start.elapsed();
-    wait_until("3 healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 3).await;
+    let start = Instant::now();
+    while healthy(&s, &service).await < 3 {
+        if start.elapsed() > Duration::from_secs(40) {
+            let tasks = Command::new("docker").args(["service", "ps", "--no-trunc", &service]).output().unwrap();
+            panic!(
+                "3 replicas, not 3 healthy tasks: {:?}\n{}\n{}",
+                instances(&s, &service).await,
+                String::from_utf8_lossy(&tasks.stdout),
+                s.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::SeqCst);
     for c in clients {

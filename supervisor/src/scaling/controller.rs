@@ -101,7 +101,7 @@ pub async fn run<R: Runtime>(app: Arc<App>, runtime: Arc<R>, mut shutdown: tokio
         if !app.leadership.is_leader() {
             // a Swarm count set while leading may have changed since: adopt it afresh when leading again
             for st in app.scaling().values_mut() {
-                st.swarm_replicas = None;
+                (st.swarm_replicas, st.swarm_target) = (None, None);
             }
         }
         if now < retry_at || !app.leadership.is_leader() {
@@ -270,9 +270,16 @@ async fn scale_service<R: Runtime>(
     // ---- plan and act
     match runtime.replicas(service, policy.min_instances).await {
         Ok(Some(replicas)) => {
-            let last_set = app.scaling().get(service).and_then(|st| st.swarm_replicas);
+            let (last_set, target) = {
+                let mut states = app.scaling();
+                let Some(st) = states.get_mut(service) else { return };
+                if manual || desired != current {
+                    st.swarm_target = Some(desired); // a decision this round
+                }
+                (st.swarm_replicas, st.swarm_target.unwrap_or(replicas.count))
+            };
             let input = SwarmPlanInput {
-                desired,
+                desired: target,
                 manual,
                 min: policy.min_instances,
                 max: policy.max_instances,
@@ -504,6 +511,7 @@ async fn act_swarm<R: Runtime>(
                     tracing::info!(%service, from, to, "swarm replicas set");
                     if let Some(st) = app.scaling().get_mut(service) {
                         st.swarm_replicas = Some(to);
+                        st.swarm_target = Some(to);
                     }
                 }
                 Err(e) => {

@@ -89,6 +89,10 @@ pub struct ScalingState {
     /// A Swarm service's replica count as this supervisor last set or adopted it (`None` until its first round as
     /// leader, which adopts the count as it is): a different count read back was changed by someone else.
     pub swarm_replicas: Option<u32>,
+    /// The count the last decision (or manual scale) asked of a Swarm service. The policy answers "no change" with
+    /// the running count, which for Swarm is not the count to set (tasks start, drained ones still run): this holds
+    /// the target between decisions.
+    pub swarm_target: Option<u32>,
     pub cost: CostStats,
     last_failure_ms: u64,
     /// Replacements are held (too much of the service unhealthy at once): the episode's event was published.
@@ -110,6 +114,7 @@ impl ScalingState {
             current: 0,
             desired: 0,
             swarm_replicas: None,
+            swarm_target: None,
             cost: CostStats::default(),
             last_failure_ms: 0,
             replacements_held: false,
@@ -120,6 +125,7 @@ impl ScalingState {
     /// A Swarm service's replica count found changed by someone else: recorded, and adopted as the count we know.
     pub fn changed_outside(&mut self, time_ms: u64, from: u32, to: u32) {
         self.swarm_replicas = Some(to);
+        self.swarm_target = Some(to);
         self.record(
             time_ms,
             ScalingEventKind::ChangedOutside,
