@@ -1,16 +1,18 @@
-//! Docker Swarm for the tests: the test machine's dockerd made a one-node swarm (`docker swarm init --advertise-addr
-//! 127.0.0.1` when it is not in one yet, its node labelled with a zone), and the Swarm services a test's supervisor
-//! creates, removed when the test ends.
+//! Docker Swarm for the tests: the multi-node lab (`scripts/swarm-lab up`: three dockerds, each in its own network
+//! namespace, one swarm; node i at 10.77.0.(10+i), labelled `io.equilibrio.zone=zone-<i>`), and the Swarm services a
+//! test's supervisor creates, removed when the test ends.
 
 use std::process::Command;
 
 use crate::containers::docker_ready;
+use crate::repo_root;
 
-/// The zone the test node carries (`io.equilibrio.zone`).
-pub const NODE_ZONE: &str = "zone-a";
+/// The lab's manager (node 1): what `DOCKER_HOST` is for the supervisor and the `docker` calls here.
+pub const LAB_MANAGER: &str = "unix:///run/eqlab/n1.sock";
 
-fn docker(args: &[&str]) -> (bool, String) {
-    match Command::new("docker").args(args).output() {
+/// The `docker` command on the lab's manager.
+pub fn docker(args: &[&str]) -> (bool, String) {
+    match Command::new("docker").arg("-H").arg(LAB_MANAGER).args(args).output() {
         Ok(o) => {
             let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
             (o.status.success(), text.trim().to_string())
@@ -19,18 +21,25 @@ fn docker(args: &[&str]) -> (bool, String) {
     }
 }
 
-/// The demo image is there and the daemon is a swarm manager whose node carries [`NODE_ZONE`]; panics saying what
-/// failed otherwise.
+/// The lab is up with its three nodes ready and the demo image on each (`scripts/swarm-lab up 3`, which is
+/// idempotent); panics with the script's output otherwise.
 pub fn swarm_ready() {
     docker_ready();
-    let (_, state) = docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
-    if state != "active" {
-        let (ok, out) = docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
-        assert!(ok, "docker swarm init failed: {out}");
-    }
-    let (_, node) = docker(&["info", "--format", "{{.Swarm.NodeID}}"]);
-    let (ok, out) = docker(&["node", "update", "--label-add", &format!("io.equilibrio.zone={NODE_ZONE}"), &node]);
-    assert!(ok, "labelling the swarm node failed: {out}");
+    let out = Command::new("bash").arg(repo_root().join("scripts/swarm-lab")).args(["up", "3"]).output();
+    let (ok, text) = match out {
+        Ok(o) => (
+            o.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    assert!(ok, "scripts/swarm-lab up failed:\n{text}");
+}
+
+/// Stops node `i`'s daemon (as a machine that goes away); `swarm_ready` starts it again.
+pub fn stop_node(i: u32) {
+    let pid = std::fs::read_to_string(format!("/run/eqlab/n{i}.pid")).unwrap_or_default();
+    let _ = Command::new("kill").arg(pid.trim()).output();
 }
 
 /// A Swarm service by name; removed (with its tasks) when dropped.
@@ -43,29 +52,24 @@ impl SwarmService {
         if ok { out.parse().ok() } else { None }
     }
 
-    /// The running tasks: (task id, container id).
-    pub fn running(&self) -> Vec<(String, String)> {
-        let (_, out) = docker(&[
-            "service",
-            "ps",
-            "--no-trunc",
-            "--filter",
-            "desired-state=running",
-            "--format",
-            "{{.ID}} {{.CurrentState}}",
-            &self.0,
-        ]);
-        let tasks: Vec<String> = out
+    /// The running tasks: (task id, node hostname, container id).
+    pub fn running(&self) -> Vec<(String, String, String)> {
+        let format = "{{.ID}} {{.Node}} {{.CurrentState}}";
+        let args = ["service", "ps", "--no-trunc", "--filter", "desired-state=running", "--format", format, &self.0];
+        let (_, out) = docker(&args);
+        let tasks: Vec<(String, String)> = out
             .lines()
             .filter(|l| l.contains(" Running"))
-            .filter_map(|l| l.split(' ').next())
-            .map(String::from)
+            .filter_map(|l| {
+                let mut w = l.split(' ');
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
             .collect();
         tasks
             .into_iter()
-            .filter_map(|t| {
+            .filter_map(|(t, node)| {
                 let (ok, c) = docker(&["inspect", "--format", "{{.Status.ContainerStatus.ContainerID}}", &t]);
-                (ok && !c.is_empty()).then_some((t, c))
+                (ok && !c.is_empty()).then_some((t, node, c))
             })
             .collect()
     }

@@ -1,7 +1,8 @@
-//! The autoscaler with a real Docker Swarm (the test machine's dockerd as a one-node swarm, `equilibrio_tests::swarm`)
-//! and the bundled proxy: a service in `mode: swarm` scaled up under load and back down without a failed request
-//! (tasks drained before Swarm removes them), a killed task replaced by Swarm and followed by the table, a replica count
-//! changed by hand reconciled with an event, a restarted supervisor adopting the service as it is.
+//! The autoscaler with a real Docker Swarm of three nodes (`scripts/swarm-lab`: three dockerds in their own network
+//! namespaces, `equilibrio_tests::swarm`) and the bundled proxy: a service in `mode: swarm` scaled up under load over
+//! several nodes and back down without a failed request (tasks drained before Swarm removes them), a killed task and
+//! a stopped node's tasks replaced by Swarm and followed by the table, a replica count changed by hand reconciled with
+//! an event, a restarted supervisor adopting the service as it is.
 
 // test code: a failed unwrap is a failed test
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -14,17 +15,26 @@ use std::time::{Duration, Instant};
 use equilibrio_tests::containers::IMAGE;
 use equilibrio_tests::host::Host;
 use equilibrio_tests::supervisor::{Supervisor, TOKEN};
-use equilibrio_tests::swarm::{NODE_ZONE, SwarmService, swarm_ready};
+use equilibrio_tests::swarm::{LAB_MANAGER, SwarmService, stop_node, swarm_ready};
 use serde_json::{Value, json};
 
 fn service_name(test: &str) -> String {
     format!("av-swarm-{test}-{}", std::process::id())
 }
 
+/// Node 1 is the manager the supervisor talks to; the other nodes' APIs give their tasks' CPU and memory.
 fn yaml(service: &str, scaling: &str) -> String {
     format!(
-        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: swarm, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5}}\n    scaling: {scaling}\n"
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: swarm, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5, node_apis: {{eqlab-n2: 'tcp://10.77.0.12:2375', eqlab-n3: 'tcp://10.77.0.13:2375'}}}}\n    scaling: {scaling}\n"
     )
+}
+
+async fn supervisor(yaml: &str) -> Supervisor {
+    Supervisor::start_with_env(yaml, &[("DOCKER_HOST", LAB_MANAGER)]).await.unwrap()
+}
+
+fn ids(list: &[Value]) -> Vec<String> {
+    list.iter().filter_map(|i| i["id"].as_str().map(String::from)).collect()
 }
 
 async fn instances(s: &Supervisor, service: &str) -> Vec<Value> {
@@ -55,12 +65,14 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
         memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
         request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
         response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
-    let s = Supervisor::start(&yaml(&service, scaling)).await.unwrap();
-    // the supervisor creates the Swarm service with the minimum; its task becomes an instance in the node's zone
+    let s = supervisor(&yaml(&service, scaling)).await;
+    // the supervisor creates the Swarm service with the minimum; its task becomes an instance in its node's zone
     wait_until("one healthy task", Duration::from_secs(40), async || healthy(&s, &service).await == 1).await;
     assert_eq!(swarm.replicas(), Some(1));
     let first = instances(&s, &service).await.remove(0);
-    assert_eq!(first["zone"], NODE_ZONE, "{first}");
+    let node = &swarm.running()[0].1;
+    assert_eq!(first["zone"].as_str(), node.strip_prefix("eqlab-n").map(|i| format!("zone-{i}")).as_deref(), "{first}");
+    assert!(first["address"].as_str().unwrap().starts_with("10.77.0."), "{first}");
     assert!(first["id"].as_str().unwrap().starts_with(&format!("{service}.1.")), "{first}");
     let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
     let proxy = Host::start(&filter, s.addr).await.unwrap();
@@ -68,17 +80,26 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let served: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let mut clients = Vec::new();
     for _ in 0..6 {
-        let (stop, ok, failed, url) =
-            (stop.clone(), ok.clone(), failed.clone(), format!("http://{}/search?q=zapatos", proxy.listener));
+        let (stop, ok, failed, served) = (stop.clone(), ok.clone(), failed.clone(), served.clone());
+        let url = format!("http://{}/search?q=zapatos", proxy.listener);
         clients.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             while !stop.load(Ordering::SeqCst) {
                 match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                    _ => failed.fetch_add(1, Ordering::SeqCst),
-                };
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        let body: Value = r.json().await.unwrap_or_default();
+                        if let Some(id) = body["instance"].as_str() {
+                            served.lock().unwrap().insert(id.to_string());
+                        }
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
             }
         }));
     }
@@ -95,7 +116,10 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     let start = Instant::now();
     while healthy(&s, &service).await < 3 {
         if start.elapsed() > Duration::from_secs(40) {
-            let tasks = Command::new("docker").args(["service", "ps", "--no-trunc", &service]).output().unwrap();
+            let tasks = Command::new("docker")
+                .args(["-H", LAB_MANAGER, "service", "ps", "--no-trunc", &service])
+                .output()
+                .unwrap();
             panic!(
                 "3 replicas, not 3 healthy tasks: {:?}\n{}\n{}",
                 instances(&s, &service).await,
@@ -105,7 +129,15 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Swarm placed them on more than one node, and each one serves once healthy
+    let nodes: std::collections::BTreeSet<String> = swarm.running().into_iter().map(|(_, node, _)| node).collect();
+    assert!(nodes.len() >= 2, "3 tasks on one node: {nodes:?}");
+    let registered = ids(&instances(&s, &service).await);
+    let start = Instant::now();
+    while !registered.iter().all(|id| served.lock().unwrap().contains(id)) {
+        assert!(start.elapsed() < Duration::from_secs(15), "not every task served: {registered:?} {served:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();
@@ -115,7 +147,9 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     wait_until("one task left", Duration::from_secs(30), async || swarm.running().len() == 1).await;
     let failed = failed.load(Ordering::SeqCst);
     let ok = ok.load(Ordering::SeqCst);
-    eprintln!("swarm: replicas to 3 in {up:?}, back to 1 in {down:?}; {ok} requests, {failed} failed");
+    eprintln!(
+        "swarm: replicas to 3 in {up:?} (nodes {nodes:?}), back to 1 in {down:?}; {ok} requests, {failed} failed"
+    );
     let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
     let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
     assert!(kinds.contains(&"scale_up") && kinds.contains(&"scale_down"), "{events}");
@@ -124,25 +158,40 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swarm_changes_are_followed_a_killed_task_a_hand_scale_and_a_restart() {
+async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_and_a_restart() {
     swarm_ready();
     let service = service_name("follow");
     let swarm = SwarmService(service.clone());
-    let mut s = Supervisor::start(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await.unwrap();
+    let mut s = supervisor(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await;
     wait_until("two healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 2).await;
 
-    // a task killed: Swarm replaces it; the table drops the dead one and takes in the new one
-    let before = swarm.running();
-    let (dead_task, dead_container) = before[0].clone();
-    Command::new("docker").args(["kill", &dead_container]).output().unwrap();
+    // a task killed on its node: Swarm replaces it; the table drops the dead one and takes in the new one
+    let (dead_task, node, container) = swarm.running()[0].clone();
+    let socket = format!("unix:///run/eqlab/{}.sock", node.trim_start_matches("eqlab-"));
+    Command::new("docker").args(["-H", &socket, "kill", &container]).output().unwrap();
     let followed = wait_until("the table follows the replacement", Duration::from_secs(40), async || {
-        let ids: Vec<String> =
-            instances(&s, &service).await.iter().filter_map(|i| i["id"].as_str().map(String::from)).collect();
-        let healthy = healthy(&s, &service).await;
-        ids.len() == 2 && healthy == 2 && !ids.iter().any(|id| id.ends_with(&dead_task))
+        let list = instances(&s, &service).await;
+        let healthy = list.iter().filter(|i| i["state"] == "healthy").count();
+        list.len() == 2 && healthy == 2 && !ids(&list).iter().any(|id| id.ends_with(&dead_task))
     })
     .await;
     eprintln!("killed task replaced and in the table within {followed:?}");
+
+    // a node's daemon stops (its tasks with it): their endpoints leave the table at once (health checks), and Swarm
+    // runs them elsewhere once it has declared the node down
+    let on: Vec<String> = swarm.running().into_iter().map(|(_, node, _)| node).collect();
+    let victim = on.iter().find(|n| *n != "eqlab-n1").cloned().unwrap_or_else(|| "eqlab-n2".into());
+    let index: u32 = victim.trim_start_matches("eqlab-n").parse().unwrap();
+    stop_node(index);
+    let moved = wait_until("tasks moved off the stopped node, in the table", Duration::from_secs(90), async || {
+        let list = instances(&s, &service).await;
+        let healthy = list.iter().filter(|i| i["state"] == "healthy").count();
+        let zone = format!("zone-{index}");
+        healthy == 2 && list.iter().filter(|i| i["state"] == "healthy").all(|i| i["zone"] != zone.as_str())
+    })
+    .await;
+    eprintln!("node {victim} stopped: its tasks replaced elsewhere and in the table within {moved:?}");
+    swarm_ready(); // the node comes back
 
     // scaled by hand above the maximum: set back to it, with an event
     swarm.scale_by_hand(5);
