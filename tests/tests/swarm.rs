@@ -29,8 +29,11 @@ fn yaml(service: &str, scaling: &str) -> String {
     )
 }
 
+/// The supervisor on the lab's manager, logging (at debug) each task whose CPU and memory it could not read.
 async fn supervisor(yaml: &str) -> Supervisor {
-    Supervisor::start_with_env(yaml, &[("DOCKER_HOST", LAB_MANAGER)]).await.unwrap()
+    let env =
+        [("DOCKER_HOST", LAB_MANAGER), ("EQUILIBRIO_LOG", "info,equilibrio_supervisor::scaling::controller=debug")];
+    Supervisor::start_with_env(yaml, &env).await.unwrap()
 }
 
 fn ids(list: &[Value]) -> Vec<String> {
@@ -138,6 +141,10 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
         assert!(start.elapsed() < Duration::from_secs(15), "not every task served: {registered:?} {served:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // a few rounds with the three serving: every task's CPU and memory were read, on its own node
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let unread = s.log().lines().filter(|l| l.contains("no CPU and memory figure")).count();
+    assert_eq!(unread, 0, "CPU not read for some tasks:\n{}", s.log());
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();

@@ -203,9 +203,13 @@ async fn scale_service<R: Runtime>(
     let mut cpu = Vec::new();
     let mut mem = Vec::new();
     for (c, s) in serving.iter().zip(stats) {
-        if let Ok(s) = s {
-            cpu.push((s.cpu_percent / limit(c)).min(100.0));
-            mem.push(s.memory_percent);
+        match s {
+            Ok(s) => {
+                cpu.push((s.cpu_percent / limit(c)).min(100.0));
+                mem.push(s.memory_percent);
+            }
+            // a Swarm task on a node without `node_apis`, or a container gone meanwhile: the round goes on without it
+            Err(e) => tracing::debug!(%service, instance = %c.instance, error = %e, "no CPU and memory figure"),
         }
     }
     let avg = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
