@@ -602,11 +602,35 @@ services:
                 "services.s.instances[1].id",
             ),
             ("listen: 0.0.0.0:9900\n", "listen"),
+            ("services:\n  s:\n    docker: {image: i, port: 80, mode: kubernetes}\n", "services.s.docker.mode"),
+            (
+                "services:\n  s:\n    docker: {image: i, port: 80, mode: swarm, network: n}\n",
+                "services.s.docker.network",
+            ),
+            (
+                "services:\n  s:\n    docker: {image: i, port: 80, placement: {constraints: ['node.role==worker']}}\n",
+                "services.s.docker.placement",
+            ),
+            (
+                "services:\n  s:\n    docker: {image: i, port: 80, mode: swarm, node_apis: {n2: '10.0.0.2:2375'}}\n",
+                "services.s.docker.node_apis.n2",
+            ),
         ];
         for (yaml, key) in cases {
             let e = Config::parse(yaml, None).unwrap_err();
             assert_eq!(e.key, key, "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn a_swarm_template_reads_its_placement_zone_label_and_node_apis() {
+        let yaml = "services:\n  s:\n    docker:\n      mode: swarm\n      image: i\n      port: 80\n      placement: {constraints: ['node.role==worker'], spread: [node.labels.zone]}\n      node_apis: {n2: 'tcp://10.0.0.2:2375'}\n";
+        let c = Config::parse(yaml, None).unwrap();
+        let t = c.services["s"].docker.clone().unwrap();
+        assert_eq!(t.mode, crate::scaling::runtime::Mode::Swarm);
+        assert_eq!(t.placement.spread, vec!["node.labels.zone".to_string()]);
+        assert_eq!(t.zone_label, "io.equilibrio.zone", "the default");
+        assert_eq!(t.node_apis["n2"], "tcp://10.0.0.2:2375");
     }
 
     #[test]

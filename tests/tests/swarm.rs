@@ -24,9 +24,52 @@ fn service_name(test: &str) -> String {
 
 /// Node 1 is the manager the supervisor talks to; the other nodes' APIs give their tasks' CPU and memory.
 fn yaml(service: &str, scaling: &str) -> String {
+    yaml_with(service, scaling, "")
+}
+
+/// [`yaml`] with more keys in the service's `docker` template.
+fn yaml_with(service: &str, scaling: &str, docker: &str) -> String {
     format!(
-        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: swarm, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5, node_apis: {{eqlab-n2: 'tcp://10.77.0.12:2375', eqlab-n3: 'tcp://10.77.0.13:2375'}}}}\n    scaling: {scaling}\n"
+        "environment: development\ndrain_timeout: 10\nservices:\n  {service}:\n    health_check: {{interval: 250ms, timeout: 200ms, retries: 2, rise: 1}}\n    docker: {{mode: swarm, image: '{IMAGE}', port: 8080, env: ['CPU_COST_MS=20'], cpus: 0.5, memory_mb: 64, stop_grace: 5, node_apis: {{eqlab-n2: 'tcp://10.77.0.12:2375', eqlab-n3: 'tcp://10.77.0.13:2375'}}{docker}}}\n    scaling: {scaling}\n"
     )
+}
+
+/// What clients sending GETs through a proxy saw: answered 200, anything else, and the instances that answered.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    served: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// `n` clients, each sending a GET through `proxy` every `pause` until the load is stopped.
+fn clients(proxy: &Host, n: usize, pause: Duration) -> (Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let load = Arc::new(Load::default());
+    let tasks = (0..n)
+        .map(|_| {
+            let (load, url) = (load.clone(), format!("http://{}/search?q=zapatos", proxy.listener));
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !load.stop.load(Ordering::SeqCst) {
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            load.ok.fetch_add(1, Ordering::SeqCst);
+                            let body: Value = r.json().await.unwrap_or_default();
+                            if let Some(id) = body["instance"].as_str() {
+                                load.served.lock().unwrap().insert(id.to_string());
+                            }
+                        }
+                        _ => {
+                            load.failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            })
+        })
+        .collect();
+    (load, tasks)
 }
 
 /// The supervisor on the lab's manager, logging (at debug) each task whose CPU and memory it could not read.
@@ -81,31 +124,7 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     let proxy = Host::start(&filter, s.addr).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let served: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
-    let mut clients = Vec::new();
-    for _ in 0..6 {
-        let (stop, ok, failed, served) = (stop.clone(), ok.clone(), failed.clone(), served.clone());
-        let url = format!("http://{}/search?q=zapatos", proxy.listener);
-        clients.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            while !stop.load(Ordering::SeqCst) {
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                        let body: Value = r.json().await.unwrap_or_default();
-                        if let Some(id) = body["instance"].as_str() {
-                            served.lock().unwrap().insert(id.to_string());
-                        }
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-        }));
-    }
+    let (load, clients) = clients(&proxy, 6, Duration::ZERO);
     let start = Instant::now();
     while swarm.replicas() < Some(3) {
         if start.elapsed() > Duration::from_secs(60) {
@@ -137,7 +156,8 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     assert!(nodes.len() >= 2, "3 tasks on one node: {nodes:?}");
     let registered = ids(&instances(&s, &service).await);
     let start = Instant::now();
-    while !registered.iter().all(|id| served.lock().unwrap().contains(id)) {
+    while !registered.iter().all(|id| load.served.lock().unwrap().contains(id)) {
+        let served = load.served.lock().unwrap().clone();
         assert!(start.elapsed() < Duration::from_secs(15), "not every task served: {registered:?} {served:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -145,15 +165,14 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     tokio::time::sleep(Duration::from_secs(3)).await;
     let unread = s.log().lines().filter(|l| l.contains("no CPU and memory figure")).count();
     assert_eq!(unread, 0, "CPU not read for some tasks:\n{}", s.log());
-    stop.store(true, Ordering::SeqCst);
+    load.stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();
     }
     // back down to the minimum after the load, each removed task drained first
     let down = wait_until("replicas back to 1", Duration::from_secs(120), async || swarm.replicas() == Some(1)).await;
     wait_until("one task left", Duration::from_secs(30), async || swarm.running().len() == 1).await;
-    let failed = failed.load(Ordering::SeqCst);
-    let ok = ok.load(Ordering::SeqCst);
+    let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
     eprintln!(
         "swarm: replicas to 3 in {up:?} (nodes {nodes:?}), back to 1 in {down:?}; {ok} requests, {failed} failed"
     );
@@ -169,8 +188,15 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
     swarm_ready();
     let service = service_name("follow");
     let swarm = SwarmService(service.clone());
-    let mut s = supervisor(&yaml(&service, "{min_instances: 2, max_instances: 3}")).await;
+    // spread over the zones (one per node): the two tasks never share a node
+    let spread = ", placement: {spread: [node.labels.io.equilibrio.zone]}";
+    let mut s = supervisor(&yaml_with(&service, "{min_instances: 2, max_instances: 3}", spread)).await;
     wait_until("two healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 2).await;
+    let filter = json!({"service": service, "supervisor": {"cluster": "supervisor", "authority": s.addr.to_string(), "poll_period": "500ms", "token": TOKEN}});
+    let proxy = Host::start(&filter, s.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // steady traffic through the failures below: the retry policy must save every request
+    let (load, clients) = clients(&proxy, 4, Duration::from_millis(20));
 
     // a task killed on its node: Swarm replaces it; the table drops the dead one and takes in the new one
     let (dead_task, node, container) = swarm.running()[0].clone();
@@ -184,8 +210,8 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
     .await;
     eprintln!("killed task replaced and in the table within {followed:?}");
 
-    // a node's daemon stops (its tasks with it): their endpoints leave the table at once (health checks), and Swarm
-    // runs them elsewhere once it has declared the node down
+    // a node's daemon stops (its task with it): its endpoint leaves the table (health checks), and Swarm runs the
+    // task elsewhere once it has declared the node down
     let on: Vec<String> = swarm.running().into_iter().map(|(_, node, _)| node).collect();
     let victim = on.iter().find(|n| *n != "eqlab-n1").cloned().unwrap_or_else(|| "eqlab-n2".into());
     let index: u32 = victim.trim_start_matches("eqlab-n").parse().unwrap();
@@ -197,23 +223,45 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
         healthy == 2 && list.iter().filter(|i| i["state"] == "healthy").all(|i| i["zone"] != zone.as_str())
     })
     .await;
-    eprintln!("node {victim} stopped: its tasks replaced elsewhere and in the table within {moved:?}");
+    eprintln!("node {victim} stopped: its task replaced elsewhere and in the table within {moved:?}");
+    load.stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
+    eprintln!("through both failures: {ok} requests answered, {failed} failed");
+    assert!(ok > 100, "{ok} requests");
+    assert_eq!(failed, 0, "the retry policy saves every request of a killed task or a stopped node");
     swarm_ready(); // the node comes back
 
-    // scaled by hand above the maximum: set back to it, with an event
+    // scaled by hand above the maximum: set back to it, with an event (the steady traffic may have scaled it up)
+    let before = swarm.replicas().map(u64::from);
     swarm.scale_by_hand(5);
     wait_until("replicas held to max_instances", Duration::from_secs(20), async || swarm.replicas() == Some(3)).await;
     let events = s.get(&format!("/v1/services/{service}/scaling/events")).await.unwrap();
     let changed = events.as_array().unwrap().iter().find(|e| e["kind"] == "changed_outside");
     let changed = changed.unwrap_or_else(|| panic!("no changed_outside event: {events}"));
-    assert_eq!((changed["from"].as_u64(), changed["to"].as_u64()), (Some(2), Some(5)));
+    assert_eq!((changed["from"].as_u64(), changed["to"].as_u64()), (before, Some(5)));
 
     // within bounds: adopted as it is; a restarted supervisor adopts it too (no replica change on start)
-    swarm.scale_by_hand(3);
-    wait_until("three healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 3).await;
+    swarm.scale_by_hand(2);
+    wait_until("two healthy tasks", Duration::from_secs(40), async || healthy(&s, &service).await == 2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(swarm.replicas(), Some(2), "a count within bounds is adopted");
     s.kill9();
     s.restart().await.unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(swarm.replicas(), Some(3), "no replica change on start");
-    wait_until("adopted tasks serving", Duration::from_secs(20), async || healthy(&s, &service).await == 3).await;
+    assert_eq!(swarm.replicas(), Some(2), "no replica change on start");
+    wait_until("adopted tasks serving", Duration::from_secs(20), async || healthy(&s, &service).await == 2).await;
+
+    // a manual scale through our API wins over a change by hand for its hold time
+    let (st, _) = s
+        .call("POST", &format!("/v1/services/{service}/scale"), Some(json!({"instances": 3, "hold": "5m"})))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    wait_until("the manual scale", Duration::from_secs(20), async || swarm.replicas() == Some(3)).await;
+    swarm.scale_by_hand(2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until("the manual scale holds", Duration::from_secs(20), async || swarm.replicas() == Some(3)).await;
 }
