@@ -12,6 +12,14 @@ use crate::repo_root;
 
 pub const TOKEN: &str = "integration-token-0123456789";
 
+/// A scaling policy on CPU and request rate (from the filter's reports) with short windows, so that a load step
+/// scales a service up and back down within a minute, not the plan's minutes (the autoscaling and Swarm tests).
+pub const QUICK_SCALING: &str = "{min_instances: 1, max_instances: 3, target_cpu_percent: 50, slow_start: 2, scale_down_stabilization: 10, scale_down_cooldown: 5, scale_up_cooldown: 3, \
+    cpu_utilization: {weight: 0.5, scale_up_threshold: 60, scale_down_threshold: 20, measurement_window: 8}, \
+    memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
+    request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
+    response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
+
 pub struct Supervisor {
     child: Option<Child>,
     pub addr: SocketAddr,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use equilibrio_tests::containers::{Containers, IMAGE, docker_ready};
 use equilibrio_tests::envoy::Envoy;
-use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use equilibrio_tests::supervisor::{QUICK_SCALING, Supervisor, TOKEN};
 use serde_json::json;
 
 fn service_name(test: &str) -> String {
@@ -46,11 +46,7 @@ async fn scales_up_under_load_and_back_down_without_failing_a_request() {
     let containers = Containers(service.clone());
     // CPU and request rate (from the filter's reports; on two cores the CPU of the containers competes with Envoy and
     // the load generator), short windows so the test takes a minute, not the plan's minutes
-    let scaling = "{min_instances: 1, max_instances: 3, target_cpu_percent: 50, slow_start: 2, scale_down_stabilization: 10, scale_down_cooldown: 5, scale_up_cooldown: 3, \
-        cpu_utilization: {weight: 0.5, scale_up_threshold: 60, scale_down_threshold: 20, measurement_window: 8}, \
-        memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
-        request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
-        response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
+    let scaling = QUICK_SCALING;
     let s = Supervisor::start(&yaml(&service, scaling)).await.unwrap();
     wait_running(&containers, 1, Duration::from_secs(20)).await;
     let start = Instant::now();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use equilibrio_tests::containers::IMAGE;
 use equilibrio_tests::host::Host;
-use equilibrio_tests::supervisor::{Supervisor, TOKEN};
+use equilibrio_tests::supervisor::{QUICK_SCALING, Supervisor, TOKEN};
 use equilibrio_tests::swarm::{LAB_MANAGER, SwarmService, stop_node, swarm_ready};
 use serde_json::{Value, json};
 
@@ -106,11 +106,7 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     swarm_ready();
     let service = service_name("load");
     let swarm = SwarmService(service.clone());
-    let scaling = "{min_instances: 1, max_instances: 3, target_cpu_percent: 50, slow_start: 2, scale_down_stabilization: 10, scale_down_cooldown: 5, scale_up_cooldown: 3, \
-        cpu_utilization: {weight: 0.5, scale_up_threshold: 60, scale_down_threshold: 20, measurement_window: 8}, \
-        memory_utilization: {weight: 0, scale_up_threshold: 95, scale_down_threshold: 1, measurement_window: 8}, \
-        request_rate: {weight: 0.5, scale_up_threshold: 300, scale_down_threshold: 30, measurement_window: 8}, \
-        response_time: {weight: 0, scale_up_threshold: 100000, scale_down_threshold: 1, measurement_window: 8}}";
+    let scaling = QUICK_SCALING;
     let s = supervisor(&yaml(&service, scaling)).await;
     // the supervisor creates the Swarm service with the minimum; its task becomes an instance in its node's zone
     wait_until("one healthy task", Duration::from_secs(40), async || healthy(&s, &service).await == 1).await;
