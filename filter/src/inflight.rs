@@ -74,6 +74,7 @@ mod tests {
     #[test]
     fn exact_counts_are_shared_at_once_and_local_ones_on_publish() {
         let store = MemoryStore::default();
+        crate::counters::create(&store, ["a", "b"]);
         let mut f = InFlight::default();
         let exact = f.acquire(&store, 0, "a", true).unwrap();
         assert_eq!(shared::get_i64(&store, &keys::inflight("a")), 1);
@@ -88,5 +89,18 @@ mod tests {
         assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 0);
         f.publish(&store);
         assert!(f.local.is_empty() && f.published.is_empty(), "settled counts are forgotten");
+    }
+
+    #[test]
+    fn counts_wait_for_their_keys() {
+        let store = MemoryStore::default();
+        let mut f = InFlight::default();
+        assert!(f.acquire(&store, 0, "a", true).is_none(), "no exact count before the key exists");
+        f.acquire(&store, 1, "b", false).unwrap();
+        f.publish(&store);
+        assert!(store.get(&keys::inflight("b")).is_none(), "a publish does not create the key");
+        crate::counters::create(&store, ["b"]);
+        f.publish(&store);
+        assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 1, "the kept count arrives once it exists");
     }
 }

@@ -22,11 +22,13 @@
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
 //! | [`sampling`] | which requests' outcomes a worker reads, under load |
 //! | [`shared`] | the shared-data store abstraction and CAS updates |
+//! | [`counters`] | the shared counting keys, and the one context that creates each |
 
 pub mod balancer;
 pub mod client;
 pub mod config;
 pub mod cookie;
+pub mod counters;
 pub mod inflight;
 pub mod outlier;
 pub mod poller;

@@ -235,8 +235,11 @@ impl Poller {
         if self.table.as_ref() != Some(&table) {
             if let Ok(bytes) = serde_json::to_vec(&table) {
                 self.seq += 1;
-                // the table first, then its sequence: a worker that sees the new sequence finds the new table
-                let written = store.set(keys::TABLE, &bytes, None).is_ok()
+                // the counters first, then the table, then its sequence: a worker that sees the new sequence finds
+                // the new table, and the keys to count its endpoints on
+                let ids = table.endpoints.iter().map(|e| e.id.as_str());
+                let written = crate::counters::create(store, ids)
+                    && store.set(keys::TABLE, &bytes, None).is_ok()
                     && store.set(keys::TABLE_SEQ, &(self.seq as i64).to_le_bytes(), None).is_ok();
                 outcome.published = written;
             }
@@ -331,6 +334,9 @@ mod tests {
         let o = ok(&mut p, &s, &table(1), 0);
         assert!(o.published);
         assert_eq!(shared::get_i64(&s, keys::TABLE_SEQ), 1);
+        for key in [keys::inflight("a"), keys::aggregate("a"), keys::GLOBAL_STATS.into(), keys::EJECTIONS.into()] {
+            assert!(s.get(&key).is_some(), "{key} exists before any worker counts on it");
+        }
         // the same table again publishes nothing
         assert!(!ok(&mut p, &s, &table(1), 10).published);
         assert!(ok(&mut p, &s, &table(2), 20).published);

@@ -144,7 +144,7 @@ pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_
     });
     match result {
         Ok(d) => (d, Outcome { evicted, contended: false }),
-        Err(UpdateError::Contended | UpdateError::Host) => {
+        Err(UpdateError::Contended | UpdateError::Host | UpdateError::Absent) => {
             (Decision::Allowed { remaining: 0 }, Outcome { evicted, contended: true })
         }
     }

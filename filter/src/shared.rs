@@ -52,16 +52,47 @@ pub enum UpdateError {
     /// Lost the race `MAX_CAS_TRIES` times in a row.
     Contended,
     Host,
+    /// The key does not exist yet ([`update_present`] never creates one).
+    Absent,
 }
 
 /// Read-modify-write with compare-and-swap. `f` gets the current bytes (None if absent) and returns the new bytes
 /// (None: leave the key as it is) and a result.
+///
+/// Creating an absent key cannot be made atomic: the host checks no `cas` for a key it does not have, so two
+/// contexts that both read "absent" both write, and the second write wins. Only keys where that costs nothing that
+/// matters are created here (a rate-limit slot: one extra token, once per slot); counts go through
+/// [`update_present`] on keys that one context created first ([`create`]).
 pub fn update<S: SharedStore + ?Sized, T>(
     store: &S,
     key: &str,
     f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
 ) -> Result<T, UpdateError> {
     update_from(store, key, None, f)
+}
+
+/// [`update`] for a key that must already exist: an absent key is [`UpdateError::Absent`] and is left absent, so the
+/// caller keeps what it wanted to add for later instead of racing another context to create the key.
+pub fn update_present<S: SharedStore + ?Sized, T>(
+    store: &S,
+    key: &str,
+    mut f: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T),
+) -> Result<T, UpdateError> {
+    let Some(current) = store.get(key) else { return Err(UpdateError::Absent) };
+    update_from(store, key, Some(Some(current)), |cur| match cur {
+        Some(bytes) => {
+            let (new, out) = f(bytes);
+            (new, Some(out))
+        }
+        None => (None, None),
+    })?
+    .ok_or(UpdateError::Absent)
+}
+
+/// Writes `value` to `key` if the key is absent; true if the key exists afterwards. Called by the one context that
+/// owns a key family (see [`update`]), before any other context updates those keys.
+pub fn create<S: SharedStore + ?Sized>(store: &S, key: &str, value: &[u8]) -> bool {
+    store.get(key).is_some() || store.set(key, value, None).is_ok()
 }
 
 /// [`update`] starting from a value the caller has just read (`read`: the value and its cas, `None` for absent), which
@@ -100,10 +131,10 @@ pub fn decode_i64(bytes: &[u8]) -> i64 {
     bytes.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0)
 }
 
-/// Adds `delta` to a shared i64 counter; returns the new value.
+/// Adds `delta` to a shared i64 counter that exists ([`update_present`]); returns the new value.
 pub fn add_i64<S: SharedStore + ?Sized>(store: &S, key: &str, delta: i64) -> Result<i64, UpdateError> {
-    update(store, key, |cur| {
-        let v = cur.map(decode_i64).unwrap_or(0).saturating_add(delta);
+    update_present(store, key, |cur| {
+        let v = decode_i64(cur).saturating_add(delta);
         (Some(v.to_le_bytes().to_vec()), v)
     })
 }
@@ -165,10 +196,24 @@ mod tests {
     #[test]
     fn counters_add_up() {
         let s = MemoryStore::new();
+        assert!(create(&s, "c", &0i64.to_le_bytes()));
         assert_eq!(add_i64(&s, "c", 3), Ok(3));
         assert_eq!(add_i64(&s, "c", -1), Ok(2));
         assert_eq!(get_i64(&s, "c"), 2);
         assert_eq!(get_i64(&s, "absent"), 0);
+    }
+
+    /// Two workers that both find a counter absent and both create it lose one's count (the host checks no cas on an
+    /// absent key); so a counter is never created by the one adding to it.
+    #[test]
+    fn a_count_never_creates_its_key() {
+        let s = MemoryStore::new();
+        assert_eq!(add_i64(&s, "c", 1), Err(UpdateError::Absent));
+        assert_eq!(update_present(&s, "c", |_| (Some(b"x".to_vec()), ())), Err(UpdateError::Absent));
+        assert!(s.get("c").is_none(), "left absent");
+        assert!(create(&s, "c", &5i64.to_le_bytes()));
+        assert!(create(&s, "c", &0i64.to_le_bytes()), "exists");
+        assert_eq!(add_i64(&s, "c", 1), Ok(6), "create leaves an existing value alone");
     }
 
     /// A store whose writes lose the race a given number of times, as under contention from other workers.

@@ -391,8 +391,8 @@ impl Worker {
         *streak = Streak::default();
         let Some(id) = self.snap.endpoint(i).map(|e| e.id.clone()) else { return };
         let total = self.snap.endpoints().len();
-        let ejected = shared::update(store, keys::EJECTIONS, |cur| {
-            let mut ej = cur.map(Ejections::decode).unwrap_or_default();
+        let ejected = shared::update_present(store, keys::EJECTIONS, |cur| {
+            let mut ej = Ejections::decode(cur);
             match ej.eject(&id, total, cfg, now_ms) {
                 Some(d) => (Some(ej.encode()), Some((d, ej))),
                 None => (None, None),
@@ -439,7 +439,7 @@ impl Worker {
     }
 
     /// Merges this worker's counts into the shared aggregates (on the worker's tick). Counts that could not be merged
-    /// are kept for the next flush.
+    /// (contention, or a key not created yet: see [`crate::counters`]) are kept for the next flush.
     pub fn flush<S: SharedStore + ?Sized>(&mut self, store: &S) {
         self.inflight.publish(store);
         for (i, agg) in self.endpoints.iter_mut().map(|e| &mut e.aggregate).enumerate() {
@@ -450,8 +450,8 @@ impl Worker {
                 continue;
             };
             let local = *agg;
-            let merged = shared::update(store, key, |cur| {
-                let mut total = cur.and_then(Aggregate::decode).unwrap_or_default();
+            let merged = shared::update_present(store, key, |cur| {
+                let mut total = Aggregate::decode(cur).unwrap_or_default();
                 total.merge(&local);
                 (Some(total.encode()), ())
             });
@@ -461,8 +461,8 @@ impl Worker {
         }
         if !self.stats.is_empty() {
             let local = self.stats;
-            let merged = shared::update(store, keys::GLOBAL_STATS, |cur| {
-                let mut total = cur.map(GlobalStats::decode).unwrap_or_default();
+            let merged = shared::update_present(store, keys::GLOBAL_STATS, |cur| {
+                let mut total = GlobalStats::decode(cur);
                 total.merge(&local);
                 (Some(total.encode()), ())
             });

@@ -50,6 +50,9 @@ impl FilterRoot {
             Ok(parsed) => {
                 let seed = host::now_ms() ^ (u64::from(self.context_id) << 32);
                 abi::set_tick_period(tick_period(&parsed.config));
+                // before this worker serves: the counters of the endpoints it starts with (the poller creates those
+                // of the tables it publishes)
+                crate::counters::create(&HostStore, parsed.config.endpoints.iter().map(|e| e.id.as_str()));
                 self.worker = Some(Rc::new(RefCell::new(Worker::new(parsed, seed))));
                 true
             }
