@@ -11,8 +11,8 @@ use crate::field_error::FieldError;
 use crate::keyed::{Millis, deserialize_keyed};
 
 /// The top-level keys of a policy, in the order the documentation lists them.
-pub const POLICY_KEYS: [&str; 6] =
-    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health", "observation"];
+pub const POLICY_KEYS: [&str; 7] =
+    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health", "locality", "observation"];
 
 /// The balancing algorithm for new sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -234,6 +234,35 @@ impl Default for PassiveHealthConfig {
     }
 }
 
+/// Zone-aware locality (Envoy's zone-aware routing): a proxy that knows its zone keeps new requests in it while the
+/// zone has its share of the healthy capacity, and sends the rest to the other zones (see the filter's `locality`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalityConfig {
+    /// On by default; it only acts in a proxy configured with a `zone`.
+    pub enabled: bool,
+    /// Below this many endpoints in the table, locality is off (Envoy's `min_cluster_size`): small pools balance
+    /// across zones.
+    pub min_endpoints: u32,
+    /// The zones that take the local zone's overflow first, in order; the rest goes to the others in proportion to
+    /// their spare capacity.
+    pub spillover: Vec<String>,
+}
+
+impl Default for LocalityConfig {
+    fn default() -> Self {
+        LocalityConfig { enabled: true, min_endpoints: 6, spillover: Vec::new() }
+    }
+}
+
+/// The longest zone name.
+pub const MAX_ZONE_LEN: usize = 64;
+
+/// Whether `zone` is a valid zone name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn valid_zone(zone: &str) -> bool {
+    !zone.is_empty() && zone.len() <= MAX_ZONE_LEN && zone.bytes().all(crate::is_id_byte)
+}
+
 /// How many request outcomes a worker reads from the proxy (see the filter's `sampling` module).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -258,6 +287,7 @@ pub struct Policy {
     pub sticky_sessions: StickyConfig,
     pub rate_limiting: RateLimitConfig,
     pub passive_health: PassiveHealthConfig,
+    pub locality: LocalityConfig,
     pub observation: ObservationConfig,
 }
 
@@ -330,6 +360,24 @@ impl Policy {
         if p.max_ejection_percent > 100 {
             return Err(err("passive_health.max_ejection_percent", "must be between 0 and 100"));
         }
+        let l = &self.locality;
+        if !(1..=crate::table::MAX_ENDPOINTS as u32).contains(&l.min_endpoints) {
+            return Err(err("locality.min_endpoints", "must be between 1 and 4096"));
+        }
+        if l.spillover.len() > 32 {
+            return Err(err("locality.spillover", "at most 32 zones"));
+        }
+        for (i, zone) in l.spillover.iter().enumerate() {
+            if !valid_zone(zone) {
+                return Err(err(
+                    &format!("locality.spillover[{i}]"),
+                    format!("`{zone}` must be 1 to 64 of [A-Za-z0-9._-]"),
+                ));
+            }
+            if l.spillover[..i].contains(zone) {
+                return Err(err(&format!("locality.spillover[{i}]"), format!("`{zone}` appears twice")));
+            }
+        }
         if self.observation.max_per_second > 1_000_000 {
             return Err(err("observation.max_per_second", "must be between 0 and 1000000"));
         }
@@ -384,6 +432,9 @@ mod tests {
                 json!({"passive_health": {"base_ejection_time": "2s", "max_ejection_time": "1s"}}),
                 "passive_health.max_ejection_time",
             ),
+            (json!({"locality": {"min_endpoints": 0}}), "locality.min_endpoints"),
+            (json!({"locality": {"spillover": ["b", "b"]}}), "locality.spillover[1]"),
+            (json!({"locality": {"spillover": ["a b"]}}), "locality.spillover[0]"),
             (json!([]), ""),
         ];
         for (policy, key) in cases {

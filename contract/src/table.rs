@@ -65,6 +65,10 @@ pub struct Table {
     /// The deployment's secret seed for key hashing (16 hex digits; see [`Table::seed`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_seed: Option<String>,
+    /// How many of the service's proxies run in each zone (the ones that reported lately): each zone's share of the
+    /// traffic, for zone-aware locality. Empty: the zones of the endpoints are taken to get equal shares.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub proxy_zones: std::collections::BTreeMap<String, u32>,
 }
 
 /// The seed of a table that brings none (static endpoints): public, so keys could be crafted to collide; the
@@ -173,6 +177,15 @@ impl Table {
             if !addresses.insert(e.address.as_str()) {
                 return Err(format!("endpoints[{i}].address: `{}` appears twice", e.address));
             }
+            if !e.zone.is_empty() && !crate::policy::valid_zone(&e.zone) {
+                return Err(format!("endpoints[{i}].zone: `{}` must be 1 to 64 of [A-Za-z0-9._-]", e.zone));
+            }
+        }
+        if self.proxy_zones.len() > 256 {
+            return Err(format!("proxy_zones: {} zones, the most is 256", self.proxy_zones.len()));
+        }
+        if let Some(zone) = self.proxy_zones.keys().find(|z| !crate::policy::valid_zone(z)) {
+            return Err(format!("proxy_zones: `{zone}` must be 1 to 64 of [A-Za-z0-9._-]"));
         }
         if let Some(p) = &self.policy
             && !(p.is_object() || p.is_null())

@@ -18,8 +18,8 @@ pub use equilibrio_contract::FieldError;
 pub use equilibrio_contract::is_id_byte;
 pub use equilibrio_contract::keyed::{Millis, deserialize_keyed, error_key, merge, parse_duration};
 pub use equilibrio_contract::policy::{
-    Algorithm, ConsistentHashConfig, KeySource, ObservationConfig, POLICY_KEYS, PassiveHealthConfig, Policy,
-    RateLimitConfig, SameSite, StickyConfig,
+    Algorithm, ConsistentHashConfig, KeySource, LocalityConfig, ObservationConfig, POLICY_KEYS, PassiveHealthConfig,
+    Policy, RateLimitConfig, SameSite, StickyConfig, valid_zone,
 };
 use equilibrio_contract::table::{Endpoint, EndpointState, Table};
 
@@ -89,6 +89,8 @@ pub struct Config {
     /// Absent: no supervisor, the static endpoints are the table.
     pub supervisor: Option<SupervisorConfig>,
     pub endpoints: Vec<StaticEndpoint>,
+    /// The zone this proxy runs in (zone-aware locality, see `crate::locality`); absent: no locality.
+    pub zone: Option<String>,
 }
 
 /// The keys of the JSON that are not policy keys.
@@ -100,6 +102,8 @@ struct Settings {
     supervisor: Option<SupervisorConfig>,
     #[serde(default)]
     endpoints: Vec<StaticEndpoint>,
+    #[serde(default)]
+    zone: Option<String>,
 }
 
 fn err(key: &str, reason: impl Into<String>) -> FieldError {
@@ -132,6 +136,7 @@ impl Config {
                 .collect(),
             policy: None,
             hash_seed: None,
+            proxy_zones: Default::default(),
         }
     }
 
@@ -154,7 +159,7 @@ impl Config {
         }
         let settings: Settings = deserialize_keyed(&Value::Object(settings)).map_err(|mut e| {
             if e.reason.starts_with("unknown field") && !e.key.contains('.') {
-                let known = ["service", "supervisor", "endpoints"].iter().chain(&POLICY_KEYS);
+                let known = ["service", "supervisor", "endpoints", "zone"].iter().chain(&POLICY_KEYS);
                 e.reason = format!(
                     "unknown field `{}`, expected one of {}",
                     e.key,
@@ -164,8 +169,8 @@ impl Config {
             e
         })?;
         let policy = Policy::parse(&Value::Object(policy))?;
-        let Settings { service, supervisor, endpoints } = settings;
-        let config = Config { service, policy, supervisor, endpoints };
+        let Settings { service, supervisor, endpoints, zone } = settings;
+        let config = Config { service, policy, supervisor, endpoints, zone };
         config.validate()?;
         Ok(config)
     }
@@ -224,6 +229,14 @@ impl Config {
         for (i, e) in self.endpoints.iter().enumerate() {
             equilibrio_contract::table::validate_endpoint_fields(&e.id, &e.address, e.weight)
                 .map_err(|e| e.within(&format!("endpoints[{i}]")))?;
+            if !e.zone.is_empty() && !valid_zone(&e.zone) {
+                return Err(err(&format!("endpoints[{i}].zone"), "must be 1 to 64 of [A-Za-z0-9._-]"));
+            }
+        }
+        if let Some(zone) = &self.zone
+            && !valid_zone(zone)
+        {
+            return Err(err("zone", "must be 1 to 64 of [A-Za-z0-9._-]"));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 //! | [`ratelimit`] | shared token buckets in bounded memory |
 //! | [`client`] | client address and X-Forwarded-For trust |
 //! | [`outlier`] | passive health ejections |
+//! | [`locality`] | zone-aware locality: the local zone's share, and where the overflow goes |
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
 //! | [`sampling`] | which requests' outcomes a worker reads, under load |
 //! | [`shared`] | the shared-data store abstraction and CAS updates |
@@ -30,6 +31,7 @@ pub mod config;
 pub mod cookie;
 pub mod counters;
 pub mod inflight;
+pub mod locality;
 pub mod outlier;
 pub mod poller;
 pub mod ratelimit;

@@ -10,8 +10,12 @@ use crate::balancer::ring::{LoadBound, Ring, hash_key};
 use crate::balancer::swrr::Swrr;
 use crate::balancer::{MAX_UPSTREAMS, p2c, random};
 use crate::config::Algorithm;
+use crate::locality::draw_from_hash;
 use crate::request::{RequestView, client_of, key_of};
 use crate::snapshot::{Snapshot, remap};
+
+/// Makes a key's zone draw independent of its place on the ring.
+const ZONE_DRAW_SALT: u64 = 0x7a6f_6e65; // "zone"
 
 #[derive(Debug, Clone)]
 pub struct Selector {
@@ -106,6 +110,21 @@ impl Selector {
                 }
                 None => self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect(),
             },
+        }
+    }
+
+    /// The request's draw for zone-aware locality ([`crate::locality`]): from its hash key for the hashing
+    /// algorithms, so that a key keeps its zone (and its endpoint), otherwise at random.
+    pub fn zone_draw(&self, snap: &Snapshot, req: &dyn RequestView, rng: &mut fastrand::Rng) -> f64 {
+        let hops = snap.policy.rate_limiting.xff_trusted_hops;
+        let key = match self.algorithm {
+            Algorithm::IpHash => Some(client_of(req, hops)),
+            Algorithm::ConsistentHash => key_of(req, &snap.policy.consistent_hash.key, hops),
+            _ => None,
+        };
+        match key {
+            Some(key) => draw_from_hash(hash_key(snap.seed ^ ZONE_DRAW_SALT, key.as_bytes())),
+            None => rng.f64(),
         }
     }
 

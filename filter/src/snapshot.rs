@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use crate::config::Policy;
+use crate::locality::{self, ZonePlan};
 use crate::ratelimit::Limits;
 use crate::shared::keys;
 use crate::sticky::StickyCodec;
@@ -24,10 +25,14 @@ pub struct Snapshot {
     /// The endpoints that take new sessions (healthy, weight above 0), in table order: the candidates of every
     /// request while nothing is ejected.
     pub new_session_candidates: Vec<usize>,
+    /// The proxy's zone (from its configuration), if it has one.
+    pub zone: Option<String>,
+    /// Zone-aware locality over `new_session_candidates` (see [`crate::locality`]).
+    pub zone_plan: Option<ZonePlan>,
 }
 
 impl Snapshot {
-    pub fn build(table: Table, policy: Policy) -> Snapshot {
+    pub fn build(table: Table, policy: Policy, zone: Option<&str>) -> Snapshot {
         let by_id = table.endpoints.iter().enumerate().map(|(i, e)| (e.id.clone(), i)).collect();
         let sticky = &policy.sticky_sessions;
         let codec =
@@ -47,7 +52,28 @@ impl Snapshot {
             .filter(|(_, e)| e.state == EndpointState::Healthy && e.weight > 0)
             .map(|(i, _)| i)
             .collect();
-        Snapshot { new_session_candidates, table, policy, by_id, codec, seed, limits, inflight_keys, aggregate_keys }
+        let zone = zone.map(str::to_string);
+        let mut snap = Snapshot {
+            new_session_candidates,
+            table,
+            policy,
+            by_id,
+            codec,
+            seed,
+            limits,
+            inflight_keys,
+            aggregate_keys,
+            zone,
+            zone_plan: None,
+        };
+        snap.zone_plan = snap.zone_plan_over(&snap.new_session_candidates);
+        snap
+    }
+
+    /// The zone plan over `candidates` (a subset of the endpoints that take new sessions), if locality applies.
+    pub fn zone_plan_over(&self, candidates: &[usize]) -> Option<ZonePlan> {
+        let zone = self.zone.as_deref()?;
+        locality::plan(zone, &self.table.endpoints, candidates, &self.table.proxy_zones, &self.policy.locality)
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {

@@ -114,7 +114,8 @@ pub struct Worker {
 impl Worker {
     /// A worker on the static configuration (and its static endpoints, if any). `seed` feeds the random choices.
     pub fn new(base: ParsedConfig, seed: u64) -> Worker {
-        let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.policy.clone()));
+        let zone = base.config.zone.as_deref();
+        let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.policy.clone(), zone));
         Worker {
             base,
             selector: Selector::new(&snap),
@@ -167,7 +168,7 @@ impl Worker {
             None => self.base.config.policy.clone(),
         };
         self.flush(store);
-        let snap = Rc::new(Snapshot::build(table, policy));
+        let snap = Rc::new(Snapshot::build(table, policy, self.base.config.zone.as_deref()));
         let mapping = snap.mapping_from(&self.snap);
         self.selector = self.selector.rebuild(&snap, &mapping);
         self.endpoints = remap(&self.endpoints, &mapping)
@@ -244,10 +245,28 @@ impl Worker {
         }
 
         if order.is_empty() {
+            // locality: the zone this request balances in (the plan is the snapshot's while nothing is ejected)
+            let replanned;
+            let plan = if ejected.is_empty() {
+                snap.zone_plan.as_ref()
+            } else {
+                replanned = snap.zone_plan_over(&candidates);
+                replanned.as_ref()
+            };
+            let in_zone = match plan {
+                Some(plan) => plan.candidates(self.selector.zone_draw(&snap, req, &mut self.rng)),
+                None => &candidates[..],
+            };
             let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
-            order = self.selector.pick(&snap, req, &candidates, inflight, now_ms, &mut self.rng);
+            order = self.selector.pick(&snap, req, in_zone, inflight, now_ms, &mut self.rng);
+            // one retry in the same zone, then one outside it: a zone that fails as a whole costs no request
+            if plan.is_some() {
+                fill_retries(&mut order, in_zone, MAX_UPSTREAMS - 1);
+                let outside: Vec<usize> = candidates.iter().copied().filter(|i| !in_zone.contains(i)).collect();
+                fill_retries(&mut order, &outside, MAX_UPSTREAMS);
+            }
         }
-        fill_retries(&mut order, &candidates);
+        fill_retries(&mut order, &candidates, MAX_UPSTREAMS);
 
         if order.is_empty() {
             self.stats.no_upstream += 1;

@@ -103,7 +103,8 @@ impl InstanceSpec {
 
 /// A zone: at most 64 of `[A-Za-z0-9._-]` (empty: none), at registration and on update alike.
 pub fn validate_zone(zone: &str) -> Result<(), String> {
-    if zone.len() <= MAX_LABEL_BYTES && zone.bytes().all(equilibrio_contract::is_id_byte) {
+    // the proxies' rule (a table with another zone is refused by every proxy)
+    if zone.is_empty() || equilibrio_contract::policy::valid_zone(zone) {
         Ok(())
     } else {
         Err(format!("must be at most {MAX_LABEL_BYTES} of [A-Za-z0-9._-]"))

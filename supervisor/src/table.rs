@@ -28,6 +28,7 @@ pub fn table(svc: &Service, hash_seed: Option<&str>) -> Table {
             })
             .collect(),
         policy: Some(svc.policy.clone()),
+        proxy_zones: Default::default(),
         hash_seed: hash_seed.map(str::to_string),
     }
 }

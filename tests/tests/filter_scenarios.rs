@@ -429,6 +429,97 @@ async fn abandoned_requests_still_end_their_accounting(kind: Kind) {
     }
 }
 
+/// Requests from `connections` loops until `stop` is set: (status, body) of each.
+fn steady_load(
+    client: &reqwest::Client,
+    url: &str,
+    connections: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinSet<Vec<(u16, String)>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, url, stop) = (client.clone(), url.to_string(), stop.clone());
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        out.push((status, r.text().await.unwrap_or_default()));
+                    }
+                    Err(e) => out.push((0, e.to_string())),
+                }
+            }
+            out
+        });
+    }
+    tasks
+}
+
+/// Publishes `endpoints` as table `version` and waits until the proxy's workers and its cluster have it.
+async fn publish(s: &Setup, endpoints: Vec<Value>, version: u64) {
+    s.table.update(Some(endpoints), None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.proxy.stat("wasmcustom.equilibrio_table_version").await != Some(version) {
+        assert!(Instant::now() < deadline, "table {version} not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // EDS and the workers' tick
+}
+
+/// Zone-aware locality: a proxy in zone `a`, three endpoints in `a` (av-1..3) and three in `b` (av-4..6), under
+/// steady traffic. All healthy: everything stays in `a`. Two of a's three die: a keeps min(1, c/t) = (1/4)/(1/2) =
+/// 50%. All of a dies: everything goes to b. No request fails in any transition (the retry after the in-zone one
+/// leaves the zone).
+async fn zones_keep_traffic_local_and_spill_by_the_formula(kind: Kind) {
+    let extra = json!({"zone": "a", "passive_health": {"base_ejection_time": 30}});
+    let s = setup(kind, &[100; 6], Value::Null, extra, "500ms").await;
+    let zoned = |down: &[&str]| -> Vec<Value> {
+        s.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut e =
+                    endpoint(&b.id, b.addr, 100, if down.contains(&b.id.as_str()) { "unhealthy" } else { "healthy" });
+                e["zone"] = json!(if i < 3 { "a" } else { "b" });
+                e
+            })
+            .collect()
+    };
+    let in_a = |counts: &std::collections::BTreeMap<String, usize>| -> f64 {
+        let total: usize = counts.values().sum();
+        ["av-1", "av-2", "av-3"].iter().map(|id| counts.get(*id).copied().unwrap_or(0)).sum::<usize>() as f64
+            / total as f64
+    };
+    publish(&s, zoned(&[]), 2).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut steady = steady_load(&s.client, &s.proxy.url("/"), 4, &stop);
+
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 600, 16).await);
+    assert_eq!(in_a(&counts), 1.0, "all in zone a while it has its share: {counts:?}");
+
+    s.backends[1].kill();
+    s.backends[2].kill();
+    publish(&s, zoned(&["av-2", "av-3"]), 3).await;
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 2000, 16).await);
+    let got = in_a(&counts);
+    assert!((got - 0.5).abs() <= 0.05, "zone a keeps (1/4)/(1/2) = 50%, got {got:.3}: {counts:?}");
+
+    s.backends[0].kill();
+    publish(&s, zoned(&["av-1", "av-2", "av-3"]), 4).await;
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 600, 16).await);
+    assert_eq!(in_a(&counts), 0.0, "all in zone b once a is down: {counts:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut all = Vec::new();
+    while let Some(done) = steady.join_next().await {
+        all.extend(done.unwrap());
+    }
+    let failed: Vec<_> = all.iter().filter(|(st, _)| *st != 200).collect();
+    assert!(all.len() > 100, "steady traffic ran: {}", all.len());
+    assert!(failed.is_empty(), "{} of {} failed: {:?}", failed.len(), all.len(), &failed[..failed.len().min(5)]);
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -461,4 +552,5 @@ on_both_proxies!(
     a_draining_endpoint_keeps_its_sticky_sessions_only,
     only_the_first_two_sticky_cookies_are_checked,
     abandoned_requests_still_end_their_accounting,
+    zones_keep_traffic_local_and_spill_by_the_formula,
 );

@@ -13,16 +13,18 @@ pub mod swrr;
 pub const MAX_UPSTREAMS: usize = 3;
 
 /// Completes `order` (which holds the primary, and maybe more) with the candidates that follow the primary in table
-/// order, wrapping, up to [`MAX_UPSTREAMS`]. As the primary rotates, so do the retries, so a failed endpoint's retries
-/// spread over the others.
-pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize]) {
+/// order, wrapping, up to `limit` entries (at most [`MAX_UPSTREAMS`]). As the primary rotates, so do the retries, so a
+/// failed endpoint's retries spread over the others.
+pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize], limit: usize) {
+    let limit = limit.min(MAX_UPSTREAMS);
     let Some(&primary) = order.first() else {
         return;
     };
-    let start = candidates.iter().position(|&c| c == primary).map_or(0, |p| p + 1);
     let n = candidates.len();
+    // a primary from elsewhere (another zone) still rotates the start
+    let start = candidates.iter().position(|&c| c == primary).map_or(primary % n.max(1), |p| p + 1);
     for k in 0..n {
-        if order.len() >= MAX_UPSTREAMS {
+        if order.len() >= limit {
             break;
         }
         if let Some(&c) = candidates.get((start + k) % n)
@@ -40,16 +42,19 @@ mod tests {
     #[test]
     fn retries_follow_the_primary_and_are_distinct() {
         let mut o = vec![2];
-        fill_retries(&mut o, &[0, 1, 2, 3]);
+        fill_retries(&mut o, &[0, 1, 2, 3], MAX_UPSTREAMS);
         assert_eq!(o, vec![2, 3, 0]);
         let mut o = vec![1];
-        fill_retries(&mut o, &[1]);
+        fill_retries(&mut o, &[1], MAX_UPSTREAMS);
         assert_eq!(o, vec![1]);
         let mut o = vec![5];
-        fill_retries(&mut o, &[0, 1]);
-        assert_eq!(o, vec![5, 0, 1]);
+        fill_retries(&mut o, &[0, 1], MAX_UPSTREAMS);
+        assert_eq!(o, vec![5, 1, 0], "a primary that is not a candidate rotates the start too");
         let mut o = vec![];
-        fill_retries(&mut o, &[0, 1]);
+        fill_retries(&mut o, &[0, 1], MAX_UPSTREAMS);
         assert!(o.is_empty());
+        let mut o = vec![1];
+        fill_retries(&mut o, &[0, 1, 2], 2);
+        assert_eq!(o, vec![1, 2], "up to the limit");
     }
 }

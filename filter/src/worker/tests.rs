@@ -452,3 +452,68 @@ fn sampling_can_be_turned_off_and_sticky_sessions_read_every_outcome() {
     let sticky = format!(r#"{{"sticky_sessions":{{"enabled":true,"secret":"{SECRET}"}}}}"#);
     assert_eq!(sampled_load(&sticky, 2).0, 40_000);
 }
+
+/// A worker of a proxy in zone `a`, over endpoints `a1..a3` (ports 8000-8002) and `b1..b3` (8003-8005), of which the
+/// first `a_up` of zone a are healthy.
+fn zoned(a_up: usize, policy: &str) -> (Worker, MemoryStore) {
+    let parsed = Config::parse(br#"{"service":"av","supervisor":{},"zone":"a"}"#).unwrap();
+    let store = MemoryStore::new();
+    let mut poller = Poller::new(parsed.clone()).unwrap();
+    let eps: Vec<String> = (0..6)
+        .map(|i| {
+            let (zone, n) = if i < 3 { ("a", i + 1) } else { ("b", i - 2) };
+            let state = if i >= 3 || i < a_up { "healthy" } else { "unhealthy" };
+            format!(r#"{{"id":"{zone}{n}","address":"127.0.0.1:{}","state":"{state}","zone":"{zone}"}}"#, 8000 + i)
+        })
+        .collect();
+    let body = format!(r#"{{"service":"av","version":1,"endpoints":[{}],"policy":{policy}}}"#, eps.join(","));
+    let o = poller.on_answer(Answer::Response { status: 200, etag: None, body: body.as_bytes() }, 0, &store);
+    assert_eq!(o.error, None, "{o:?}");
+    (Worker::new(parsed, 7), store)
+}
+
+fn zone_a_share(c: &HashMap<String, usize>, n: usize) -> f64 {
+    let a: usize = (8000..8003).map(|p| c.get(&format!("127.0.0.1:{p}")).copied().unwrap_or(0)).sum();
+    a as f64 / n as f64
+}
+
+#[test]
+fn a_proxy_keeps_its_zone_and_spills_by_capacity_over_traffic() {
+    let (mut w, s) = zoned(3, "null");
+    assert_eq!(zone_a_share(&spread(&mut w, &s, 3000), 3000), 1.0, "all local while a has its share");
+    // a has 1 of 4 healthy endpoints for half the traffic: it keeps 1/4 / 1/2 = 50%
+    let (mut w, s) = zoned(1, "null");
+    let got = zone_a_share(&spread(&mut w, &s, 4000), 4000);
+    assert!((got - 0.5).abs() < 0.03, "{got}");
+    let (mut w, s) = zoned(0, "null");
+    assert_eq!(zone_a_share(&spread(&mut w, &s, 300), 300), 0.0);
+    // locality off: the plain spread (1 of 4)
+    let (mut w, s) = zoned(1, r#"{"locality":{"enabled":false}}"#);
+    let got = zone_a_share(&spread(&mut w, &s, 4000), 4000);
+    assert!((got - 0.25).abs() < 0.02, "{got}");
+}
+
+#[test]
+fn a_local_request_retries_in_its_zone_then_outside() {
+    let (mut w, s) = zoned(3, "null");
+    for i in 0..30 {
+        let p = forward(&mut w, &s, &Req::new(), i);
+        let zones: Vec<bool> = p.upstreams.split(',').map(|u| u < "127.0.0.1:8003").collect();
+        assert_eq!(zones, vec![true, true, false], "{}", p.upstreams);
+    }
+}
+
+#[test]
+fn a_hash_key_keeps_its_zone() {
+    let (mut w, s) = zoned(1, r#"{"algorithm":"consistent_hash","consistent_hash":{"key":"header:x-user"}}"#);
+    let mut zones = std::collections::HashSet::new();
+    for user in 0..200 {
+        let req = Req::new().with("x-user", &format!("u{user}"));
+        let first = run(&mut w, &s, &req, 0).0;
+        for t in 1..4 {
+            assert_eq!(run(&mut w, &s, &req, t).0, first, "u{user} keeps its endpoint");
+        }
+        zones.insert(first.as_str() < "127.0.0.1:8003");
+    }
+    assert_eq!(zones.len(), 2, "keys spread over both zones");
+}

@@ -173,7 +173,13 @@ pub async fn nodes(docker: &Docker, zone_label: &str) -> Result<HashMap<String, 
             let id = n.id?;
             let addr = n.status.and_then(|s| s.addr).unwrap_or_default();
             let hostname = n.description.and_then(|d| d.hostname).unwrap_or_default();
-            let zone = n.spec.and_then(|s| s.labels).and_then(|l| l.get(zone_label).cloned()).unwrap_or_default();
+            // a label that is not a zone name (the proxies refuse a table with one) counts as no zone
+            let zone = n
+                .spec
+                .and_then(|s| s.labels)
+                .and_then(|l| l.get(zone_label).cloned())
+                .filter(|z| equilibrio_contract::policy::valid_zone(z))
+                .unwrap_or_default();
             Some((id, NodeInfo { addr, hostname, zone }))
         })
         .collect())
