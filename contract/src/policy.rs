@@ -11,8 +11,16 @@ use crate::field_error::FieldError;
 use crate::keyed::{Millis, deserialize_keyed};
 
 /// The top-level keys of a policy, in the order the documentation lists them.
-pub const POLICY_KEYS: [&str; 7] =
-    ["algorithm", "consistent_hash", "sticky_sessions", "rate_limiting", "passive_health", "locality", "observation"];
+pub const POLICY_KEYS: [&str; 8] = [
+    "algorithm",
+    "consistent_hash",
+    "sticky_sessions",
+    "rate_limiting",
+    "passive_health",
+    "circuit_breaker",
+    "locality",
+    "observation",
+];
 
 /// The balancing algorithm for new sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -219,6 +227,14 @@ pub struct PassiveHealthConfig {
     pub max_ejection_time: Millis,
     /// At most this share of the endpoints is ejected at once (at least one).
     pub max_ejection_percent: u32,
+    /// Half-open: after its ejection time an endpoint gets at most this many trial requests at a time; a trial that
+    /// succeeds closes the breaker, one that fails ejects it again for longer. 0: straight back to full traffic.
+    pub half_open_trials: u32,
+    /// How often the success-rate and failure-percentage detectors look at the last interval's outcomes (Envoy's
+    /// `interval`).
+    pub interval: Millis,
+    pub success_rate: SuccessRateConfig,
+    pub failure_percentage: FailurePercentageConfig,
 }
 
 impl Default for PassiveHealthConfig {
@@ -230,8 +246,56 @@ impl Default for PassiveHealthConfig {
             base_ejection_time: Millis(10_000),
             max_ejection_time: Millis(300_000),
             max_ejection_percent: 50,
+            half_open_trials: 1,
+            interval: Millis(10_000),
+            success_rate: SuccessRateConfig::default(),
+            failure_percentage: FailurePercentageConfig::default(),
         }
     }
+}
+
+/// Envoy's success-rate outlier detection: among the endpoints with `request_volume` requests in the interval (at
+/// least `minimum_hosts` of them), one whose success rate is below `mean - stdev_factor x stdev` is ejected.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuccessRateConfig {
+    pub enabled: bool,
+    pub minimum_hosts: u32,
+    pub request_volume: u64,
+    pub stdev_factor: f64,
+}
+
+impl Default for SuccessRateConfig {
+    fn default() -> Self {
+        SuccessRateConfig { enabled: true, minimum_hosts: 5, request_volume: 100, stdev_factor: 1.9 }
+    }
+}
+
+/// Envoy's failure-percentage outlier detection: among the endpoints with `request_volume` requests in the interval
+/// (at least `minimum_hosts` of them), one failing `threshold` percent or more is ejected. Off by default, as in
+/// Envoy.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailurePercentageConfig {
+    pub enabled: bool,
+    pub threshold: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u64,
+}
+
+impl Default for FailurePercentageConfig {
+    fn default() -> Self {
+        FailurePercentageConfig { enabled: false, threshold: 85, minimum_hosts: 5, request_volume: 50 }
+    }
+}
+
+/// Limits per endpoint (Envoy's circuit breakers, per host).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Requests in flight per endpoint across the proxy's workers; a request over it goes to the next listed
+    /// endpoint, or is answered 503 with `Retry-After` when every listed one is full. 0: no limit.
+    pub max_requests_per_endpoint: u32,
 }
 
 /// Zone-aware locality (Envoy's zone-aware routing): a proxy that knows its zone keeps new requests in it while the
@@ -287,6 +351,7 @@ pub struct Policy {
     pub sticky_sessions: StickyConfig,
     pub rate_limiting: RateLimitConfig,
     pub passive_health: PassiveHealthConfig,
+    pub circuit_breaker: CircuitBreakerConfig,
     pub locality: LocalityConfig,
     pub observation: ObservationConfig,
 }
@@ -359,6 +424,35 @@ impl Policy {
         }
         if p.max_ejection_percent > 100 {
             return Err(err("passive_health.max_ejection_percent", "must be between 0 and 100"));
+        }
+        if p.half_open_trials > 1000 {
+            return Err(err("passive_health.half_open_trials", "must be between 0 and 1000"));
+        }
+        if p.interval.0 < 100 || p.interval.0 > 3_600_000 {
+            return Err(err("passive_health.interval", "must be between 100ms and 1h"));
+        }
+        let sr = &p.success_rate;
+        if !(1..=4096).contains(&sr.minimum_hosts) {
+            return Err(err("passive_health.success_rate.minimum_hosts", "must be between 1 and 4096"));
+        }
+        if !(1..=1_000_000_000).contains(&sr.request_volume) {
+            return Err(err("passive_health.success_rate.request_volume", "must be between 1 and 1000000000"));
+        }
+        if !(0.1..=10.0).contains(&sr.stdev_factor) {
+            return Err(err("passive_health.success_rate.stdev_factor", "must be between 0.1 and 10"));
+        }
+        let fp = &p.failure_percentage;
+        if !(1..=100).contains(&fp.threshold) {
+            return Err(err("passive_health.failure_percentage.threshold", "must be between 1 and 100"));
+        }
+        if !(1..=4096).contains(&fp.minimum_hosts) {
+            return Err(err("passive_health.failure_percentage.minimum_hosts", "must be between 1 and 4096"));
+        }
+        if !(1..=1_000_000_000).contains(&fp.request_volume) {
+            return Err(err("passive_health.failure_percentage.request_volume", "must be between 1 and 1000000000"));
+        }
+        if self.circuit_breaker.max_requests_per_endpoint > 10_000_000 {
+            return Err(err("circuit_breaker.max_requests_per_endpoint", "must be between 0 and 10000000"));
         }
         let l = &self.locality;
         if !(1..=crate::table::MAX_ENDPOINTS as u32).contains(&l.min_endpoints) {
@@ -433,6 +527,15 @@ mod tests {
                 "passive_health.max_ejection_time",
             ),
             (json!({"locality": {"min_endpoints": 0}}), "locality.min_endpoints"),
+            (
+                json!({"passive_health": {"success_rate": {"stdev_factor": 0}}}),
+                "passive_health.success_rate.stdev_factor",
+            ),
+            (
+                json!({"passive_health": {"failure_percentage": {"threshold": 101}}}),
+                "passive_health.failure_percentage.threshold",
+            ),
+            (json!({"passive_health": {"interval": "10ms"}}), "passive_health.interval"),
             (json!({"locality": {"spillover": ["b", "b"]}}), "locality.spillover[1]"),
             (json!({"locality": {"spillover": ["a b"]}}), "locality.spillover[0]"),
             (json!([]), ""),

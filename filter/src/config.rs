@@ -18,8 +18,9 @@ pub use equilibrio_contract::FieldError;
 pub use equilibrio_contract::is_id_byte;
 pub use equilibrio_contract::keyed::{Millis, deserialize_keyed, error_key, merge, parse_duration};
 pub use equilibrio_contract::policy::{
-    Algorithm, ConsistentHashConfig, KeySource, LocalityConfig, ObservationConfig, POLICY_KEYS, PassiveHealthConfig,
-    Policy, RateLimitConfig, SameSite, StickyConfig, valid_zone,
+    Algorithm, CircuitBreakerConfig, ConsistentHashConfig, FailurePercentageConfig, KeySource, LocalityConfig,
+    ObservationConfig, POLICY_KEYS, PassiveHealthConfig, Policy, RateLimitConfig, SameSite, StickyConfig,
+    SuccessRateConfig, valid_zone,
 };
 use equilibrio_contract::table::{Endpoint, EndpointState, Table};
 

@@ -18,7 +18,8 @@
 //! | [`sticky`], [`cookie`] | signed session cookies |
 //! | [`ratelimit`] | shared token buckets in bounded memory |
 //! | [`client`] | client address and X-Forwarded-For trust |
-//! | [`outlier`] | passive health ejections |
+//! | [`outlier`] | passive health ejections and each endpoint's breaker (closed, open, half-open) |
+//! | [`detection`] | success-rate and failure-percentage outlier detection, per interval |
 //! | [`locality`] | zone-aware locality: the local zone's share, and where the overflow goes |
 //! | [`report`] | per-endpoint aggregates and the report to the supervisor |
 //! | [`sampling`] | which requests' outcomes a worker reads, under load |
@@ -30,6 +31,7 @@ pub mod client;
 pub mod config;
 pub mod cookie;
 pub mod counters;
+pub mod detection;
 pub mod inflight;
 pub mod locality;
 pub mod outlier;

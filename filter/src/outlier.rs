@@ -1,11 +1,16 @@
-//! Passive health (outlier detection): endpoints that fail real requests are ejected from selection for a while.
+//! Passive health (outlier detection) and the circuit breaker each endpoint goes through: closed -> open (ejected) ->
+//! half-open -> closed.
 //!
 //! A worker counts consecutive failures per endpoint from the requests it proxies: gateway failures (connect failure,
 //! reset, or an attempt the proxy moved to the next listed host) and 5xx answers. Past the configured run, it ejects
-//! the endpoint for every worker through the shared [`Ejections`] record. The n-th ejection in a row lasts n times the
-//! base time (capped), as in Envoy; an endpoint that stays clean for the cap forgets its history. At most
-//! `max_ejection_percent` of the endpoints are ejected at once (at least one, if the percentage is above 0), so passive
-//! health can never empty the pool. Time is an argument.
+//! the endpoint for every worker through the shared [`Ejections`] record; the poller adds the ejections of the
+//! success-rate and failure-percentage detectors (`crate::detection`). The n-th ejection in a row lasts n times the
+//! base time (capped), as in Envoy. When the time is up the endpoint is half-open: it takes no normal traffic, but up to
+//! `half_open_trials` trial requests at a time (a trial not answered within the base ejection time is given again); the
+//! first trial that succeeds closes the breaker, one that fails ejects the endpoint again, for longer. An endpoint that
+//! stays closed for the cap forgets its history. At most `max_ejection_percent` of the endpoints are out (open or
+//! half-open) at once (at least one, if the percentage is above 0), so passive health can never empty the pool. Time
+//! is an argument.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,10 +19,29 @@ use crate::config::PassiveHealthConfig;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ejection {
     pub id: String,
-    /// Ejected until this time (unix ms); in the past means "back in service, history kept".
+    /// Ejected until this time (unix ms); in the past means half-open (`probing`) or back in service.
     pub until_ms: u64,
     /// Ejections in a row.
     pub count: u32,
+    /// Half-open once `until_ms` has passed, until a trial succeeds.
+    #[serde(default)]
+    pub probing: bool,
+    /// Trials given in this half-open round, and when the last one was.
+    #[serde(default)]
+    pub trials: u32,
+    #[serde(default)]
+    pub trial_ms: u64,
+}
+
+/// Where an endpoint's breaker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    Closed,
+    Open,
+    /// Half-open; `trial`: a trial request may be sent now.
+    HalfOpen {
+        trial: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -34,37 +58,99 @@ impl Ejections {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    pub fn breaker(&self, id: &str, cfg: &PassiveHealthConfig, now_ms: u64) -> Breaker {
+        match self.entries.iter().find(|e| e.id == id) {
+            Some(e) if e.until_ms > now_ms => Breaker::Open,
+            Some(e) if e.probing => Breaker::HalfOpen { trial: trial_due(e, cfg, now_ms) },
+            _ => Breaker::Closed,
+        }
+    }
+
+    /// Out of normal selection: open or half-open.
     pub fn is_ejected(&self, id: &str, now_ms: u64) -> bool {
-        self.entries.iter().any(|e| e.id == id && e.until_ms > now_ms)
+        self.entries.iter().any(|e| e.id == id && is_out(e, now_ms))
     }
 
+    /// Endpoints out of normal selection (open or half-open).
     pub fn active(&self, now_ms: u64) -> usize {
-        self.entries.iter().filter(|e| e.until_ms > now_ms).count()
+        self.entries.iter().filter(|e| is_out(e, now_ms)).count()
     }
 
-    /// Ejects `id` out of `total` endpoints. Returns the ejection time, or `None` if it is already ejected or the cap
-    /// is reached.
+    /// Whether some endpoint may take a trial request now.
+    pub fn trial_due(&self, cfg: &PassiveHealthConfig, now_ms: u64) -> bool {
+        self.entries.iter().any(|e| e.probing && e.until_ms <= now_ms && trial_due(e, cfg, now_ms))
+    }
+
+    /// Ejects `id` out of `total` endpoints. Returns the ejection time, or `None` if it is already open or the cap
+    /// is reached. A half-open endpoint is re-ejected whatever the cap (it is counted in it already).
     pub fn eject(&mut self, id: &str, total: usize, cfg: &PassiveHealthConfig, now_ms: u64) -> Option<u64> {
         self.forget(cfg, now_ms);
-        if self.is_ejected(id, now_ms) {
+        let current = self.breaker(id, cfg, now_ms);
+        if current == Breaker::Open {
             return None;
         }
         let cap =
             if cfg.max_ejection_percent == 0 { 0 } else { (total * cfg.max_ejection_percent as usize / 100).max(1) };
-        if self.active(now_ms) >= cap {
+        if current == Breaker::Closed && self.active(now_ms) >= cap {
             return None;
         }
         let count = self.entries.iter().find(|e| e.id == id).map_or(0, |e| e.count).saturating_add(1);
         let duration = cfg.base_ejection_time.0.saturating_mul(u64::from(count)).min(cfg.max_ejection_time.0);
         self.entries.retain(|e| e.id != id);
-        self.entries.push(Ejection { id: id.to_string(), until_ms: now_ms.saturating_add(duration), count });
+        self.entries.push(Ejection {
+            id: id.to_string(),
+            until_ms: now_ms.saturating_add(duration),
+            count,
+            probing: cfg.half_open_trials > 0,
+            trials: 0,
+            trial_ms: 0,
+        });
         Some(duration)
     }
 
-    /// Drops the history of endpoints back in service for longer than the maximum ejection time.
-    pub fn forget(&mut self, cfg: &PassiveHealthConfig, now_ms: u64) {
-        self.entries.retain(|e| e.until_ms.saturating_add(cfg.max_ejection_time.0) > now_ms);
+    /// Takes a trial for half-open `id`; false if none is due.
+    pub fn take_trial(&mut self, id: &str, cfg: &PassiveHealthConfig, now_ms: u64) -> bool {
+        let Some(e) = self.entries.iter_mut().find(|e| e.id == id && e.probing && e.until_ms <= now_ms) else {
+            return false;
+        };
+        if !trial_due(e, cfg, now_ms) {
+            return false;
+        }
+        if now_ms >= e.trial_ms.saturating_add(cfg.base_ejection_time.0) {
+            // a new round: trials given before and never answered are forgotten
+            e.trials = 0;
+        }
+        e.trials += 1;
+        e.trial_ms = now_ms;
+        true
     }
+
+    /// A trial succeeded: the breaker closes (the history stays until it is forgotten). False if it was not half-open.
+    pub fn close(&mut self, id: &str) -> bool {
+        match self.entries.iter_mut().find(|e| e.id == id && e.probing) {
+            Some(e) => {
+                e.probing = false;
+                e.trials = 0;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops the history of endpoints closed for longer than the maximum ejection time.
+    pub fn forget(&mut self, cfg: &PassiveHealthConfig, now_ms: u64) {
+        self.entries.retain(|e| e.probing || e.until_ms.saturating_add(cfg.max_ejection_time.0) > now_ms);
+    }
+}
+
+fn is_out(e: &Ejection, now_ms: u64) -> bool {
+    e.until_ms > now_ms || e.probing
+}
+
+/// A half-open endpoint takes a trial while fewer than `half_open_trials` are out, or when the last one is older than
+/// the base ejection time (it was never answered).
+fn trial_due(e: &Ejection, cfg: &PassiveHealthConfig, now_ms: u64) -> bool {
+    e.trials < cfg.half_open_trials || now_ms >= e.trial_ms.saturating_add(cfg.base_ejection_time.0)
 }
 
 /// A worker's run of consecutive failures for one endpoint.
@@ -113,6 +199,8 @@ mod tests {
             base_ejection_time: Millis(10_000),
             max_ejection_time: Millis(60_000),
             max_ejection_percent: 50,
+            // the breaker's half-open state has its own test
+            half_open_trials: 0,
             ..PassiveHealthConfig::default()
         }
     }
@@ -165,6 +253,40 @@ mod tests {
         assert!(!s.record(Outcome::ServerError, &c));
         assert!(s.record(Outcome::ServerError, &c));
         assert!(Streak::default().record(Outcome::GatewayFailure, &c));
+    }
+
+    #[test]
+    fn half_open_gives_bounded_trials_then_closes_or_reopens_for_longer() {
+        let c = PassiveHealthConfig { half_open_trials: 2, ..cfg() };
+        let mut e = Ejections::default();
+        assert_eq!(e.eject("a", 4, &c, 0), Some(10_000));
+        assert_eq!(e.breaker("a", &c, 5_000), Breaker::Open);
+        assert!(!e.take_trial("a", &c, 5_000), "no trial while open");
+        assert_eq!(e.breaker("a", &c, 10_000), Breaker::HalfOpen { trial: true });
+        assert!(e.is_ejected("a", 10_000), "half-open takes no normal traffic");
+        assert!(e.take_trial("a", &c, 10_000) && e.take_trial("a", &c, 10_001));
+        assert!(!e.take_trial("a", &c, 10_002), "two trials at a time");
+        assert_eq!(e.breaker("a", &c, 10_002), Breaker::HalfOpen { trial: false });
+        // a trial fails: open again, for twice as long
+        assert_eq!(e.eject("a", 4, &c, 10_003), Some(20_000));
+        assert_eq!(e.breaker("a", &c, 30_002), Breaker::Open);
+        assert!(e.take_trial("a", &c, 30_003));
+        // unanswered trials are given again after the base ejection time
+        assert!(e.take_trial("a", &c, 30_004) && !e.take_trial("a", &c, 30_005));
+        assert!(e.take_trial("a", &c, 40_004));
+        // a trial succeeds: closed, back in selection
+        assert!(e.close("a"));
+        assert_eq!(e.breaker("a", &c, 40_005), Breaker::Closed);
+        assert!(!e.is_ejected("a", 40_005));
+        assert!(!e.close("a"), "already closed");
+    }
+
+    #[test]
+    fn without_trials_the_endpoint_comes_straight_back() {
+        let c = PassiveHealthConfig { half_open_trials: 0, ..cfg() };
+        let mut e = Ejections::default();
+        e.eject("a", 4, &c, 0);
+        assert_eq!(e.breaker("a", &c, 10_000), Breaker::Closed);
     }
 
     #[test]

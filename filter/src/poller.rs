@@ -6,10 +6,14 @@
 //! counted under its condition, and logged once when the condition changes (not once per poll). An invalid runtime
 //! policy does not block endpoint updates: the table is published with the last good policy. `ETag`/`If-None-Match`
 //! make an unchanged table a 304 with no body.
+//!
+//! The poller also sees every worker's counts, so it runs the interval detectors (success rate, failure percentage:
+//! [`crate::detection`]) and ejects their outliers for every worker.
 
 use serde_json::Value;
 
-use crate::config::{Config, ParsedConfig, SupervisorConfig};
+use crate::config::{Config, ParsedConfig, Policy, SupervisorConfig};
+use crate::detection::Interval;
 use crate::outlier::Ejections;
 use crate::report::{Aggregate, EndpointReport, GlobalStats, Report};
 use crate::shared::{self, SharedStore, keys};
@@ -63,6 +67,12 @@ pub struct Poller {
     /// The supervisor clusters, and the one asked now.
     targets: Vec<String>,
     current: usize,
+    /// The effective policy of the published table (the detectors' settings).
+    policy: Policy,
+    /// The detectors' counts of the current interval.
+    interval: Interval,
+    /// What happened that the adapter logs (taken by [`Poller::take_logs`]).
+    logs: Vec<String>,
 }
 
 impl Poller {
@@ -70,6 +80,7 @@ impl Poller {
     pub fn new(base: ParsedConfig) -> Option<Poller> {
         let sup = base.config.supervisor.clone()?;
         let targets = sup.targets();
+        let policy = base.config.policy.clone();
         Some(Poller {
             targets,
             current: 0,
@@ -84,7 +95,15 @@ impl Poller {
             seq: 0,
             table: None,
             last_report_ms: None,
+            policy,
+            interval: Interval::default(),
+            logs: Vec::new(),
         })
+    }
+
+    /// Log lines since the last call.
+    pub fn take_logs(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.logs)
     }
 
     pub fn supervisor(&self) -> &SupervisorConfig {
@@ -210,7 +229,8 @@ impl Poller {
         // an invalid runtime policy must not block endpoint updates: publish with the last good policy
         if let Some(policy) = table.policy.take().filter(|p| !p.is_null()) {
             match Config::with_policy(&self.base.source, &policy) {
-                Ok(_) => {
+                Ok(config) => {
+                    self.policy = config.policy;
                     if self.policy_condition != "ok" {
                         outcome.log = Some("runtime policy accepted again".into());
                     }
@@ -274,11 +294,12 @@ impl Poller {
                 ejected: ejections.is_ejected(&e.id, now_ms),
             });
         }
-        let global = shared::update(store, keys::GLOBAL_STATS, |cur| match cur.map(GlobalStats::decode) {
+        let mut global = shared::update(store, keys::GLOBAL_STATS, |cur| match cur.map(GlobalStats::decode) {
             Some(g) if !g.is_empty() => (Some(GlobalStats::default().encode()), g),
             _ => (None, GlobalStats::default()),
         })
         .unwrap_or_default();
+        global.ejections += self.detect(&stats, store, now_ms);
         let report = Report {
             service: self.base.config.service.clone(),
             proxy: self.sup.proxy_id.clone(),
@@ -303,6 +324,34 @@ impl Poller {
     }
 
     /// Healthy endpoints in the current table (a gauge).
+    /// Adds this period's counts to the detectors' interval; at its end, ejects the outliers. Returns the ejections.
+    fn detect<S: SharedStore + ?Sized>(&mut self, stats: &[EndpointStats], store: &S, now_ms: u64) -> u64 {
+        let cfg = &self.policy.passive_health;
+        if !cfg.enabled || !(cfg.success_rate.enabled || cfg.failure_percentage.enabled) {
+            return 0;
+        }
+        for s in stats {
+            self.interval.add(&s.id, s.aggregate.requests, s.aggregate.errors, now_ms);
+        }
+        let Some(found) = self.interval.close(stats.iter().map(|s| s.id.as_str()), cfg, now_ms) else { return 0 };
+        let total = stats.len();
+        let mut ejected = 0;
+        for (id, reason) in found {
+            let done = shared::update_present(store, keys::EJECTIONS, |cur| {
+                let mut ej = Ejections::decode(cur);
+                match ej.eject(&id, total, cfg, now_ms) {
+                    Some(d) => (Some(ej.encode()), Some(d)),
+                    None => (None, None),
+                }
+            });
+            if let Ok(Some(duration)) = done {
+                ejected += 1;
+                self.logs.push(format!("ejected endpoint {id} for {duration} ms: {reason}"));
+            }
+        }
+        ejected
+    }
+
     pub fn healthy(&self) -> usize {
         self.table.iter().flat_map(|t| t.endpoints.iter()).filter(|e| e.state == EndpointState::Healthy).count()
     }
@@ -438,5 +487,45 @@ mod tests {
         assert_eq!(again.window_ms, 1000);
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["service"], "av");
+    }
+
+    #[test]
+    fn an_endpoint_failing_half_its_requests_over_an_interval_is_ejected_for_every_worker() {
+        let (mut p, s) = (poller(), MemoryStore::new());
+        let ids = ["a", "b", "c", "d", "e", "x"];
+        let eps: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| format!(r#"{{"id":"{id}","address":"127.0.0.1:{}","state":"healthy"}}"#, 1 + i))
+            .collect();
+        let body = format!(
+            r#"{{"service":"av","version":1,"endpoints":[{}],"policy":{{"passive_health":{{"interval":"2s"}}}}}}"#,
+            eps.join(",")
+        );
+        ok(&mut p, &s, &body, 0);
+        // two report periods of one second each: 100 requests per endpoint per period, x fails every other one
+        for now in [1000, 2000, 3000] {
+            for id in ids {
+                let mut a = Aggregate::default();
+                for k in 0..100 {
+                    a.record(1_000, id == "x" && k % 2 == 0, 1);
+                }
+                s.set(&keys::aggregate(id), &a.encode(), None).unwrap();
+            }
+            let (_, _, global) = p.collect(&s, now);
+            let ejected = s.get(keys::EJECTIONS).map(|(v, _)| Ejections::decode(&v)).unwrap_or_default();
+            if now < 3000 {
+                assert_eq!(global.ejections, 0, "the interval (2 s) is not over at {now}");
+                assert!(!ejected.is_ejected("x", now));
+            } else {
+                assert_eq!(global.ejections, 1);
+                assert!(ejected.is_ejected("x", now) && ids[..5].iter().all(|id| !ejected.is_ejected(id, now)));
+                let logs = p.take_logs();
+                assert!(
+                    logs.iter().any(|l| l.starts_with("ejected endpoint x") && l.contains("success rate 50.0%")),
+                    "{logs:?}"
+                );
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::balancer::ring::hash_key;
 use crate::balancer::{MAX_UPSTREAMS, fill_retries};
 use crate::config::{KeySource, ParsedConfig};
 use crate::inflight::{Held, InFlight};
-use crate::outlier::{Ejections, Outcome, Streak};
+use crate::outlier::{Breaker, Ejections, Outcome, Streak};
 use crate::ratelimit::{self, Decision};
 use crate::report::{Aggregate, GlobalStats};
 use crate::request::client_of;
@@ -64,6 +64,8 @@ pub struct Pending {
     served: Option<usize>,
     /// The weight of this request's observation (see [`crate::sampling`]); 0: its outcome is not read.
     weight: u32,
+    /// The half-open endpoint this request is a trial for (its primary), by id.
+    trial: Option<String>,
 }
 
 impl Pending {
@@ -227,7 +229,17 @@ impl Worker {
         let mut pending = Pending { start_ms: now_ms, snap: Some(self.snap.clone()), ..Pending::default() };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
-        if let Some(codec) = &self.snap.codec {
+        // a half-open endpoint due a trial gets this request first (the retries still go elsewhere)
+        if !ejected.is_empty()
+            && let Some(i) = self.take_trial(store, now_ms)
+        {
+            pending.trial = self.snap.endpoint(i).map(|e| e.id.clone());
+            order.push(i);
+        }
+
+        if let Some(codec) = &self.snap.codec
+            && order.is_empty()
+        {
             let name = &self.snap.policy.sticky_sessions.cookie_name;
             let pin = sticky::resolve(codec, req.header("cookie").as_deref(), name, now_ms / 1000);
             if pin.invalid {
@@ -285,8 +297,8 @@ impl Worker {
         if let Some(&primary) = pending.listed.first() {
             self.acquire_inflight(&mut pending, primary, store);
         }
-        // sticky sessions read every response anyway (for the cookie): no sampling then
-        pending.weight = if self.snap.codec.is_some() {
+        // sticky sessions read every response anyway (for the cookie), and a trial's outcome decides the breaker
+        pending.weight = if self.snap.codec.is_some() || pending.trial.is_some() {
             1
         } else {
             self.sampler.sample(now_ms, self.snap.policy.observation.max_per_second, &mut self.rng)
@@ -347,7 +359,7 @@ impl Worker {
         let failed_before = served_pos.unwrap_or(if resp.gateway_failure { p.listed.len() } else { 0 });
         for k in 0..failed_before {
             if let Some(i) = p.listed.get(k).and_then(|&i| self.current_index(p, i)) {
-                self.passive(i, Outcome::GatewayFailure, now_ms, store);
+                self.outcome(p, i, Outcome::GatewayFailure, now_ms, store);
             }
         }
         let served = served_pos.and_then(|k| p.listed.get(k).copied());
@@ -363,7 +375,7 @@ impl Worker {
                 Some(Outcome::Success)
             };
             if let (Some(outcome), Some(current)) = (outcome, self.current_index(p, i)) {
-                self.passive(current, outcome, now_ms, store);
+                self.outcome(p, current, outcome, now_ms, store);
             }
             // move the in-flight count to the host that actually holds the request
             if p.inflight.map(|held| held.index) != Some(i) {
@@ -397,10 +409,75 @@ impl Worker {
         }
     }
 
-    /// Records an outcome for endpoint `i` of the current snapshot; ejects it when its streak calls for it.
+    /// Takes a trial request for a half-open endpoint that is due one (shared: the trials are counted across
+    /// workers). Its index in the current snapshot.
+    fn take_trial<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64) -> Option<usize> {
+        let cfg = &self.snap.policy.passive_health;
+        let (_, local) = self.ejections.as_ref()?;
+        if !local.trial_due(cfg, now_ms) {
+            return None;
+        }
+        // only an endpoint the table still sends new requests to
+        let due = self.snap.new_session_candidates.iter().copied().find(|&i| {
+            self.snap
+                .endpoint(i)
+                .is_some_and(|e| local.breaker(&e.id, cfg, now_ms) == Breaker::HalfOpen { trial: true })
+        })?;
+        let id = self.snap.endpoint(due)?.id.clone();
+        let taken = shared::update_present(store, keys::EJECTIONS, |cur| {
+            let mut ej = Ejections::decode(cur);
+            let taken = ej.take_trial(&id, cfg, now_ms);
+            (taken.then(|| ej.encode()), (taken, ej))
+        });
+        match taken {
+            Ok((taken, ejections)) => {
+                self.ejections = Some((0, ejections));
+                taken.then_some(due)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// An outcome of endpoint `i` of the current snapshot: a trial's closes or re-opens the breaker; any other goes to
+    /// passive health.
+    fn outcome<S: SharedStore + ?Sized>(&mut self, p: &Pending, i: usize, outcome: Outcome, now_ms: u64, store: &S) {
+        let Some(id) = self.snap.endpoint(i).map(|e| e.id.clone()) else { return };
+        if p.trial.as_deref() != Some(id.as_str()) {
+            self.passive(i, outcome, now_ms, store);
+            return;
+        }
+        let cfg = &self.snap.policy.passive_health;
+        let total = self.snap.endpoints().len();
+        let success = outcome == Outcome::Success;
+        let settled = shared::update_present(store, keys::EJECTIONS, |cur| {
+            let mut ej = Ejections::decode(cur);
+            let changed = if success { ej.close(&id) } else { ej.eject(&id, total, cfg, now_ms).is_some() };
+            (changed.then(|| ej.encode()), (changed, ej))
+        });
+        if let Ok((true, ejections)) = settled {
+            self.ejections = Some((0, ejections));
+            if let Some(e) = self.endpoints.get_mut(i) {
+                e.streak = Streak::default();
+            }
+            if success {
+                self.logs.push(format!("endpoint {id} recovered: a trial request succeeded"));
+            } else {
+                self.stats.ejections += 1;
+                self.logs.push(format!("ejected endpoint {id} again: its trial request failed ({outcome:?})"));
+            }
+        }
+    }
+
+    /// Records an outcome for endpoint `i` of the current snapshot; ejects it when its streak calls for it. Outcomes of
+    /// an endpoint that is out (requests sent before it was ejected) teach nothing.
     fn passive<S: SharedStore + ?Sized>(&mut self, i: usize, outcome: Outcome, now_ms: u64, store: &S) {
         let cfg = &self.snap.policy.passive_health;
         if !cfg.enabled {
+            return;
+        }
+        if let (Some((_, ej)), Some(e)) = (&self.ejections, self.snap.endpoint(i))
+            && ej.is_ejected(&e.id, now_ms)
+        {
             return;
         }
         let Some(streak) = self.endpoints.get_mut(i).map(|e| &mut e.streak) else { return };

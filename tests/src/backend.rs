@@ -1,6 +1,7 @@
 //! A real HTTP backend: answers every request with its id (body and `x-backend` header), counts requests, and can be
 //! killed like a crashed process (listener and every open connection closed at once). `/echo-headers` answers with
-//! the request headers it received (JSON); `/slow?ms=N` answers after N milliseconds.
+//! the request headers it received (JSON); `/slow?ms=N` answers after N milliseconds. [`Backend::fail_every`] makes it
+//! answer 503 on every n-th request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,17 +20,23 @@ use tokio::task::JoinSet;
 struct Shared {
     id: String,
     hits: Arc<AtomicUsize>,
+    fail_every: Arc<AtomicUsize>,
 }
 
 pub struct Backend {
     pub id: String,
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    fail_every: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn answer(State(s): State<Shared>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
-    s.hits.fetch_add(1, Ordering::SeqCst);
+async fn answer(State(s): State<Shared>, uri: Uri, headers: HeaderMap) -> axum::response::Response {
+    let hit = s.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    let every = s.fail_every.load(Ordering::SeqCst);
+    if every > 0 && hit % every == 0 {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, [("x-backend", s.id.clone())], "failing").into_response();
+    }
     let upstream_header = headers.get("x-equilibrio-upstream").is_some();
     let body = match uri.path() {
         // the request headers as received, as a JSON object (a header sent twice keeps its last value)
@@ -48,7 +55,7 @@ async fn answer(State(s): State<Shared>, uri: Uri, headers: HeaderMap) -> impl I
         }
         _ => s.id.clone(),
     };
-    ([("x-backend", s.id.clone()), ("x-saw-upstream-header", upstream_header.to_string())], body)
+    ([("x-backend", s.id.clone()), ("x-saw-upstream-header", upstream_header.to_string())], body).into_response()
 }
 
 impl Backend {
@@ -56,7 +63,8 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicUsize::new(0));
-        let state = Shared { id: id.to_string(), hits: hits.clone() };
+        let fail_every = Arc::new(AtomicUsize::new(0));
+        let state = Shared { id: id.to_string(), hits: hits.clone(), fail_every: fail_every.clone() };
         let app = Router::new().fallback(answer).with_state(state);
         let task = tokio::spawn(async move {
             // connections live in this set, so aborting the task closes them all, as a crash would
@@ -74,11 +82,16 @@ impl Backend {
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ok(Backend { id: id.to_string(), addr, hits, task })
+        Ok(Backend { id: id.to_string(), addr, hits, fail_every, task })
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Answers 503 on every `n`-th request from now on (1: every request; 0: none).
+    pub fn fail_every(&self, n: usize) {
+        self.fail_every.store(n, Ordering::SeqCst);
     }
 
     /// Closes the listener and every connection.

@@ -41,6 +41,9 @@ impl PollerRoot {
         };
         let now = host::now_ms();
         let (report, stats, global) = poller.collect(&HostStore, now);
+        for line in poller.take_logs() {
+            host::log(LogLevel::Info, &line);
+        }
         let m = &mut self.metrics;
         for s in &stats {
             m.add(&endpoint_metric(&s.id, "requests_total"), s.aggregate.requests);

@@ -261,14 +261,69 @@ fn a_failed_primary_is_ejected_for_all_workers() {
     // the other worker no longer picks it
     let c = spread(&mut w2, &s, 100);
     assert!(!c.contains_key("127.0.0.1:8001"), "{c:?}");
-    // and after the ejection time it is back
+    // after the ejection time its first request is a trial; it succeeds, and b is back in the rotation
+    assert_eq!(run(&mut w2, &s, &Req::new(), 10_001).0, "127.0.0.1:8001", "the trial");
     let mut back = 0;
     for i in 0..30 {
-        if run(&mut w2, &s, &Req::new(), 10_001 + i).0 == "127.0.0.1:8001" {
+        if run(&mut w2, &s, &Req::new(), 10_002 + i).0 == "127.0.0.1:8001" {
             back += 1;
         }
     }
     assert_eq!(back, 10);
+}
+
+/// Runs one request whose primary answers `status`; returns the primary.
+fn answered(w: &mut Worker, s: &MemoryStore, now: u64, status: impl Fn(&str) -> u32) -> String {
+    let mut p = forward(w, s, &Req::new(), now);
+    let primary = p.upstreams.split(',').next().unwrap_or_default().to_string();
+    let info = ResponseInfo { status: status(&primary), upstream_address: Some(&primary), gateway_failure: false };
+    w.on_response(&mut p, info, now, s);
+    w.on_done(&mut p, now + 1, s);
+    primary
+}
+
+#[test]
+fn a_half_open_endpoint_gets_only_its_trials_until_one_succeeds() {
+    let cfg = r#"{"service":"av","supervisor":{},"passive_health":{"base_ejection_time":"10s","consecutive_5xx":3,"half_open_trials":2}}"#;
+    let eps = [("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")];
+    let (mut w1, _, s) = setup(cfg, &eps, "null");
+    let mut w2 = Worker::new(Config::parse(cfg.as_bytes()).unwrap(), 9);
+    let b = "127.0.0.1:8001";
+    let failing = |up: &str| if up == b { 503 } else { 200 };
+    let mut t = 0;
+    while !w1.take_logs().iter().any(|l| l.contains("ejected endpoint b")) {
+        answered(&mut w1, &s, t, failing);
+        t += 1;
+    }
+    w2.refresh(&s);
+    // half-open from 10 s on; trials that fail re-open it (20 s, then 30 s): 2 trials per round, shared by both workers
+    let mut to_b = Vec::new();
+    for now in (10_000..70_000).step_by(50) {
+        for w in [&mut w1, &mut w2] {
+            if answered(w, &s, now, failing) == b {
+                to_b.push(now);
+            }
+        }
+        if now % 500 == 0 {
+            w1.refresh(&s);
+            w2.refresh(&s);
+        }
+    }
+    // each trial fails at once and re-opens it for longer (20 s, then 30 s): one request per round reaches b, the
+    // other worker's stale view notwithstanding
+    assert_eq!(to_b.len(), 3, "{to_b:?}");
+    for (got, round) in to_b.iter().zip([10_000, 30_000, 60_000]) {
+        assert!((round..round + 100).contains(got), "{to_b:?}");
+    }
+    // it recovers: the next trial succeeds and it takes its share again
+    let ok = |_: &str| 200;
+    let mut back = 0;
+    for now in (120_000..126_000).step_by(20) {
+        if answered(&mut w1, &s, now, ok) == b {
+            back += 1;
+        }
+    }
+    assert!((90..=110).contains(&back), "{back}");
 }
 
 #[test]
