@@ -520,6 +520,53 @@ async fn zones_keep_traffic_local_and_spill_by_the_formula(kind: Kind) {
     assert!(failed.is_empty(), "{} of {} failed: {:?}", failed.len(), all.len(), &failed[..failed.len().min(5)]);
 }
 
+/// The breaker: av-6 of six answers 503 on every other request. Success-rate detection (over 2 s intervals, from
+/// every worker's counts) ejects it and no other; after its ejection time it is half-open and only the configured
+/// trial request reaches it per round (each fails while it keeps failing, and re-opens it for longer); once it answers
+/// again, a trial closes the breaker and it takes its share again.
+async fn a_breaker_ejects_by_success_rate_and_lets_only_trials_through(kind: Kind) {
+    let extra = json!({"passive_health": {
+        "interval": "2s", "base_ejection_time": "2s", "consecutive_5xx": 1000, "half_open_trials": 1,
+    }});
+    let s = setup(kind, &[100; 6], Value::Null, extra, "500ms").await;
+    s.backends[5].fail_every(2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut steady = steady_load(&s.client, &s.proxy.url("/"), 8, &stop);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.proxy.log().contains("ejected endpoint av-6") {
+        assert!(Instant::now() < deadline, "av-6 not ejected:\n{}", s.proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ejected_at = Instant::now();
+    s.backends[5].fail_every(1);
+    let log = s.proxy.log();
+    assert!(log.contains("success rate 5"), "ejected by success rate: {log}");
+    for id in ["av-1", "av-2", "av-3", "av-4", "av-5"] {
+        assert!(!log.contains(&format!("ejected endpoint {id}")), "{id} is not an outlier: {log}");
+    }
+    // requests already on their way when it was ejected
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = s.backends[5].hits();
+    // open 2 s, a trial (fails: open 4 s), a trial (fails: open 6 s): two requests in the next 7 s
+    tokio::time::sleep(Duration::from_millis(7000).saturating_sub(ejected_at.elapsed())).await;
+    let trials = s.backends[5].hits() - settled;
+    assert!((1..=2).contains(&trials), "{trials} requests reached the half-open endpoint; one trial per round");
+    assert!(s.proxy.log().contains("ejected endpoint av-6 again: its trial request failed"), "{}", s.proxy.log());
+    // it answers again: the next trial (about 12 s after the ejection) closes the breaker
+    s.backends[5].fail_every(0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !s.proxy.log().contains("endpoint av-6 recovered") {
+        assert!(Instant::now() < deadline, "av-6 never recovered:\n{}", s.proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // every worker's tick
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 1200, 16).await);
+    let back = share(&counts, "av-6", 1200);
+    assert!((0.10..=0.25).contains(&back), "av-6 takes its share again: {back:.3} {counts:?}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    while steady.join_next().await.is_some() {}
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -553,4 +600,5 @@ on_both_proxies!(
     only_the_first_two_sticky_cookies_are_checked,
     abandoned_requests_still_end_their_accounting,
     zones_keep_traffic_local_and_spill_by_the_formula,
+    a_breaker_ejects_by_success_rate_and_lets_only_trials_through,
 );
