@@ -42,6 +42,22 @@ impl InFlight {
         Some(Held { index, shared: exact })
     }
 
+    /// Counts a request on endpoint `id` in shared data if it holds fewer than `limit` (one compare-and-swap: no
+    /// two workers can both take the last place). `None` if it is full (or the count could not be changed).
+    pub fn acquire_below<S: SharedStore + ?Sized>(
+        &mut self,
+        store: &S,
+        index: usize,
+        id: &str,
+        limit: u32,
+    ) -> Option<Held> {
+        let taken = shared::update_present(store, &keys::inflight(id), |cur| {
+            let n = shared::decode_i64(cur);
+            if n < i64::from(limit) { (Some((n + 1).to_le_bytes().to_vec()), true) } else { (None, false) }
+        });
+        taken.ok().filter(|t| *t).map(|_| Held { index, shared: true })
+    }
+
     /// Gives back the count `held` on endpoint `id`.
     pub fn release<S: SharedStore + ?Sized>(&mut self, store: &S, held: Held, id: &str) {
         if held.shared {
@@ -89,6 +105,18 @@ mod tests {
         assert_eq!(shared::get_i64(&store, &keys::inflight("b")), 0);
         f.publish(&store);
         assert!(f.local.is_empty() && f.published.is_empty(), "settled counts are forgotten");
+    }
+
+    #[test]
+    fn a_limit_is_never_passed() {
+        let store = MemoryStore::default();
+        crate::counters::create(&store, ["a"]);
+        let mut f = InFlight::default();
+        let held: Vec<Held> = (0..5).filter_map(|_| f.acquire_below(&store, 0, "a", 3)).collect();
+        assert_eq!(held.len(), 3);
+        assert_eq!(shared::get_i64(&store, &keys::inflight("a")), 3);
+        f.release(&store, held[0], "a");
+        assert!(f.acquire_below(&store, 0, "a", 3).is_some(), "a place came free");
     }
 
     #[test]

@@ -107,10 +107,14 @@ pub struct GlobalStats {
     pub sticky_invalid: u64,
     pub ejections: u64,
     pub no_upstream: u64,
+    /// Requests whose first listed endpoint was at its concurrency limit and that went to the next one.
+    pub overflowed: u64,
+    /// Requests answered 503 because every listed endpoint was at its concurrency limit.
+    pub overloaded: u64,
 }
 
 impl GlobalStats {
-    fn words(&self) -> [u64; 7] {
+    fn words(&self) -> [u64; 9] {
         [
             self.rate_limited,
             self.rate_limit_evictions,
@@ -119,6 +123,8 @@ impl GlobalStats {
             self.sticky_invalid,
             self.ejections,
             self.no_upstream,
+            self.overflowed,
+            self.overloaded,
         ]
     }
 
@@ -134,6 +140,8 @@ impl GlobalStats {
         self.sticky_invalid += o.sticky_invalid;
         self.ejections += o.ejections;
         self.no_upstream += o.no_upstream;
+        self.overflowed += o.overflowed;
+        self.overloaded += o.overloaded;
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -150,6 +158,8 @@ impl GlobalStats {
             sticky_invalid: word(4),
             ejections: word(5),
             no_upstream: word(6),
+            overflowed: word(7),
+            overloaded: word(8),
         }
     }
 }

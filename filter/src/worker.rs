@@ -283,6 +283,28 @@ impl Worker {
         if order.is_empty() {
             self.stats.no_upstream += 1;
         }
+        // the concurrency limit: the first listed endpoint with room holds the request, the full ones before it are
+        // passed over; none with room: 503
+        let limit = self.snap.policy.circuit_breaker.max_requests_per_endpoint;
+        if limit > 0 && !order.is_empty() {
+            let room = order.iter().enumerate().find_map(|(k, &i)| {
+                let id = self.snap.endpoint(i)?.id.as_str();
+                self.inflight.acquire_below(store, i, id, limit).map(|held| (k, held))
+            });
+            match room {
+                Some((k, held)) => {
+                    if k > 0 {
+                        self.stats.overflowed += 1;
+                        order.drain(..k);
+                    }
+                    pending.inflight = Some(held);
+                }
+                None => {
+                    self.stats.overloaded += 1;
+                    return Verdict::Reply(overloaded_reply());
+                }
+            }
+        }
         let mut header = String::with_capacity(order.len() * 22);
         for &i in &order {
             if let Some(e) = self.snap.endpoint(i) {
@@ -294,7 +316,9 @@ impl Worker {
             }
         }
         pending.upstreams = header;
-        if let Some(&primary) = pending.listed.first() {
+        if let Some(&primary) = pending.listed.first()
+            && pending.inflight.is_none()
+        {
             self.acquire_inflight(&mut pending, primary, store);
         }
         // sticky sessions read every response anyway (for the cookie), and a trial's outcome decides the breaker
@@ -506,7 +530,9 @@ impl Worker {
     /// algorithm balances on it (see [`crate::inflight`]).
     fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, i: usize, store: &S) {
         let Some(id) = p.id(i) else { return };
-        p.inflight = self.inflight.acquire(store, i, id, self.snap.policy.algorithm.balances_on_inflight());
+        let policy = &self.snap.policy;
+        let exact = policy.algorithm.balances_on_inflight() || policy.circuit_breaker.max_requests_per_endpoint > 0;
+        p.inflight = self.inflight.acquire(store, i, id, exact);
     }
 
     fn release_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, store: &S) {
@@ -566,6 +592,16 @@ impl Worker {
                 self.stats = GlobalStats::default();
             }
         }
+    }
+}
+
+/// The answer when every listed endpoint is at its concurrency limit (`circuit_breaker.max_requests_per_endpoint`).
+fn overloaded_reply() -> LocalReply {
+    LocalReply {
+        status: 503,
+        headers: vec![("retry-after".into(), "1".into()), ("content-type".into(), "application/json".into())],
+        body: r#"{"error":{"code":"overloaded","message":"every endpoint is at its concurrency limit","retry_after_seconds":1}}"#
+            .into(),
     }
 }
 

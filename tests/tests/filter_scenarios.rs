@@ -567,6 +567,45 @@ async fn a_breaker_ejects_by_success_rate_and_lets_only_trials_through(kind: Kin
     while steady.join_next().await.is_some() {}
 }
 
+/// The concurrency limit: two requests in flight per endpoint across the proxy's workers. Ten slow requests at once on
+/// three endpoints: six are served (two per endpoint), four are answered 503 with `Retry-After` at once.
+async fn a_concurrency_limit_passes_over_full_endpoints_then_answers_503(kind: Kind) {
+    let extra = json!({"circuit_breaker": {"max_requests_per_endpoint": 2}});
+    let s = setup(kind, &[100, 100, 100], Value::Null, extra, "500ms").await;
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (client, url) = (s.client.clone(), s.proxy.url("/slow?ms=1500"));
+        requests.spawn(async move {
+            let started = Instant::now();
+            let r = client.get(url).send().await.unwrap();
+            let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), retry_after, r.text().await.unwrap(), started.elapsed())
+        });
+    }
+    let mut served: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    while let Some(done) = requests.join_next().await {
+        let (status, retry_after, body, took) = done.unwrap();
+        match status {
+            200 => *served.entry(body).or_default() += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+                assert!(body.contains("\"overloaded\""), "{body}");
+                assert!(took < Duration::from_millis(1000), "refused at once, took {took:?}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(refused, 4, "{served:?}");
+    assert!(served.len() == 3 && served.values().all(|&n| n == 2), "two per endpoint: {served:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.proxy.stat("wasmcustom.equilibrio_overloaded_total").await != Some(4) {
+        assert!(Instant::now() < deadline, "overloaded_total not 4");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -601,4 +640,5 @@ on_both_proxies!(
     abandoned_requests_still_end_their_accounting,
     zones_keep_traffic_local_and_spill_by_the_formula,
     a_breaker_ejects_by_success_rate_and_lets_only_trials_through,
+    a_concurrency_limit_passes_over_full_endpoints_then_answers_503,
 );

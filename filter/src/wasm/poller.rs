@@ -65,6 +65,8 @@ impl PollerRoot {
         m.add("equilibrio_sticky_invalid_total", global.sticky_invalid);
         m.add("equilibrio_ejections_total", global.ejections);
         m.add("equilibrio_no_upstream_total", global.no_upstream);
+        m.add("equilibrio_overflowed_total", global.overflowed);
+        m.add("equilibrio_overloaded_total", global.overloaded);
         m.set("equilibrio_table_version", poller.version().unwrap_or(0));
         m.set("equilibrio_table_age_seconds", poller.age_s(now).unwrap_or(0));
         m.set("equilibrio_endpoints_healthy", poller.healthy() as u64);

@@ -572,3 +572,38 @@ fn a_hash_key_keeps_its_zone() {
     }
     assert_eq!(zones.len(), 2, "keys spread over both zones");
 }
+
+#[test]
+fn a_full_endpoint_passes_requests_to_the_next_and_all_full_is_503() {
+    let cfg = r#"{"service":"av","supervisor":{},"circuit_breaker":{"max_requests_per_endpoint":2}}"#;
+    let (mut w, _, s) = setup(cfg, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], "null");
+    let mut w2 = Worker::new(Config::parse(cfg.as_bytes()).unwrap(), 3);
+    w2.refresh(&s);
+    // six requests that do not end, from two workers: two per endpoint, never three
+    let mut open = Vec::new();
+    for k in 0..6 {
+        let worker = if k % 2 == 0 { &mut w } else { &mut w2 };
+        open.push(forward(worker, &s, &Req::new(), k));
+    }
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for p in &open {
+        *per.entry(p.upstreams.split(',').next().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "{per:?}");
+    assert_eq!(w.stats.overflowed + w2.stats.overflowed, 0, "round robin found room first each time");
+    match w.on_request(&Req::new(), 10, &s) {
+        Verdict::Reply(r) => {
+            assert_eq!(r.status, 503);
+            assert!(r.headers.contains(&("retry-after".into(), "1".into())));
+        }
+        Verdict::Forward(p) => panic!("a seventh request found room: {}", p.upstreams),
+    }
+    assert_eq!(w.stats.overloaded, 1);
+    // one of c's ends; round robin names b (full) next: the request goes on to c, listed after b
+    let mut done = open.remove(4);
+    assert!(done.upstreams.starts_with("127.0.0.1:8002"), "{}", done.upstreams);
+    w.on_done(&mut done, 20, &s);
+    let p = forward(&mut w, &s, &Req::new(), 21);
+    assert!(p.upstreams.starts_with("127.0.0.1:8002"), "{}", p.upstreams);
+    assert_eq!(w.stats.overflowed, 1);
+}
