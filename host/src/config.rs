@@ -102,11 +102,38 @@ pub struct RouteConfig {
     /// A response body that brings nothing for this long is cut off (Envoy's stream idle timeout, 5 minutes): an
     /// upstream that sends its headers and a few bytes and then hangs holds no client forever.
     pub idle_timeout: Millis,
+    /// How many retries may be in flight, and how long each waits (see `retry_budget`).
+    pub retry: RetryConfig,
 }
 
 impl Default for RouteConfig {
     fn default() -> Self {
-        RouteConfig { cluster: "backend".into(), timeout: Millis(30_000), retries: 2, idle_timeout: Millis(300_000) }
+        RouteConfig {
+            cluster: "backend".into(),
+            timeout: Millis(30_000),
+            retries: 2,
+            idle_timeout: Millis(300_000),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+/// The retry budget and backoff (Envoy's `retry_budget` and `retry_back_off`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries in flight may be at most this percent of the requests in flight (the shipped Envoy config's 50%)...
+    pub budget_percent: f64,
+    /// ...and may always be at least this many.
+    pub min_concurrency: u32,
+    /// The n-th retry waits a random time below `min(backoff_max, backoff_base x 2^(n-1))` (Envoy: 25 ms, 10x).
+    pub backoff_base: Millis,
+    pub backoff_max: Millis,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { budget_percent: 50.0, min_concurrency: 64, backoff_base: Millis(25), backoff_max: Millis(250) }
     }
 }
 
@@ -279,6 +306,16 @@ impl Config {
         }
         if raw.route.retries > 10 {
             return Err(err("route.retries", "at most 10"));
+        }
+        let r = &raw.route.retry;
+        if !(0.0..=100.0).contains(&r.budget_percent) {
+            return Err(err("route.retry.budget_percent", "must be between 0 and 100"));
+        }
+        if r.min_concurrency > 1_000_000 {
+            return Err(err("route.retry.min_concurrency", "at most 1000000"));
+        }
+        if r.backoff_max < r.backoff_base || r.backoff_max.0 > 60_000 {
+            return Err(err("route.retry.backoff_max", "must be between backoff_base and 60s"));
         }
         if !raw.clusters.contains_key(&raw.route.cluster) {
             return Err(err("route.cluster", format!("no cluster named `{}` in `clusters`", raw.route.cluster)));

@@ -21,6 +21,7 @@ pub mod http_call;
 pub mod line_ends;
 pub mod properties;
 pub mod proxy;
+pub mod retry_budget;
 pub mod shared_data;
 pub mod stats;
 pub mod stream_end;

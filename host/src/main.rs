@@ -118,6 +118,7 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
         stats: stats.clone(),
         clusters,
         connections: AtomicUsize::new(0),
+        retry_budget: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

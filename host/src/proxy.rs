@@ -23,6 +23,7 @@ use crate::conn_timer::ConnState;
 use crate::context::{LocalReply, Stream};
 use crate::driver::VmSlot;
 use crate::forward::{self, Peer, Upstreams};
+use crate::retry_budget;
 use crate::stats::Metric;
 use crate::stream_end::StreamGuard;
 use crate::upstream::{Pool, Sender, UpstreamBody};
@@ -32,6 +33,8 @@ pub struct ProxyStats {
     pub downstream_rq_total: MetricRef,
     pub upstream_rq_total: MetricRef,
     pub upstream_rq_retry: MetricRef,
+    /// Retries the budget refused (Envoy's name).
+    pub upstream_rq_retry_overflow: MetricRef,
     pub upstream_cx_connect_fail: MetricRef,
     pub upstream_rq_timeout: MetricRef,
     pub upstream_rq_5xx: MetricRef,
@@ -48,6 +51,9 @@ pub struct Worker {
     pub filters: Vec<Rc<VmSlot>>,
     pub pool: Rc<Pool>,
     pub route: RouteConfig,
+    pub retry_budget: std::sync::Arc<crate::retry_budget::RetryBudget>,
+    /// For the retries' jitter.
+    pub rng: Cell<fastrand::Rng>,
     /// The route cluster's static members, used round robin when no filter names a host.
     pub fallback: Vec<SocketAddr>,
     pub next_fallback: Cell<usize>,
@@ -722,9 +728,24 @@ async fn send(
     let repeatable = bodyless && matches!(*head.method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body = Some(body);
     let mut flags = 0;
+    let budget = &w.retry_budget;
+    let _request = budget.request();
+    let mut _retry = None;
     'hosts: for (attempt, addr) in upstreams.enumerate() {
         if attempt > 0 {
+            // within the budget, after a jittered wait
+            let Some(held) = budget.retry(&w.route.retry) else {
+                w.stats.upstream_rq_retry_overflow.inc();
+                break 'hosts;
+            };
+            _retry = Some(held);
             w.stats.upstream_rq_retry.inc();
+            let mut rng = w.rng.take();
+            let wait = retry_budget::backoff(attempt as u32, rng.f64(), &w.route.retry);
+            w.rng.set(rng);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         tried.set(Some(addr));
         let mut pooled = w.pool.checkout(addr);

@@ -38,6 +38,8 @@ pub struct Shared {
     pub clusters: Arc<BTreeMap<String, ClusterConfig>>,
     /// Open client connections, all workers together (for `max_connections`).
     pub connections: AtomicUsize,
+    /// Requests and retries in flight, all workers together.
+    pub retry_budget: Arc<crate::retry_budget::RetryBudget>,
 }
 
 /// Runs futures that need not be `Send` on the current thread (hyper's HTTP/2 streams).
@@ -250,6 +252,8 @@ async fn run_worker(
             Duration::from_millis(route_cluster.connect_timeout.0),
         )),
         route: config.route.clone(),
+        retry_budget: shared.retry_budget.clone(),
+        rng: Cell::new(fastrand::Rng::with_seed(index as u64 ^ 0x5eed)),
         fallback: route_cluster.endpoints.clone(),
         next_fallback: Cell::new(index),
         local,
@@ -257,6 +261,7 @@ async fn run_worker(
             downstream_rq_total: counter("http.ingress.downstream_rq_total"),
             upstream_rq_total: counter(&format!("cluster.{cluster}.upstream_rq_total")),
             upstream_rq_retry: counter(&format!("cluster.{cluster}.upstream_rq_retry")),
+            upstream_rq_retry_overflow: counter(&format!("cluster.{cluster}.upstream_rq_retry_overflow")),
             upstream_cx_connect_fail: counter(&format!("cluster.{cluster}.upstream_cx_connect_fail")),
             upstream_rq_timeout: counter(&format!("cluster.{cluster}.upstream_rq_timeout")),
             upstream_rq_5xx: counter(&format!("cluster.{cluster}.upstream_rq_5xx")),

@@ -174,6 +174,38 @@ async fn a_dead_host_moves_the_request_to_the_next_listed_one() {
     assert!(r.text().await.unwrap().starts_with("upstream connect error"));
 }
 
+/// The retry budget (Envoy's `retry_budget`): with no room for retries, a dead first host fails the request and counts
+/// a retry overflow; a retry waits a jittered backoff first.
+#[tokio::test]
+async fn retries_stay_within_their_budget_and_wait_a_jittered_backoff() {
+    let live = Backend::start("av-1").await.unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let upstreams = format!("{dead},{}", live.addr);
+    let with_retry =
+        |retry: &str| config(&upstreams, "").replace("retries: 2}", &format!("retries: 2, retry: {{{retry}}}}}"));
+    let client = reqwest::Client::new();
+
+    // the probe lists the dead host first on every other request
+    let host = Host::start_with(&with_retry("budget_percent: 0, min_concurrency: 0"), 1).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(client.get(url(&host, "/")).send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 5, "no budget: no retry: {statuses:?}");
+    assert_eq!(stat(&host, "cluster.backend.upstream_rq_retry_overflow").await, Some(5));
+    assert_eq!(stat(&host, "cluster.backend.upstream_rq_retry").await.unwrap_or(0), 0);
+
+    // each retry waits uniformly below 200 ms: 30 of them wait about 3 s together (below 1 s: about one chance in
+    // 10^10)
+    let host = Host::start_with(&with_retry("backoff_base: 200ms, backoff_max: 200ms"), 1).await.unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        assert_eq!(client.get(url(&host, "/")).send().await.unwrap().status(), 200);
+    }
+    assert!(started.elapsed() > std::time::Duration::from_secs(1), "retries waited: {:?}", started.elapsed());
+    assert_eq!(stat(&host, "cluster.backend.upstream_rq_retry").await, Some(30));
+}
+
 /// A backend that answers the first request of each connection and closes the connection when a second one arrives,
 /// as a server whose keep-alive timeout just expired does.
 async fn one_request_per_connection_backend() -> std::net::SocketAddr {
