@@ -43,7 +43,7 @@ mod tests {
     use super::*;
 
     fn endpoint(id: &str, address: &str, weight: u32, state: EndpointState) -> Endpoint {
-        Endpoint { id: id.into(), address: address.into(), weight, state, zone: String::new() }
+        Endpoint { id: id.into(), address: address.into(), weight, state, zone: String::new(), tags: Vec::new() }
     }
 
     #[test]

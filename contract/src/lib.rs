@@ -1,6 +1,6 @@
 //! The contracts between the project's parts, typed once for every side: the endpoint table the supervisor serves
 //! and the filter takes ([`table`]), Envoy's EDS answer made from the same endpoints ([`eds`]), the reports the filter
-//! sends back ([`report`]), the balancing policy both sides parse the same way ([`policy`]), the header through which
+//! sends back ([`report`]), the balancing policy both sides parse the same way ([`policy`], its request-aware [`route`]s), the header through which
 //! the filter names the upstream, the proxy-wasm header-map encoding the filter and the bundled proxy exchange
 //! ([`pairs`]); and what every configuration shares ([`keyed`]: durations, the keyed deserializer; [`field_error`]: one
 //! error naming the key). No proxy-wasm dependency: it builds for `wasm32-wasip1` (the filter) and natively (the
@@ -12,6 +12,7 @@ pub mod keyed;
 pub mod pairs;
 pub mod policy;
 pub mod report;
+pub mod route;
 pub mod table;
 
 pub use field_error::FieldError;

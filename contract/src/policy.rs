@@ -11,8 +11,9 @@ use crate::field_error::FieldError;
 use crate::keyed::{Millis, deserialize_keyed};
 
 /// The top-level keys of a policy, in the order the documentation lists them.
-pub const POLICY_KEYS: [&str; 8] = [
+pub const POLICY_KEYS: [&str; 9] = [
     "algorithm",
+    "routes",
     "consistent_hash",
     "sticky_sessions",
     "rate_limiting",
@@ -347,6 +348,8 @@ impl Default for ObservationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub algorithm: Algorithm,
+    /// Request-aware routes, first match wins ([`crate::route`]).
+    pub routes: Vec<crate::route::Route>,
     pub consistent_hash: ConsistentHashConfig,
     pub sticky_sessions: StickyConfig,
     pub rate_limiting: RateLimitConfig,
@@ -373,6 +376,7 @@ impl Policy {
 
     /// The limits of each key, beyond what its type says.
     pub fn validate(&self) -> Result<(), FieldError> {
+        crate::route::validate(&self.routes)?;
         let ch = &self.consistent_hash;
         if !(1.0..=10.0).contains(&ch.load_factor) {
             return Err(err("consistent_hash.load_factor", "must be between 1.0 and 10.0"));

@@ -44,6 +44,9 @@ pub struct Endpoint {
     pub state: EndpointState,
     #[serde(default)]
     pub zone: String,
+    /// The instance's tags: the routes' pools select on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// The weight of an endpoint that names none.
@@ -176,6 +179,11 @@ impl Table {
             }
             if !addresses.insert(e.address.as_str()) {
                 return Err(format!("endpoints[{i}].address: `{}` appears twice", e.address));
+            }
+            if e.tags.len() > 16
+                || e.tags.iter().any(|t| t.is_empty() || t.len() > 64 || !t.bytes().all(crate::is_id_byte))
+            {
+                return Err(format!("endpoints[{i}].tags: at most 16, each 1 to 64 of [A-Za-z0-9._-]"));
             }
             if !e.zone.is_empty() && !crate::policy::valid_zone(&e.zone) {
                 return Err(format!("endpoints[{i}].zone: `{}` must be 1 to 64 of [A-Za-z0-9._-]", e.zone));

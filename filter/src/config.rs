@@ -79,6 +79,8 @@ pub struct StaticEndpoint {
     pub weight: u32,
     #[serde(default)]
     pub zone: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// The whole validated configuration: the service, its balancing policy (the keys the supervisor may override at
@@ -133,6 +135,7 @@ impl Config {
                     weight: e.weight,
                     state: EndpointState::Healthy,
                     zone: e.zone.clone(),
+                    tags: e.tags.clone(),
                 })
                 .collect(),
             policy: None,
@@ -232,6 +235,9 @@ impl Config {
                 .map_err(|e| e.within(&format!("endpoints[{i}]")))?;
             if !e.zone.is_empty() && !valid_zone(&e.zone) {
                 return Err(err(&format!("endpoints[{i}].zone"), "must be 1 to 64 of [A-Za-z0-9._-]"));
+            }
+            if e.tags.len() > 16 || e.tags.iter().any(|t| t.is_empty() || t.len() > 64 || !t.bytes().all(is_id_byte)) {
+                return Err(err(&format!("endpoints[{i}].tags"), "at most 16, each 1 to 64 of [A-Za-z0-9._-]"));
             }
         }
         if let Some(zone) = &self.zone

@@ -12,6 +12,7 @@
 //! | [`worker`] | a worker's state and the order of a request's decisions |
 //! | [`request`] | what the filter reads of a request: client address, hash and rate-limit keys |
 //! | [`selector`] | the policy's algorithm over a snapshot, with the state it keeps |
+//! | [`routing`] | request-aware routes: which route a request takes, its pool and its policy |
 //! | [`inflight`] | in-flight counts per endpoint, exact across workers when balanced on |
 //! | [`poller`] | table fetch, publication to all workers, reports |
 //! | [`balancer`] | smooth WRR, power of two choices, peak EWMA, consistent hashing with bounded load, random |
@@ -39,6 +40,7 @@ pub mod poller;
 pub mod ratelimit;
 pub mod report;
 pub mod request;
+pub mod routing;
 pub mod sampling;
 pub mod selector;
 pub mod shared;

@@ -161,6 +161,7 @@ mod tests {
                 weight: *w,
                 state: EndpointState::Healthy,
                 zone: z.to_string(),
+                tags: Vec::new(),
             })
             .collect()
     }

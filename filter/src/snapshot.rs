@@ -2,6 +2,7 @@
 //! table rather than once per request (the id index, the cookie codec, the rate limits, shared-data keys, the endpoints that take new sessions).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::config::Policy;
 use crate::locality::{self, ZonePlan};
@@ -12,18 +13,21 @@ use crate::table::{Endpoint, EndpointState, Table};
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    pub table: Table,
-    /// The effective policy: the static one with the table's runtime policy merged in.
+    /// The table and what only depends on it, shared by the snapshots of its routes.
+    pub table: Rc<Table>,
+    pub by_id: Rc<HashMap<String, usize>>,
+    pub inflight_keys: Rc<[String]>,
+    pub aggregate_keys: Rc<[String]>,
+    /// The effective policy: the static one with the table's runtime policy merged in (a route's: with its overrides).
     pub policy: Policy,
-    pub by_id: HashMap<String, usize>,
     pub codec: Option<StickyCodec>,
     /// The table's key-hashing seed (see [`Table::seed`]).
     pub seed: u64,
     pub limits: Limits,
-    pub inflight_keys: Vec<String>,
-    pub aggregate_keys: Vec<String>,
-    /// The endpoints that take new sessions (healthy, weight above 0), in table order: the candidates of every
-    /// request while nothing is ejected.
+    /// The endpoints a route may use (its pool, see [`crate::routing`]); `None`: every endpoint.
+    pub pool: Option<Vec<bool>>,
+    /// The endpoints that take new sessions (healthy, weight above 0, in the pool), in table order: the candidates of
+    /// every request while nothing is ejected.
     pub new_session_candidates: Vec<usize>,
     /// The proxy's zone (from its configuration), if it has one.
     pub zone: Option<String>,
@@ -34,36 +38,56 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn build(table: Table, policy: Policy, zone: Option<&str>) -> Snapshot {
         let by_id = table.endpoints.iter().enumerate().map(|(i, e)| (e.id.clone(), i)).collect();
+        let inflight_keys = table.endpoints.iter().map(|e| keys::inflight(&e.id)).collect();
+        let aggregate_keys = table.endpoints.iter().map(|e| keys::aggregate(&e.id)).collect();
+        let shared = Snapshot {
+            table: Rc::new(table),
+            by_id: Rc::new(by_id),
+            inflight_keys,
+            aggregate_keys,
+            policy: Policy::default(),
+            codec: None,
+            seed: 0,
+            limits: Limits { requests_per_minute: 1, burst_size: 1, slots: 1 },
+            pool: None,
+            new_session_candidates: Vec::new(),
+            zone: zone.map(str::to_string),
+            zone_plan: None,
+        };
+        shared.with_policy(policy, None)
+    }
+
+    /// A snapshot of the same table with `policy`, over the endpoints of `pool` only (`None`: all).
+    pub fn with_policy(&self, policy: Policy, pool: Option<Vec<bool>>) -> Snapshot {
         let sticky = &policy.sticky_sessions;
         let codec =
             if sticky.enabled { sticky.secret.as_deref().and_then(|s| StickyCodec::new(s.as_bytes())) } else { None };
-        let seed = table.seed();
         let limits = Limits {
             requests_per_minute: policy.rate_limiting.requests_per_minute,
             burst_size: policy.rate_limiting.burst_size,
             slots: policy.rate_limiting.slots,
         };
-        let inflight_keys = table.endpoints.iter().map(|e| keys::inflight(&e.id)).collect();
-        let aggregate_keys = table.endpoints.iter().map(|e| keys::aggregate(&e.id)).collect();
-        let new_session_candidates = table
+        let in_pool = |i: usize| pool.as_ref().is_none_or(|p| p.get(i).copied().unwrap_or(false));
+        let new_session_candidates = self
+            .table
             .endpoints
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.state == EndpointState::Healthy && e.weight > 0)
+            .filter(|(i, e)| e.state == EndpointState::Healthy && e.weight > 0 && in_pool(*i))
             .map(|(i, _)| i)
             .collect();
-        let zone = zone.map(str::to_string);
         let mut snap = Snapshot {
-            new_session_candidates,
-            table,
+            table: self.table.clone(),
+            by_id: self.by_id.clone(),
+            inflight_keys: self.inflight_keys.clone(),
+            aggregate_keys: self.aggregate_keys.clone(),
+            seed: self.table.seed(),
             policy,
-            by_id,
             codec,
-            seed,
             limits,
-            inflight_keys,
-            aggregate_keys,
-            zone,
+            pool,
+            new_session_candidates,
+            zone: self.zone.clone(),
             zone_plan: None,
         };
         snap.zone_plan = snap.zone_plan_over(&snap.new_session_candidates);
@@ -89,9 +113,10 @@ impl Snapshot {
         self.table.endpoints.iter().map(|e| old.by_id.get(&e.id).copied()).collect()
     }
 
-    /// May keep its sticky sessions: healthy or draining.
+    /// May keep its sticky sessions: healthy or draining, and in the pool.
     pub fn keeps_sessions(&self, i: usize) -> bool {
         self.endpoint(i).is_some_and(|e| matches!(e.state, EndpointState::Healthy | EndpointState::Draining))
+            && self.pool.as_ref().is_none_or(|p| p.get(i).copied().unwrap_or(false))
     }
 }
 

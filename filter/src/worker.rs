@@ -19,12 +19,14 @@ use crate::outlier::{Breaker, Ejections, Outcome, Streak};
 use crate::ratelimit::{self, Decision};
 use crate::report::{Aggregate, GlobalStats};
 use crate::request::client_of;
+use crate::routing::{self, Routes};
 use crate::sampling::Sampler;
 use crate::selector::Selector;
 use crate::shared::{self, SharedStore, keys};
 use crate::snapshot::{Snapshot, remap};
 use crate::sticky;
 use crate::table::Table;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 pub use crate::request::RequestView;
@@ -66,6 +68,8 @@ pub struct Pending {
     weight: u32,
     /// The half-open endpoint this request is a trial for (its primary), by id.
     trial: Option<String>,
+    /// The route the request took (an index into the worker's routes).
+    route: Option<usize>,
 }
 
 impl Pending {
@@ -103,6 +107,11 @@ pub struct Worker {
     snap: Rc<Snapshot>,
     seq: u64,
     selector: Selector,
+    /// The policy's routes, and for each its snapshot (its pool, its policy) and its selector's state.
+    routes: Routes,
+    route_names: Vec<String>,
+    route_snaps: Vec<Rc<Snapshot>>,
+    route_selectors: Vec<Selector>,
     /// Indexed like `snap`'s endpoints.
     endpoints: Vec<EndpointLocal>,
     inflight: InFlight,
@@ -118,9 +127,13 @@ impl Worker {
     pub fn new(base: ParsedConfig, seed: u64) -> Worker {
         let zone = base.config.zone.as_deref();
         let snap = Rc::new(Snapshot::build(base.config.static_table(), base.config.policy.clone(), zone));
-        Worker {
+        let mut worker = Worker {
             base,
             selector: Selector::new(&snap),
+            routes: Routes::default(),
+            route_names: Vec::new(),
+            route_snaps: Vec::new(),
+            route_selectors: Vec::new(),
             endpoints: vec![EndpointLocal::default(); snap.endpoints().len()],
             snap,
             seq: 0,
@@ -130,7 +143,36 @@ impl Worker {
             sampler: Sampler::default(),
             ejections: None,
             logs: Vec::new(),
-        }
+        };
+        worker.build_routes(None);
+        worker
+    }
+
+    /// The routes' snapshots and selectors for the current snapshot; a route's selector state is carried over by name
+    /// (`mapping`: the endpoints' indices in the previous snapshot).
+    fn build_routes(&mut self, mapping: Option<&[Option<usize>]>) {
+        let service = &self.snap.policy;
+        self.routes = Routes::compile(&service.routes);
+        let mut old: HashMap<String, Selector> =
+            std::mem::take(&mut self.route_names).into_iter().zip(std::mem::take(&mut self.route_selectors)).collect();
+        self.route_snaps = service
+            .routes
+            .iter()
+            .map(|r| {
+                let pool = routing::pool(self.snap.endpoints(), &r.pool);
+                Rc::new(self.snap.with_policy(routing::policy(service, r), pool))
+            })
+            .collect();
+        self.route_names = service.routes.iter().map(|r| r.name.clone()).collect();
+        self.route_selectors = self
+            .route_names
+            .iter()
+            .zip(&self.route_snaps)
+            .map(|(name, snap)| match (old.remove(name), mapping) {
+                (Some(selector), Some(mapping)) => selector.rebuild(snap, mapping),
+                _ => Selector::new(snap),
+            })
+            .collect();
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -179,6 +221,7 @@ impl Worker {
             .collect();
         self.snap = snap;
         self.seq = seq;
+        self.build_routes(Some(&mapping));
     }
 
     /// Re-reads the shared ejections (parsing them again only when they changed).
@@ -202,8 +245,14 @@ impl Worker {
             // no table yet: look on every request until the first one arrives (afterwards the tick refreshes)
             self.refresh(store);
         }
-        if self.snap.policy.rate_limiting.enabled
-            && let Some(reply) = self.rate_limit(req, now_ms, store)
+        // the route, if the policy has routes: its snapshot holds its pool and its policy
+        let route = self.routes.pick(req);
+        let snap = match route.and_then(|r| self.route_snaps.get(r)) {
+            Some(route_snap) => route_snap.clone(),
+            None => self.snap.clone(),
+        };
+        if snap.policy.rate_limiting.enabled
+            && let Some(reply) = self.rate_limit(&snap, route, req, now_ms, store)
         {
             return Verdict::Reply(reply);
         }
@@ -211,11 +260,10 @@ impl Worker {
         // the common case (nothing ejected) borrows the snapshot's candidate list: no work per request
         let ejections = self.ejections.as_ref().map(|(_, e)| e).filter(|e| e.active(now_ms) > 0);
         let ejected: Vec<bool> = match ejections {
-            Some(ej) => self.snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect(),
+            Some(ej) => snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect(),
             None => Vec::new(),
         };
         let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
-        let snap = self.snap.clone();
         let mut candidates: std::borrow::Cow<'_, [usize]> = if ejected.is_empty() {
             std::borrow::Cow::Borrowed(&snap.new_session_candidates)
         } else {
@@ -226,29 +274,29 @@ impl Worker {
             candidates = std::borrow::Cow::Borrowed(&snap.new_session_candidates);
         }
 
-        let mut pending = Pending { start_ms: now_ms, snap: Some(self.snap.clone()), ..Pending::default() };
+        let mut pending = Pending { start_ms: now_ms, snap: Some(snap.clone()), route, ..Pending::default() };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         // a half-open endpoint due a trial gets this request first (the retries still go elsewhere)
         if !ejected.is_empty()
-            && let Some(i) = self.take_trial(store, now_ms)
+            && let Some(i) = self.take_trial(&snap, store, now_ms)
         {
-            pending.trial = self.snap.endpoint(i).map(|e| e.id.clone());
+            pending.trial = snap.endpoint(i).map(|e| e.id.clone());
             order.push(i);
         }
 
-        if let Some(codec) = &self.snap.codec
+        if let Some(codec) = &snap.codec
             && order.is_empty()
         {
-            let name = &self.snap.policy.sticky_sessions.cookie_name;
+            let name = &snap.policy.sticky_sessions.cookie_name;
             let pin = sticky::resolve(codec, req.header("cookie").as_deref(), name, now_ms / 1000);
             if pin.invalid {
                 self.stats.sticky_invalid += 1;
             }
             pending.pinned = pin.pinned;
             if let Some((id, _)) = &pending.pinned
-                && let Some(&i) = self.snap.by_id.get(id)
-                && self.snap.keeps_sessions(i)
+                && let Some(&i) = snap.by_id.get(id)
+                && snap.keeps_sessions(i)
                 && !is_ejected(i)
             {
                 self.stats.sticky_hits += 1;
@@ -256,6 +304,10 @@ impl Worker {
             }
         }
 
+        let selector = match route.and_then(|r| self.route_selectors.get_mut(r)) {
+            Some(selector) => selector,
+            None => &mut self.selector,
+        };
         if order.is_empty() {
             // locality: the zone this request balances in (the plan is the snapshot's while nothing is ejected)
             let replanned;
@@ -266,11 +318,11 @@ impl Worker {
                 replanned.as_ref()
             };
             let in_zone = match plan {
-                Some(plan) => plan.candidates(self.selector.zone_draw(&snap, req, &mut self.rng)),
+                Some(plan) => plan.candidates(selector.zone_draw(&snap, req, &mut self.rng)),
                 None => &candidates[..],
             };
             let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
-            order = self.selector.pick(&snap, req, in_zone, inflight, now_ms, &mut self.rng);
+            order = selector.pick(&snap, req, in_zone, inflight, now_ms, &mut self.rng);
             // one retry in the same zone, then one outside it: a zone that fails as a whole costs no request
             if plan.is_some() {
                 fill_retries(&mut order, in_zone, MAX_UPSTREAMS - 1);
@@ -282,13 +334,17 @@ impl Worker {
 
         if order.is_empty() {
             self.stats.no_upstream += 1;
+            // a route's pool is not to be left for whatever the proxy would pick instead
+            if snap.pool.is_some() {
+                return Verdict::Reply(no_endpoint_reply(route.and_then(|r| self.route_names.get(r))));
+            }
         }
         // the concurrency limit: the first listed endpoint with room holds the request, the full ones before it are
         // passed over; none with room: 503
-        let limit = self.snap.policy.circuit_breaker.max_requests_per_endpoint;
+        let limit = snap.policy.circuit_breaker.max_requests_per_endpoint;
         if limit > 0 && !order.is_empty() {
             let room = order.iter().enumerate().find_map(|(k, &i)| {
-                let id = self.snap.endpoint(i)?.id.as_str();
+                let id = snap.endpoint(i)?.id.as_str();
                 self.inflight.acquire_below(store, i, id, limit).map(|held| (k, held))
             });
             match room {
@@ -307,7 +363,7 @@ impl Worker {
         }
         let mut header = String::with_capacity(order.len() * 22);
         for &i in &order {
-            if let Some(e) = self.snap.endpoint(i) {
+            if let Some(e) = snap.endpoint(i) {
                 if !header.is_empty() {
                     header.push(',');
                 }
@@ -322,28 +378,37 @@ impl Worker {
             self.acquire_inflight(&mut pending, primary, store);
         }
         // sticky sessions read every response anyway (for the cookie), and a trial's outcome decides the breaker
-        pending.weight = if self.snap.codec.is_some() || pending.trial.is_some() {
+        pending.weight = if snap.codec.is_some() || pending.trial.is_some() {
             1
         } else {
-            self.sampler.sample(now_ms, self.snap.policy.observation.max_per_second, &mut self.rng)
+            self.sampler.sample(now_ms, snap.policy.observation.max_per_second, &mut self.rng)
         };
         Verdict::Forward(pending)
     }
 
+    /// Takes a token for the request; the reply if it is over its limit. A route with a limit of its own has its own
+    /// buckets.
     fn rate_limit<S: SharedStore + ?Sized>(
         &mut self,
+        snap: &Snapshot,
+        route: Option<usize>,
         req: &dyn RequestView,
         now_ms: u64,
         store: &S,
     ) -> Option<LocalReply> {
-        let hops = self.snap.policy.rate_limiting.xff_trusted_hops;
-        let by_header = match &self.snap.policy.rate_limiting.key {
+        let hops = snap.policy.rate_limiting.xff_trusted_hops;
+        let by_header = match &snap.policy.rate_limiting.key {
             KeySource::Header(name) => req.header(name).map(|v| format!("h:{v}")),
             _ => None,
         };
-        let key = by_header.unwrap_or_else(|| format!("a:{}", client_of(req, hops)));
-        let (decision, outcome) =
-            ratelimit::check(store, &self.snap.limits, hash_key(self.snap.seed, key.as_bytes()), now_ms);
+        let mut key = by_header.unwrap_or_else(|| format!("a:{}", client_of(req, hops)));
+        if let Some(r) = route
+            && self.snap.policy.routes.get(r).is_some_and(|r| r.rate_limiting.is_some())
+            && let Some(name) = self.route_names.get(r)
+        {
+            key = format!("r:{name}:{key}");
+        }
+        let (decision, outcome) = ratelimit::check(store, &snap.limits, hash_key(snap.seed, key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }
@@ -356,7 +421,7 @@ impl Worker {
                 self.stats.rate_limited += 1;
                 Some(LocalReply {
                     status: 429,
-                    headers: ratelimit::limited_headers(&self.snap.limits, retry_after_s),
+                    headers: ratelimit::limited_headers(&snap.limits, retry_after_s),
                     body: format!(
                         "{{\"error\":{{\"code\":\"rate_limited\",\"message\":\"too many requests\",\"retry_after_seconds\":{retry_after_s}}}}}"
                     ),
@@ -435,19 +500,17 @@ impl Worker {
 
     /// Takes a trial request for a half-open endpoint that is due one (shared: the trials are counted across
     /// workers). Its index in the current snapshot.
-    fn take_trial<S: SharedStore + ?Sized>(&mut self, store: &S, now_ms: u64) -> Option<usize> {
+    fn take_trial<S: SharedStore + ?Sized>(&mut self, snap: &Snapshot, store: &S, now_ms: u64) -> Option<usize> {
         let cfg = &self.snap.policy.passive_health;
         let (_, local) = self.ejections.as_ref()?;
         if !local.trial_due(cfg, now_ms) {
             return None;
         }
-        // only an endpoint the table still sends new requests to
-        let due = self.snap.new_session_candidates.iter().copied().find(|&i| {
-            self.snap
-                .endpoint(i)
-                .is_some_and(|e| local.breaker(&e.id, cfg, now_ms) == Breaker::HalfOpen { trial: true })
+        // only an endpoint the table still sends this request's new requests to (its route's pool)
+        let due = snap.new_session_candidates.iter().copied().find(|&i| {
+            snap.endpoint(i).is_some_and(|e| local.breaker(&e.id, cfg, now_ms) == Breaker::HalfOpen { trial: true })
         })?;
-        let id = self.snap.endpoint(due)?.id.clone();
+        let id = snap.endpoint(due)?.id.clone();
         let taken = shared::update_present(store, keys::EJECTIONS, |cur| {
             let mut ej = Ejections::decode(cur);
             let taken = ej.take_trial(&id, cfg, now_ms);
@@ -530,7 +593,8 @@ impl Worker {
     /// algorithm balances on it (see [`crate::inflight`]).
     fn acquire_inflight<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, i: usize, store: &S) {
         let Some(id) = p.id(i) else { return };
-        let policy = &self.snap.policy;
+        // the request's own policy (its route's)
+        let policy = p.snap.as_ref().map_or(&self.snap.policy, |s| &s.policy);
         let exact = policy.algorithm.balances_on_inflight() || policy.circuit_breaker.max_requests_per_endpoint > 0;
         p.inflight = self.inflight.acquire(store, i, id, exact);
     }
@@ -557,7 +621,13 @@ impl Worker {
         if let Some(e) = self.endpoints.get_mut(i) {
             e.aggregate.record(latency_ms.saturating_mul(1000), error, p.weight);
         }
-        self.selector.observe_latency(i, latency_ms, now_ms);
+        let route_selector = p.route.filter(|&r| {
+            self.route_snaps.get(r).zip(p.snap.as_ref()).is_some_and(|(current, used)| Rc::ptr_eq(current, used))
+        });
+        match route_selector.and_then(|r| self.route_selectors.get_mut(r)) {
+            Some(selector) => selector.observe_latency(i, latency_ms, now_ms),
+            None => self.selector.observe_latency(i, latency_ms, now_ms),
+        }
     }
 
     /// Merges this worker's counts into the shared aggregates (on the worker's tick). Counts that could not be merged
@@ -592,6 +662,18 @@ impl Worker {
                 self.stats = GlobalStats::default();
             }
         }
+    }
+}
+
+/// The answer when a route's pool has no endpoint to take the request.
+fn no_endpoint_reply(route: Option<&String>) -> LocalReply {
+    let route = route.map_or("", String::as_str);
+    LocalReply {
+        status: 503,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: format!(
+            r#"{{"error":{{"code":"no_endpoint","message":"no endpoint of route `{route}` can take the request"}}}}"#
+        ),
     }
 }
 

@@ -25,6 +25,7 @@ pub fn table(svc: &Service, hash_seed: Option<&str>) -> Table {
                 weight: i.spec.weight,
                 state: i.endpoint_state(),
                 zone: i.spec.zone.clone(),
+                tags: i.spec.tags.clone(),
             })
             .collect(),
         policy: Some(svc.policy.clone()),

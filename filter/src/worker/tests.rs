@@ -607,3 +607,80 @@ fn a_full_endpoint_passes_requests_to_the_next_and_all_full_is_503() {
     assert!(p.upstreams.starts_with("127.0.0.1:8002"), "{}", p.upstreams);
     assert_eq!(w.stats.overflowed, 1);
 }
+
+/// A worker over `s1`, `s2` (tag `search`, ports 8000-8001), `r1`, `r2` (tag `reco`, 8002-8003) and `o1` (no tag,
+/// 8004), with agente-vendedor's routes; `reco_state` for r1 and r2.
+fn routed(reco_state: &str) -> (Worker, MemoryStore) {
+    let parsed = Config::parse(br#"{"service":"av","supervisor":{}}"#).unwrap();
+    let store = MemoryStore::new();
+    let mut poller = Poller::new(parsed.clone()).unwrap();
+    let eps = [
+        ("s1", "search", "healthy"),
+        ("s2", "search", "healthy"),
+        ("r1", "reco", reco_state),
+        ("r2", "reco", reco_state),
+        ("o1", "", "healthy"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (id, tag, state))| {
+        let tags = if tag.is_empty() { String::new() } else { format!(r#","tags":["{tag}"]"#) };
+        format!(r#"{{"id":"{id}","address":"127.0.0.1:{}","state":"{state}"{tags}}}"#, 8000 + i)
+    })
+    .collect::<Vec<_>>()
+    .join(",");
+    let policy = r#"{"routes":[
+        {"name":"search","match":{"path":{"prefix":"/search"}},"pool":{"tags":["search"]},
+         "algorithm":"consistent_hash","consistent_hash":{"key":"query:q"}},
+        {"name":"recommend","match":{"path":{"prefix":"/recommend"}},"pool":{"tags":["reco"]},"algorithm":"least_connections"},
+        {"name":"writes","match":{"methods":["POST"]},"rate_limiting":{"requests_per_minute":60,"burst_size":2}}]}"#;
+    let body = format!(r#"{{"service":"av","version":1,"endpoints":[{eps}],"policy":{policy}}}"#);
+    let o = poller.on_answer(Answer::Response { status: 200, etag: None, body: body.as_bytes() }, 0, &store);
+    assert_eq!(o.error, None, "{o:?}");
+    (Worker::new(parsed, 7), store)
+}
+
+fn get(path: &str) -> Req {
+    Req::new().with(":path", path).with(":method", "GET")
+}
+
+#[test]
+fn routes_send_each_request_to_its_pool_with_its_algorithm() {
+    let (mut w, s) = routed("healthy");
+    let mut search = std::collections::HashSet::new();
+    for q in 0..50 {
+        let req = get(&format!("/search?q=item{q}"));
+        let first = run(&mut w, &s, &req, q).0;
+        assert!(first == "127.0.0.1:8000" || first == "127.0.0.1:8001", "{first}");
+        assert_eq!(run(&mut w, &s, &req, q + 100).0, first, "the same query, the same endpoint");
+        search.insert(first);
+        let listed = forward(&mut w, &s, &req, 0).upstreams;
+        assert!(listed.split(',').all(|u| u < "127.0.0.1:8002"), "retries stay in the pool: {listed}");
+    }
+    assert_eq!(search.len(), 2, "queries spread over the pool");
+    for t in 0..20 {
+        let up = run(&mut w, &s, &get("/recommend?user=1"), t).0;
+        assert!(up == "127.0.0.1:8002" || up == "127.0.0.1:8003", "{up}");
+    }
+    let mut any = std::collections::HashSet::new();
+    for t in 0..50 {
+        any.insert(run(&mut w, &s, &get("/other"), t).0);
+    }
+    assert_eq!(any.len(), 5, "no route: every endpoint");
+}
+
+#[test]
+fn a_route_limits_its_own_requests_and_an_empty_pool_answers_503() {
+    let (mut w, s) = routed("unhealthy");
+    let post = Req::new().with(":path", "/cart").with(":method", "POST");
+    let verdicts: Vec<bool> = (0..4).map(|t| matches!(w.on_request(&post, t, &s), Verdict::Forward(_))).collect();
+    assert_eq!(verdicts, [true, true, false, false], "burst of 2 for writes");
+    assert!(matches!(w.on_request(&get("/other"), 5, &s), Verdict::Forward(_)), "reads are not limited");
+    match w.on_request(&get("/recommend"), 6, &s) {
+        Verdict::Reply(r) => {
+            assert_eq!(r.status, 503);
+            assert!(r.body.contains("recommend"), "{}", r.body);
+        }
+        Verdict::Forward(p) => panic!("an empty pool forwarded to {}", p.upstreams),
+    }
+}
