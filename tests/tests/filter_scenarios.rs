@@ -606,6 +606,57 @@ async fn a_concurrency_limit_passes_over_full_endpoints_then_answers_503(kind: K
     }
 }
 
+/// Request-aware routes, with the shipped example policy (`proxy-config/agente-vendedor-routes.json`) and a write
+/// limit of 3: `/search` hashed on the query to the `search` pool (av-1, av-2), `/recommend` by least connections to
+/// the `reco` pool (av-3, av-4), writes limited harder than reads, anything else to every endpoint.
+async fn routes_send_each_request_to_its_pool(kind: Kind) {
+    let text = std::fs::read_to_string(equilibrio_tests::repo_root().join("proxy-config/agente-vendedor-routes.json"))
+        .unwrap();
+    let mut policy: Value = serde_json::from_str(&text).unwrap();
+    policy["routes"][2]["rate_limiting"] = json!({"requests_per_minute": 60, "burst_size": 3});
+    let s = setup(kind, &[100; 4], Value::Null, json!({}), "500ms").await;
+    let eps: Vec<Value> = s
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut e = endpoint(&b.id, b.addr, 100, "healthy");
+            e["tags"] = json!([if i < 2 { "search" } else { "reco" }]);
+            e
+        })
+        .collect();
+    s.table.update(Some(eps), Some(policy));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.proxy.stat("wasmcustom.equilibrio_table_version").await != Some(2) {
+        assert!(Instant::now() < deadline, "table 2 not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // EDS and the workers' tick
+
+    let mut search = std::collections::BTreeMap::new();
+    for q in 0..40 {
+        let url = s.proxy.url(&format!("/search?q=item{q}"));
+        let first = s.client.get(&url).send().await.unwrap().text().await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(s.client.get(&url).send().await.unwrap().text().await.unwrap(), first, "q=item{q}");
+        }
+        *search.entry(first).or_insert(0) += 1;
+    }
+    assert!(search.keys().all(|b| b == "av-1" || b == "av-2") && search.len() == 2, "search pool: {search:?}");
+    let reco = by_body(&load(&s.client, &s.proxy.url("/recommend?user=7"), 200, 8).await);
+    assert!(reco.keys().all(|b| b == "av-3" || b == "av-4") && reco.len() == 2, "reco pool: {reco:?}");
+    let other = by_body(&load(&s.client, &s.proxy.url("/home"), 400, 8).await);
+    assert_eq!(other.len(), 4, "no route: every endpoint: {other:?}");
+
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(s.client.post(s.proxy.url("/cart")).body("x").send().await.unwrap().status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "writes are limited (burst 3)");
+    let reads = load(&s.client, &s.proxy.url("/home"), 20, 1).await;
+    assert!(reads.iter().all(|(st, _)| *st == 200), "reads are not");
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -641,4 +692,5 @@ on_both_proxies!(
     zones_keep_traffic_local_and_spill_by_the_formula,
     a_breaker_ejects_by_success_rate_and_lets_only_trials_through,
     a_concurrency_limit_passes_over_full_endpoints_then_answers_503,
+    routes_send_each_request_to_its_pool,
 );
