@@ -1,7 +1,7 @@
 //! A real HTTP backend: answers every request with its id (body and `x-backend` header), counts requests, and can be
 //! killed like a crashed process (listener and every open connection closed at once). `/echo-headers` answers with
 //! the request headers it received (JSON); `/slow?ms=N` answers after N milliseconds. [`Backend::fail_every`] makes it
-//! answer 503 on every n-th request.
+//! answer 503 on every n-th request, [`Backend::delay`] answer every request after a delay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ struct Shared {
     id: String,
     hits: Arc<AtomicUsize>,
     fail_every: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicUsize>,
 }
 
 pub struct Backend {
@@ -28,11 +29,16 @@ pub struct Backend {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     fail_every: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 async fn answer(State(s): State<Shared>, uri: Uri, headers: HeaderMap) -> axum::response::Response {
     let hit = s.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay as u64)).await;
+    }
     let every = s.fail_every.load(Ordering::SeqCst);
     if every > 0 && hit % every == 0 {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, [("x-backend", s.id.clone())], "failing").into_response();
@@ -64,7 +70,13 @@ impl Backend {
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicUsize::new(0));
         let fail_every = Arc::new(AtomicUsize::new(0));
-        let state = Shared { id: id.to_string(), hits: hits.clone(), fail_every: fail_every.clone() };
+        let delay_ms = Arc::new(AtomicUsize::new(0));
+        let state = Shared {
+            id: id.to_string(),
+            hits: hits.clone(),
+            fail_every: fail_every.clone(),
+            delay_ms: delay_ms.clone(),
+        };
         let app = Router::new().fallback(answer).with_state(state);
         let task = tokio::spawn(async move {
             // connections live in this set, so aborting the task closes them all, as a crash would
@@ -82,7 +94,7 @@ impl Backend {
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ok(Backend { id: id.to_string(), addr, hits, fail_every, task })
+        Ok(Backend { id: id.to_string(), addr, hits, fail_every, delay_ms, task })
     }
 
     pub fn hits(&self) -> usize {
@@ -92,6 +104,11 @@ impl Backend {
     /// Answers 503 on every `n`-th request from now on (1: every request; 0: none).
     pub fn fail_every(&self, n: usize) {
         self.fail_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers every request `ms` milliseconds late from now on (0: at once).
+    pub fn delay(&self, ms: usize) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Closes the listener and every connection.

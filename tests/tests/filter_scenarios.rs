@@ -657,6 +657,95 @@ async fn routes_send_each_request_to_its_pool(kind: Kind) {
     assert!(reads.iter().all(|(st, _)| *st == 200), "reads are not");
 }
 
+/// `round_robin` ignores weights: 1, 2, 3 get a third each.
+async fn round_robin_ignores_weights(kind: Kind) {
+    let s = setup(kind, &[1, 2, 3], json!({"algorithm": "round_robin"}), json!({}), "500ms").await;
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 3000, 32).await);
+    for b in &s.backends {
+        let got = share(&counts, &b.id, 3000);
+        assert!((got - 1.0 / 3.0).abs() <= 0.03, "{} got {got:.3}: {counts:?}", b.id);
+    }
+}
+
+/// `random` (weighted) spreads equal weights evenly in expectation.
+async fn random_spreads_by_weight(kind: Kind) {
+    let s = setup(kind, &[100, 100, 200], json!({"algorithm": "random"}), json!({}), "500ms").await;
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 4000, 16).await);
+    for (b, want) in s.backends.iter().zip([0.25, 0.25, 0.5]) {
+        let got = share(&counts, &b.id, 4000);
+        assert!((got - want).abs() <= 0.05, "{} got {got:.3}, want {want}: {counts:?}", b.id);
+    }
+}
+
+/// The algorithms that look at load send less to a slow endpoint (av-3 answers 40 ms late, the others at once).
+async fn a_slow_endpoint_gets_less(kind: Kind, algorithm: &str) {
+    let s = setup(kind, &[100, 100, 100], json!({"algorithm": algorithm}), json!({}), "500ms").await;
+    s.backends[2].delay(40);
+    // warm up (response_time learns latencies), then measure
+    load(&s.client, &s.proxy.url("/"), 300, 12).await;
+    let counts = by_body(&load(&s.client, &s.proxy.url("/"), 1500, 12).await);
+    let slow = share(&counts, "av-3", 1500);
+    assert!(slow < 0.15, "{algorithm}: the slow endpoint got {slow:.3} (a third without load awareness): {counts:?}");
+}
+
+async fn least_connections_sends_less_to_a_slow_endpoint(kind: Kind) {
+    a_slow_endpoint_gets_less(kind, "least_connections").await;
+}
+
+async fn response_time_sends_less_to_a_slow_endpoint(kind: Kind) {
+    a_slow_endpoint_gets_less(kind, "response_time").await;
+}
+
+/// `ip_hash` keeps a client on one endpoint; different clients spread. Clients are told apart by the
+/// X-Forwarded-For entry one hop in front of the proxy (`xff_trusted_hops: 1`).
+async fn ip_hash_keeps_a_client_on_one_endpoint(kind: Kind) {
+    let policy = json!({"algorithm": "ip_hash", "rate_limiting": {"xff_trusted_hops": 1}});
+    let s = setup(kind, &[100, 100, 100], policy, json!({}), "500ms").await;
+    let mut used = std::collections::BTreeSet::new();
+    for c in 0..30 {
+        let client_ip = format!("203.0.113.{c}");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let r = s.client.get(s.proxy.url("/")).header("x-forwarded-for", &client_ip).send().await.unwrap();
+            seen.insert(r.text().await.unwrap());
+        }
+        assert_eq!(seen.len(), 1, "{client_ip} moved: {seen:?}");
+        used.extend(seen);
+    }
+    assert_eq!(used.len(), 3, "clients spread: {used:?}");
+}
+
+/// `consistent_hash` keeps a key on its endpoint; removing one of four endpoints moves only that endpoint's keys,
+/// about a quarter.
+async fn consistent_hash_keeps_keys_and_a_removal_moves_about_one_in_n(kind: Kind) {
+    let policy = json!({"algorithm": "consistent_hash", "consistent_hash": {"key": "header:x-user"}});
+    let s = setup(kind, &[100; 4], policy, json!({}), "500ms").await;
+    let placement = |s: &Setup| {
+        let (client, url) = (s.client.clone(), s.proxy.url("/"));
+        async move {
+            let mut at = Vec::new();
+            for u in 0..200 {
+                let r = client.get(&url).header("x-user", format!("user-{u}")).send().await.unwrap();
+                at.push(r.text().await.unwrap());
+            }
+            at
+        }
+    };
+    let before = placement(&s).await;
+    assert_eq!(placement(&s).await, before, "the same key, the same endpoint");
+    let removed = "av-4";
+    let eps: Vec<Value> =
+        s.backends.iter().filter(|b| b.id != removed).map(|b| endpoint(&b.id, b.addr, 100, "healthy")).collect();
+    publish(&s, eps, 2).await;
+    let after = placement(&s).await;
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    for (k, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(b == a || b == removed, "user-{k} moved from {b} to {a}, though {b} stayed");
+    }
+    let share_moved = moved as f64 / 200.0;
+    assert!((0.12..=0.40).contains(&share_moved), "{moved} of 200 keys moved (about 1/4 expected)");
+}
+
 /// Each scenario, once per proxy: `envoy::<name>` and `host::<name>`.
 macro_rules! on_both_proxies {
     ($($name:ident),* $(,)?) => {
@@ -693,4 +782,10 @@ on_both_proxies!(
     a_breaker_ejects_by_success_rate_and_lets_only_trials_through,
     a_concurrency_limit_passes_over_full_endpoints_then_answers_503,
     routes_send_each_request_to_its_pool,
+    round_robin_ignores_weights,
+    random_spreads_by_weight,
+    least_connections_sends_less_to_a_slow_endpoint,
+    response_time_sends_less_to_a_slow_endpoint,
+    ip_hash_keeps_a_client_on_one_endpoint,
+    consistent_hash_keeps_keys_and_a_removal_moves_about_one_in_n,
 );
