@@ -8,7 +8,7 @@
 #   bench_init NAME [host]        # setup, release builds (the bundled proxy only with `host`), an empty target/NAME
 #   bench_start_backends          # 3 nginx backends on core 1
 #   bench_start_table_stub        # the endpoint table (and EDS) for the filter's proxies, on core 1
-#   bench_start_proxy PROXY       # nginx_rr native minimal filter sticky host (see case_proxy for the cases)
+#   bench_start_proxy PROXY       # nginx_rr native minimal filter sticky host host_routes (see case_proxy)
 #   bench_rounds CASE...          # a warm-up of each, then ROUNDS interleaved rounds: target/NAME/<case>.<round>.wrk|cpu
 #   bench_rounds_json CASE...     # those rounds as JSON (scripts/lib/results.py wrk)
 #   bench_save NAME RESULTS.json [name=value...]   # bench/results/NAME-<UTC timestamp>.json (or $BENCH_RESULTS_DIR)
@@ -32,13 +32,14 @@ declare -A proxy_pid=()
 # the proxy each case measures (direct has none)
 declare -A case_proxy=(
   [nginx_rr]=nginx_rr [native]=native [minimal]=minimal [filter]=filter [sticky_new]=sticky [sticky_cookie]=sticky
-  [host_filter]=host [host_base]=host_base
+  [host_filter]=host [host_base]=host_base [host_routes]=host_routes
 )
 declare -A url=(
   [direct]=http://127.0.0.1:18081/
   [nginx_rr]=http://127.0.0.1:18170/
   [host_filter]=http://127.0.0.1:18160/
   [host_base]=http://127.0.0.1:18162/
+  [host_routes]=http://127.0.0.1:18164/
   [native]=http://127.0.0.1:18100/
   [minimal]=http://127.0.0.1:18140/
   [filter]=http://127.0.0.1:18110/
@@ -50,6 +51,7 @@ declare -A label=(
   [nginx_rr]="nginx round robin (1 worker, upstream keep-alive)"
   [host_filter]="equilibrio-host + filter, weighted round robin"
   [host_base]="equilibrio-host + filter, weighted round robin: the BENCH_HOST_BASE build"
+  [host_routes]="equilibrio-host + filter, weighted round robin, 3 routes checked (none matches)"
   [native]="Envoy native round robin (STATIC)"
   [minimal]="Envoy + floor wasm filter (reference: one callback per request, round robin into the header)"
   [filter]="Envoy + filter, weighted round robin"
@@ -266,6 +268,17 @@ NGINX
       pids+=($!)
       proxy_pid[host]=$!
       wait_http http://127.0.0.1:18161/ready
+      ;;
+    host_routes)
+      # the agente-vendedor example's three routes: a GET / is checked against all three (path, method) and matches none
+      local routes
+      routes=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["routes"]))' \
+        "$repo/proxy-config/agente-vendedor-routes.json")
+      render_host 18164 18165 "{\"service\":\"agente-vendedor\",$SUP,\"routes\":$routes}" "$work/host-routes.yaml"
+      taskset -c 0 "$HOST" -c "$work/host-routes.yaml" --concurrency 1 -l warn >"$work/host-routes.log" 2>&1 &
+      pids+=($!)
+      proxy_pid[host_routes]=$!
+      wait_http http://127.0.0.1:18165/ready
       ;;
     host_base)
       # another build of the bundled proxy (BENCH_HOST_BASE), measured in the same interleaved rounds: an A/B of a change

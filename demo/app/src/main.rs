@@ -3,16 +3,21 @@
 //!
 //! * `GET /health`: 200 `ok` (503 once SIGTERM arrived, while it finishes its requests).
 //! * `GET /search?q=...&cost_ms=N&delay_ms=M`: burns N ms of CPU (default `CPU_COST_MS`, 5), waits M ms more without
-//!   using CPU (default `DELAY_MS`, 0: a slow dependency), and answers JSON naming the instance.
+//!   using CPU (default `DELAY_MS`, 0: a slow dependency), and answers JSON naming the instance. Results are kept in
+//!   a bounded LRU cache by query (`CACHE_ENTRIES`, 1000; 0: none): a query found there costs no CPU. `x-cache: hit` or
+//!   `miss` says which.
 //! * `GET /whoami`: the instance id.
+//! * `GET /metrics`: the cache's hits, misses and entries (Prometheus text).
 //!
 //! Environment: `PORT` (8080), `INSTANCE_ID` (default: the hostname, which Docker sets to the container id),
-//! `CPU_COST_MS` (5), `DELAY_MS` (0), `BALLAST_MB` (0: memory held, and touched, for the life of the process; a cache
-//! that has filled up, for memory-driven scaling). On SIGTERM it stops accepting, finishes in-flight requests (up to 10 s) and exits.
+//! `CPU_COST_MS` (5), `DELAY_MS` (0), `CACHE_ENTRIES` (1000), `BALLAST_MB` (0: memory held, and touched, for the life
+//! of the process; a cache that has filled up, for memory-driven scaling). On SIGTERM it stops accepting, finishes
+//! in-flight requests (up to 10 s) and exits.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -28,6 +33,27 @@ struct State {
     default_delay_ms: u64,
     stopping: AtomicBool,
     in_flight: AtomicUsize,
+    /// Search results by query (the seed they are made from); `None`: no cache.
+    cache: Option<Mutex<lru::LruCache<String, u64>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl State {
+    fn cached(&self, q: &str) -> Option<u64> {
+        let mut cache = self.cache.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(q).copied()
+    }
+
+    fn keep(&self, q: String, seed: u64) {
+        if let Some(cache) = &self.cache {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).put(q, seed);
+        }
+    }
+
+    fn entries(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.lock().unwrap_or_else(|p| p.into_inner()).len())
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -85,7 +111,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(state.default_delay_ms)
                 .min(60_000);
-            let seed = tokio::task::spawn_blocking(move || burn(cost)).await.unwrap_or(0);
+            let (seed, hit) = match state.cached(&q) {
+                Some(seed) => {
+                    state.hits.fetch_add(1, Ordering::Relaxed);
+                    (seed, true)
+                }
+                None => {
+                    state.misses.fetch_add(1, Ordering::Relaxed);
+                    let seed = tokio::task::spawn_blocking(move || burn(cost)).await.unwrap_or(0);
+                    if !q.is_empty() {
+                        state.keep(q.clone(), seed);
+                    }
+                    (seed, false)
+                }
+            };
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
@@ -98,8 +137,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 seed % 1000,
                 (seed >> 10) % 1000
             );
-            text(StatusCode::OK, body, "application/json")
+            let mut r = text(StatusCode::OK, body, "application/json");
+            r.headers_mut()
+                .insert("x-cache", hyper::header::HeaderValue::from_static(if hit { "hit" } else { "miss" }));
+            r
         }
+        "/metrics" => text(
+            StatusCode::OK,
+            format!(
+                "# TYPE demo_cache_hits_total counter\ndemo_cache_hits_total {}\n\
+                 # TYPE demo_cache_misses_total counter\ndemo_cache_misses_total {}\n\
+                 # TYPE demo_cache_entries gauge\ndemo_cache_entries {}\n",
+                state.hits.load(Ordering::Relaxed),
+                state.misses.load(Ordering::Relaxed),
+                state.entries()
+            ),
+            "text/plain; version=0.0.4",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found".into(), "text/plain"),
     })
 }
@@ -117,6 +171,10 @@ async fn main() -> std::process::ExitCode {
         default_delay_ms: env_or("DELAY_MS", "0").parse().unwrap_or(0),
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        cache: NonZeroUsize::new(env_or("CACHE_ENTRIES", "1000").parse().unwrap_or(1000).min(10_000_000))
+            .map(|n| Mutex::new(lru::LruCache::new(n))),
+        hits: AtomicU64::new(0),
+        misses: AtomicU64::new(0),
     });
     // every page written, so that it counts as the container's memory
     let ballast_mb: usize = env_or("BALLAST_MB", "0").parse().unwrap_or(0).min(4096);
