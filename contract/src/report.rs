@@ -22,6 +22,9 @@ pub struct Report {
     pub rate_limited: u64,
     #[cfg_attr(feature = "schema", schema(max_items = 4096))]
     pub endpoints: Vec<EndpointReport>,
+    /// The zone the proxy runs in, if it has one (the supervisor counts proxies per zone for locality).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -68,6 +71,9 @@ impl Report {
         }
         if self.endpoints.len() > crate::table::MAX_ENDPOINTS {
             return err("endpoints".into(), "more endpoints than a table holds");
+        }
+        if self.zone.as_deref().is_some_and(|z| !crate::policy::valid_zone(z)) {
+            return err("zone".into(), "must be 1 to 64 of [A-Za-z0-9._-]");
         }
         if self.rate_limited > MAX_REQUESTS {
             return err("rate_limited".into(), "must be at most 1000000000");
@@ -116,6 +122,7 @@ mod tests {
                 in_flight: 0,
                 ejected: false,
             }],
+            zone: None,
         }
     }
 
@@ -127,6 +134,9 @@ mod tests {
         let mut r = report(1, 0);
         r.table_version = u64::MAX;
         assert_eq!(r.validate().unwrap_err().key, "table_version");
+        let mut r = report(1, 0);
+        r.zone = Some("eu west".into());
+        assert_eq!(r.validate().unwrap_err().key, "zone");
         let json = serde_json::to_string(&report(3, 1)).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report(3, 1), "the wire form round-trips");
     }

@@ -301,6 +301,7 @@ impl Poller {
         .unwrap_or_default();
         global.ejections += self.detect(&stats, store, now_ms);
         let report = Report {
+            zone: self.base.config.zone.clone(),
             service: self.base.config.service.clone(),
             proxy: self.sup.proxy_id.clone(),
             table_version: self.version.unwrap_or(0),

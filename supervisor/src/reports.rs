@@ -32,18 +32,48 @@ pub struct Traffic {
     pub requests_total: u64,
 }
 
+/// The most proxies remembered (by service, proxy id and zone), whatever reports claim: the oldest are forgotten.
+const MAX_PROXIES: usize = 10_000;
+
 pub struct Reports {
     window_ms: u64,
     samples: BTreeMap<(String, String), VecDeque<Sample>>,
     totals: BTreeMap<(String, String), u64>,
+    /// When each proxy in a zone last reported, by (service, zone, proxy id).
+    proxies: BTreeMap<(String, String, String), u64>,
 }
 
 impl Reports {
     pub fn new(window_ms: u64) -> Reports {
-        Reports { window_ms, samples: BTreeMap::new(), totals: BTreeMap::new() }
+        Reports { window_ms, samples: BTreeMap::new(), totals: BTreeMap::new(), proxies: BTreeMap::new() }
+    }
+
+    /// How many proxies of `service` reported from each zone within the window (zone-aware locality's traffic
+    /// shares; proxies without a zone are not counted).
+    pub fn proxy_zones(&self, service: &str, now_ms: u64) -> BTreeMap<String, u32> {
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        let mut out: BTreeMap<String, u32> = BTreeMap::new();
+        for ((s, zone, _), at) in &self.proxies {
+            if s == service && *at >= horizon {
+                *out.entry(zone.clone()).or_default() += 1;
+            }
+        }
+        out
     }
 
     pub fn record(&mut self, r: &Report, now_ms: u64) {
+        if let Some(zone) = &r.zone {
+            self.proxies.insert((r.service.clone(), zone.clone(), r.proxy.clone()), now_ms);
+            let horizon = now_ms.saturating_sub(self.window_ms);
+            self.proxies.retain(|_, at| *at >= horizon);
+            while self.proxies.len() > MAX_PROXIES {
+                let oldest = self.proxies.iter().min_by_key(|(_, at)| **at).map(|(k, _)| k.clone());
+                match oldest {
+                    Some(k) => self.proxies.remove(&k),
+                    None => break,
+                };
+            }
+        }
         for e in &r.endpoints {
             let key = (r.service.clone(), e.id.clone());
             let total = self.totals.entry(key.clone()).or_default();
@@ -142,7 +172,23 @@ mod tests {
                 in_flight,
                 ejected: false,
             }],
+            zone: None,
         }
+    }
+
+    #[test]
+    fn proxies_are_counted_per_zone_within_the_window() {
+        let mut r = Reports::new(10_000);
+        let zoned = |proxy: &str, zone: &str| Report { zone: Some(zone.into()), ..report(proxy, 1, 0) };
+        for (proxy, zone) in [("p1", "a"), ("p2", "a"), ("p3", "b"), ("p1", "a")] {
+            r.record(&zoned(proxy, zone), 1_000);
+        }
+        r.record(&report("p4", 1, 0), 1_000);
+        assert_eq!(r.proxy_zones("av", 1_000), BTreeMap::from([("a".into(), 2), ("b".into(), 1)]));
+        assert!(r.proxy_zones("other", 1_000).is_empty());
+        // p2 and p3 stop reporting
+        r.record(&zoned("p1", "a"), 10_500);
+        assert_eq!(r.proxy_zones("av", 12_000), BTreeMap::from([("a".into(), 1)]));
     }
 
     #[test]

@@ -8,11 +8,18 @@ use serde_json::Value;
 
 use equilibrio_contract::table::{Endpoint, Table};
 
+use std::collections::BTreeMap;
+
 use crate::registry::Service;
 
 /// The filter's table of `svc` (`GET /v1/services/{service}/endpoints`), typed by the contract. `hash_seed` is the
 /// deployment's secret seed for the service ([`crate::secret::Secret::hash_seed`]).
 pub fn table(svc: &Service, hash_seed: Option<&str>) -> Table {
+    with_zones(svc, hash_seed, Default::default())
+}
+
+/// [`table`] with the service's proxies per zone (from their reports), for zone-aware locality.
+pub fn with_zones(svc: &Service, hash_seed: Option<&str>, proxy_zones: BTreeMap<String, u32>) -> Table {
     Table {
         service: svc.name.clone(),
         version: svc.version,
@@ -29,18 +36,24 @@ pub fn table(svc: &Service, hash_seed: Option<&str>) -> Table {
             })
             .collect(),
         policy: Some(svc.policy.clone()),
-        proxy_zones: Default::default(),
+        proxy_zones,
         hash_seed: hash_seed.map(str::to_string),
     }
 }
 
 /// The table as JSON.
-pub fn endpoints(svc: &Service, hash_seed: Option<&str>) -> Value {
-    serde_json::to_value(table(svc, hash_seed)).unwrap_or(Value::Null)
+pub fn endpoints(svc: &Service, hash_seed: Option<&str>, proxy_zones: BTreeMap<String, u32>) -> Value {
+    serde_json::to_value(with_zones(svc, hash_seed, proxy_zones)).unwrap_or(Value::Null)
 }
 
-pub fn etag(svc: &Service) -> String {
-    format!("\"{}\"", svc.version)
+/// The table's `ETag`: its version, and the proxies per zone when there are any (they change the table too).
+pub fn etag(svc: &Service, proxy_zones: &BTreeMap<String, u32>) -> String {
+    if proxy_zones.is_empty() {
+        return format!("\"{}\"", svc.version);
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(proxy_zones, &mut h);
+    format!("\"{}-{:016x}\"", svc.version, std::hash::Hasher::finish(&h))
 }
 
 /// Envoy's REST EDS `DiscoveryResponse` for the `ClusterLoadAssignment` named `cluster` (the same name as the
@@ -68,7 +81,7 @@ mod tests {
         r.record_check("av", "a", true, 1.0, 6);
         let svc = r.service("av").unwrap();
         let seed = crate::secret::Secret::generate().unwrap().hash_seed("av");
-        let t = endpoints(svc, Some(&seed));
+        let t = endpoints(svc, Some(&seed), BTreeMap::new());
         assert_eq!(t["endpoints"][0]["state"], "healthy");
         assert_eq!(t["endpoints"][1]["state"], "unhealthy");
         let parsed = equilibrio_contract::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
@@ -79,6 +92,21 @@ mod tests {
         assert_eq!(eps[0]["health_status"], "HEALTHY");
         assert_eq!(eps[1]["health_status"], "UNHEALTHY");
         assert_eq!(eps[1]["load_balancing_weight"], 1, "EDS weights are at least 1");
+    }
+
+    #[test]
+    fn proxies_per_zone_go_into_the_table_and_its_etag() {
+        let c = Config::parse("services:\n  av:\n    instances: [{id: a, address: '127.0.0.1:1'}]\n", None).unwrap();
+        let r = Registry::from_config(&c.services, 5);
+        let svc = r.service("av").unwrap();
+        let none = BTreeMap::new();
+        let zones = BTreeMap::from([("a".to_string(), 2u32), ("b".to_string(), 1)]);
+        assert_eq!(etag(svc, &none), format!("\"{}\"", svc.version));
+        assert_ne!(etag(svc, &zones), etag(svc, &none));
+        assert_ne!(etag(svc, &zones), etag(svc, &BTreeMap::from([("a".to_string(), 1u32), ("b".to_string(), 1)])));
+        let t = endpoints(svc, None, zones.clone());
+        let parsed = equilibrio_contract::table::Table::parse(t.to_string().as_bytes(), "av", None, 1 << 20).unwrap();
+        assert_eq!(parsed.proxy_zones, zones);
     }
 
     #[test]
@@ -110,7 +138,7 @@ mod tests {
         assert!(matches!(err, RegistryError::Full { .. }), "{err}");
         assert!(n <= equilibrio_contract::table::MAX_ENDPOINTS);
         let svc = r.service("av").unwrap();
-        let table = endpoints(svc, Some("0123456789abcdef")).to_string();
+        let table = endpoints(svc, Some("0123456789abcdef"), BTreeMap::new()).to_string();
         assert!(table.len() < 1 << 20, "{} bytes", table.len());
     }
 }

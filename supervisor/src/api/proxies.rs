@@ -31,14 +31,15 @@ pub async fn endpoints(
     Path(service): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let proxy_zones = app.reports().proxy_zones(&service, now_ms());
     let reg = app.registry();
     let svc = reg.service(&service)?;
-    let etag = table::etag(svc);
+    let etag = table::etag(svc, &proxy_zones);
     if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     let seed = reg.secret.as_ref().map(|s| s.hash_seed(&service));
-    let body = table::endpoints(svc, seed.as_deref()).to_string();
+    let body = table::endpoints(svc, seed.as_deref(), proxy_zones).to_string();
     Ok(([(header::ETAG, etag), (header::CONTENT_TYPE, "application/json".into())], body).into_response())
 }
 
