@@ -73,6 +73,12 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Whether the adapter must call [`Worker::on_response`] at the response headers (to add a cookie): the request's
+    /// policy (its route's) has sticky sessions.
+    pub fn needs_response_headers(&self) -> bool {
+        self.snap.as_ref().is_some_and(|s| s.codec.is_some())
+    }
+
     /// Whether the adapter reads this request's outcome (status, answering host, end time) at its end.
     pub fn observed(&self) -> bool {
         self.weight > 0
@@ -482,11 +488,6 @@ impl Worker {
         let ttl_ms = snap.policy.sticky_sessions.ttl.0;
         let expires = sticky::renewal(p.pinned.as_ref(), id, now_ms, ttl_ms)?;
         Some(sticky::set_cookie(&snap.policy.sticky_sessions, &codec.encode(id, expires)))
-    }
-
-    /// Whether the adapter must call [`Worker::on_response`] at the response headers (to add a cookie).
-    pub fn needs_response_headers(&self) -> bool {
-        self.snap.codec.is_some()
     }
 
     /// The index in the current snapshot of endpoint `i` of the request's snapshot (the same when the table did not

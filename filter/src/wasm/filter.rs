@@ -113,7 +113,7 @@ impl Stream {
         let Some(pending) = self.pending.as_mut() else { return Action::Continue };
         let Ok(mut worker) = self.worker.try_borrow_mut() else { return Action::Continue };
         // only sticky sessions need the response headers (to add a cookie); the rest waits for the end of the request
-        if worker.needs_response_headers() {
+        if pending.needs_response_headers() {
             if let Some(cookie) = record_response(&mut worker, pending) {
                 abi::add_header(HeaderMap::Response, "set-cookie", &cookie);
             }

@@ -21,6 +21,9 @@ impl Req {
         self.headers.insert(k.into(), v.into());
         self
     }
+    fn clone_with(&self, k: &str, v: &str) -> Req {
+        Req { peer: self.peer.clone(), headers: self.headers.clone() }.with(k, v)
+    }
     fn peer(mut self, p: &str) -> Req {
         self.peer = p.into();
         self
@@ -683,4 +686,25 @@ fn a_route_limits_its_own_requests_and_an_empty_pool_answers_503() {
         }
         Verdict::Forward(p) => panic!("an empty pool forwarded to {}", p.upstreams),
     }
+}
+
+#[test]
+fn a_route_can_turn_sticky_sessions_on_for_its_requests_only() {
+    let cfg = format!(
+        r#"{{"service":"av","supervisor":{{}},"sticky_sessions":{{"enabled":false,"secret":"{SECRET}"}},
+            "routes":[{{"name":"cart","match":{{"path":{{"prefix":"/cart"}}}},"sticky_sessions":{{"enabled":true}}}}]}}"#
+    );
+    let (mut w, _, s) = setup(&cfg, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], "null");
+    let cart = get("/cart");
+    let p = forward(&mut w, &s, &cart, 0);
+    assert!(p.needs_response_headers(), "the route's requests carry a cookie");
+    let (first, cookie) = run(&mut w, &s, &cart, 1);
+    let cookie = cookie.expect("a new session on the route gets a cookie");
+    let pair = cookie.split(';').next().unwrap().to_string();
+    for t in 2..10 {
+        assert_eq!(run(&mut w, &s, &cart.clone_with("cookie", &pair), t).0, first, "pinned on the route");
+    }
+    let home = get("/home");
+    assert!(!forward(&mut w, &s, &home, 20).needs_response_headers(), "other requests do not");
+    assert_eq!(run(&mut w, &s, &home, 21).1, None);
 }

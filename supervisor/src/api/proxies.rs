@@ -75,7 +75,9 @@ pub async fn eds(State(app): State<AppState>, Body(req): Body<DiscoveryRequest>)
 
 /// Takes a proxy's per-endpoint aggregates.
 #[utoipa::path(post, path = "/v1/reports", request_body = Report,
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, description = "a body above the API's size limit"), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn reports(
     State(app): State<AppState>,
     headers: HeaderMap,
