@@ -35,7 +35,39 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Sends `n` GETs to `url` over `concurrency` keep-alive connections; returns (status, body, headers) per request.
+/// One GET: (status, body), or (0, the error) when no answer came.
+pub async fn fetch(client: &reqwest::Client, url: &str) -> (u16, String) {
+    match client.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// GETs from `connections` keep-alive connections until `stop` is set; each task's (status, body) per request.
+pub fn load_until(
+    client: &reqwest::Client,
+    url: &str,
+    connections: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinSet<Vec<(u16, String)>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, url, stop) = (client.clone(), url.to_string(), stop.clone());
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                out.push(fetch(&client, &url).await);
+            }
+            out
+        });
+    }
+    tasks
+}
+
+/// Sends `n` GETs to `url` over `concurrency` keep-alive connections; returns (status, body) per request.
 pub async fn load(client: &reqwest::Client, url: &str, n: usize, concurrency: usize) -> Vec<(u16, String)> {
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -44,13 +76,7 @@ pub async fn load(client: &reqwest::Client, url: &str, n: usize, concurrency: us
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
-                match client.get(&url).send().await {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        out.push((status, r.text().await.unwrap_or_default()));
-                    }
-                    Err(e) => out.push((0, e.to_string())),
-                }
+                out.push(fetch(&client, &url).await);
             }
             out
         }));

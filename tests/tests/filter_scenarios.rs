@@ -11,7 +11,7 @@ use equilibrio_tests::backend::Backend;
 use equilibrio_tests::proxy::{Kind, Proxy};
 use equilibrio_tests::supervisor::{Supervisor, TOKEN};
 use equilibrio_tests::table_server::{TableServer, endpoint};
-use equilibrio_tests::{by_body, load};
+use equilibrio_tests::{by_body, load, load_until};
 use serde_json::{Value, json};
 
 const SERVICE: &str = "agente-vendedor";
@@ -429,33 +429,6 @@ async fn abandoned_requests_still_end_their_accounting(kind: Kind) {
     }
 }
 
-/// Requests from `connections` loops until `stop` is set: (status, body) of each.
-fn steady_load(
-    client: &reqwest::Client,
-    url: &str,
-    connections: usize,
-    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinSet<Vec<(u16, String)>> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        let (client, url, stop) = (client.clone(), url.to_string(), stop.clone());
-        tasks.spawn(async move {
-            let mut out = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match client.get(&url).send().await {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        out.push((status, r.text().await.unwrap_or_default()));
-                    }
-                    Err(e) => out.push((0, e.to_string())),
-                }
-            }
-            out
-        });
-    }
-    tasks
-}
-
 /// Publishes `endpoints` as table `version` and waits until the proxy's workers and its cluster have it.
 async fn publish(s: &Setup, endpoints: Vec<Value>, version: u64) {
     s.table.update(Some(endpoints), None);
@@ -493,7 +466,7 @@ async fn zones_keep_traffic_local_and_spill_by_the_formula(kind: Kind) {
     };
     publish(&s, zoned(&[]), 2).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut steady = steady_load(&s.client, &s.proxy.url("/"), 4, &stop);
+    let mut steady = load_until(&s.client, &s.proxy.url("/"), 4, &stop);
 
     let counts = by_body(&load(&s.client, &s.proxy.url("/"), 600, 16).await);
     assert_eq!(in_a(&counts), 1.0, "all in zone a while it has its share: {counts:?}");
@@ -531,7 +504,7 @@ async fn a_breaker_ejects_by_success_rate_and_lets_only_trials_through(kind: Kin
     let s = setup(kind, &[100; 6], Value::Null, extra, "500ms").await;
     s.backends[5].fail_every(2);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut steady = steady_load(&s.client, &s.proxy.url("/"), 8, &stop);
+    let mut steady = load_until(&s.client, &s.proxy.url("/"), 8, &stop);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !s.proxy.log().contains("ejected endpoint av-6") {
         assert!(Instant::now() < deadline, "av-6 not ejected:\n{}", s.proxy.log());
