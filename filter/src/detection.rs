@@ -84,40 +84,39 @@ impl Interval {
     }
 }
 
+/// The endpoints with at least `volume` requests and their success percent, if there are `minimum_hosts` of them
+/// (both detectors judge only then).
+fn judged<'a>(counts: &[(&'a str, Counts)], volume: u64, minimum_hosts: u32) -> Option<Vec<(&'a str, f64)>> {
+    let rated: Vec<(&str, f64)> =
+        counts.iter().filter(|(_, c)| c.requests >= volume).map(|(id, c)| (*id, c.success_percent())).collect();
+    (!rated.is_empty() && rated.len() >= minimum_hosts as usize).then_some(rated)
+}
+
 /// The outliers among `counts` (one interval's), each once (success rate first).
 pub fn outliers(counts: &[(&str, Counts)], cfg: &PassiveHealthConfig) -> Vec<(String, Reason)> {
     let mut out: Vec<(String, Reason)> = Vec::new();
     let sr = &cfg.success_rate;
-    if sr.enabled {
-        let rated: Vec<(&str, f64)> = counts
-            .iter()
-            .filter(|(_, c)| c.requests >= sr.request_volume)
-            .map(|(id, c)| (*id, c.success_percent()))
-            .collect();
-        if rated.len() >= sr.minimum_hosts as usize && !rated.is_empty() {
-            let n = rated.len() as f64;
-            let mean = rated.iter().map(|(_, r)| r).sum::<f64>() / n;
-            let variance = rated.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
-            let threshold = mean - sr.stdev_factor * variance.sqrt();
-            for (id, percent) in rated {
-                if percent < threshold {
-                    out.push((id.to_string(), Reason::SuccessRate { percent, threshold }));
-                }
+    if sr.enabled
+        && let Some(rated) = judged(counts, sr.request_volume, sr.minimum_hosts)
+    {
+        let n = rated.len() as f64;
+        let mean = rated.iter().map(|(_, r)| r).sum::<f64>() / n;
+        let variance = rated.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+        let threshold = mean - sr.stdev_factor * variance.sqrt();
+        for (id, percent) in rated {
+            if percent < threshold {
+                out.push((id.to_string(), Reason::SuccessRate { percent, threshold }));
             }
         }
     }
     let fp = &cfg.failure_percentage;
-    if fp.enabled {
-        let rated: Vec<(&str, f64)> = counts
-            .iter()
-            .filter(|(_, c)| c.requests >= fp.request_volume)
-            .map(|(id, c)| (*id, 100.0 - c.success_percent()))
-            .collect();
-        if rated.len() >= fp.minimum_hosts as usize {
-            for (id, percent) in rated {
-                if percent >= f64::from(fp.threshold) && !out.iter().any(|(o, _)| o == id) {
-                    out.push((id.to_string(), Reason::FailurePercentage { percent }));
-                }
+    if fp.enabled
+        && let Some(rated) = judged(counts, fp.request_volume, fp.minimum_hosts)
+    {
+        for (id, success) in rated {
+            let percent = 100.0 - success;
+            if percent >= f64::from(fp.threshold) && !out.iter().any(|(o, _)| o == id) {
+                out.push((id.to_string(), Reason::FailurePercentage { percent }));
             }
         }
     }

@@ -529,11 +529,12 @@ impl Worker {
     /// An outcome of endpoint `i` of the current snapshot: a trial's closes or re-opens the breaker; any other goes to
     /// passive health.
     fn outcome<S: SharedStore + ?Sized>(&mut self, p: &Pending, i: usize, outcome: Outcome, now_ms: u64, store: &S) {
-        let Some(id) = self.snap.endpoint(i).map(|e| e.id.clone()) else { return };
-        if p.trial.as_deref() != Some(id.as_str()) {
+        // the common case (no trial) compares nothing and copies nothing
+        let trial = p.trial.as_deref().filter(|t| self.snap.endpoint(i).is_some_and(|e| e.id == *t));
+        let Some(id) = trial.map(str::to_string) else {
             self.passive(i, outcome, now_ms, store);
             return;
-        }
+        };
         let cfg = &self.snap.policy.passive_health;
         let total = self.snap.endpoints().len();
         let success = outcome == Outcome::Success;

@@ -52,8 +52,6 @@ pub struct Worker {
     pub pool: Rc<Pool>,
     pub route: RouteConfig,
     pub retry_budget: std::sync::Arc<crate::retry_budget::RetryBudget>,
-    /// For the retries' jitter.
-    pub rng: Cell<fastrand::Rng>,
     /// The route cluster's static members, used round robin when no filter names a host.
     pub fallback: Vec<SocketAddr>,
     pub next_fallback: Cell<usize>,
@@ -740,9 +738,7 @@ async fn send(
             };
             _retry = Some(held);
             w.stats.upstream_rq_retry.inc();
-            let mut rng = w.rng.take();
-            let wait = retry_budget::backoff(attempt as u32, rng.f64(), &w.route.retry);
-            w.rng.set(rng);
+            let wait = retry_budget::backoff(attempt as u32, fastrand::f64(), &w.route.retry);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }

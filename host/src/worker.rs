@@ -253,7 +253,6 @@ async fn run_worker(
         )),
         route: config.route.clone(),
         retry_budget: shared.retry_budget.clone(),
-        rng: Cell::new(fastrand::Rng::with_seed(index as u64 ^ 0x5eed)),
         fallback: route_cluster.endpoints.clone(),
         next_fallback: Cell::new(index),
         local,
