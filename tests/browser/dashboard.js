@@ -26,7 +26,12 @@ async function main() {
     await page.waitForSelector(`${row} .state-healthy`, { timeout: 15000 });
     const rows = await page.locator("#instances tbody tr").count();
     if (rows < 2) throw new Error(`expected the instances, saw ${rows} rows`);
-    await page.click(`${row} button.drain`);
+    // press, let the page refresh its table (as its timer and events do at any moment), then release: the click must
+    // still reach the button
+    await page.hover(`${row} button.drain`);
+    await page.mouse.down();
+    await page.evaluate(() => refresh());
+    await page.mouse.up();
     await page.waitForSelector(`${row} .state-draining`, { timeout: 10000 });
     // the event reached the timeline over SSE
     await page.waitForFunction((id) => document.getElementById("timeline").textContent.includes("draining") &&

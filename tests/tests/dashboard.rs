@@ -1,5 +1,6 @@
 //! The dashboard in a real browser: headless Debian Chromium, driven by playwright-core (`tests/browser/`), loads the
-//! page the supervisor serves, sees nothing but the refusal without the token, the instances with it, drains one, and sees
+//! page the supervisor serves, sees nothing but the refusal without the token, the instances with it, drains one (with a
+//! table refresh between the press and the release of the click, as the page's timer can do at any moment), and sees
 //! its state change and the event arrive over SSE. Saves a screenshot to `target/dashboard.png`.
 
 // test code: a failed unwrap is a failed test
