@@ -140,6 +140,8 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
         ready_rx.recv().context("a worker thread ended")?.map_err(anyhow::Error::msg)?;
     }
 
+    release_startup_memory();
+
     let admin_listener = std::net::TcpListener::bind(config.admin.address)
         .with_context(|| format!("`admin.address`: cannot listen on {}", config.admin.address))?;
     admin_listener.set_nonblocking(true)?;
@@ -161,6 +163,18 @@ fn run(mut config: Config, args: &Args) -> anyhow::Result<()> {
     let _ = services.join();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hands the allocator's free pages back to the system once every VM is up. Compiling the filters with Cranelift
+/// leaves about 12 MB of freed heap behind that glibc keeps mapped (RSS idle 34 MB before, 22 MB after, with the
+/// profiling build; `scripts/bench` prints the figure). musl returns free memory by itself.
+#[allow(unsafe_code)]
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only walks glibc's own free lists, under the allocator's locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn wait_for_signal() -> anyhow::Result<()> {

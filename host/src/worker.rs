@@ -133,7 +133,10 @@ async fn serve_one(
 ) -> Result<hyper::Response<crate::body::ProxyBody>, crate::proxy::Reset> {
     use futures_util::FutureExt;
     let panics = worker.stats.handler_panics.clone();
-    let handled = crate::proxy::handle(worker, client, conn.clone(), req);
+    // boxed: hyper moves the request's future into the connection's in-flight slot, and the slot lives as long as
+    // the connection; boxed, that move copies a pointer, and an idle keep-alive connection holds 8 bytes, not the
+    // whole request state machine
+    let handled = Box::pin(crate::proxy::handle(worker, client, conn.clone(), req));
     match std::panic::AssertUnwindSafe(handled).catch_unwind().await {
         Ok(response) => response,
         Err(panic) => {

@@ -159,7 +159,7 @@ YAML
 # The shipped proxy-config/envoy.yaml with bench ports, the built filter and a filter configuration.
 render() { # listener admin filter-json out [http-filter-wasm http-filter-config]
   python3 - "$repo/proxy-config/envoy.yaml" "$1" "$2" "$3" "$WASM" "$4" "${5:-$WASM}" "${6:-$3}" <<'PY'
-import sys
+import os, sys
 src, listener, admin, cfg, wasm, out, http_wasm, http_cfg = sys.argv[1:]
 lines, values, files = [], 0, 0
 for line in open(src):
@@ -175,7 +175,7 @@ for line in open(src):
     else:
         line = (line.replace("port_value: 9901", "port_value: " + admin)
                     .replace("port_value: 10000", "port_value: " + listener)
-                    .replace("port_value: 9900", "port_value: 18120"))
+                    .replace("port_value: 9900", "port_value: " + os.environ.get("STUB_PORT", "18120")))
     lines.append(line)
 open(out, "w").write("".join(lines))
 PY
@@ -184,7 +184,7 @@ PY
 # The shipped proxy-config/host.yaml with bench ports, one worker, the built filter and a filter configuration.
 render_host() { # listener admin filter-json out
   python3 - "$repo/proxy-config/host.yaml" "$1" "$2" "$3" "$WASM" "$4" <<'PY'
-import sys
+import os, sys
 src, listener, admin, cfg, wasm, out = sys.argv[1:]
 lines = []
 for line in open(src):
@@ -197,7 +197,7 @@ for line in open(src):
     else:
         line = (line.replace("127.0.0.1:10000", "127.0.0.1:" + listener)
                     .replace("127.0.0.1:9901", "127.0.0.1:" + admin)
-                    .replace("[127.0.0.1:9900]", "[127.0.0.1:18120]"))
+                    .replace("[127.0.0.1:9900]", "[127.0.0.1:" + os.environ.get("STUB_PORT", "18120") + "]"))
     lines.append(line)
 open(out, "w").write("".join(lines))
 PY
@@ -333,14 +333,36 @@ case_pid() { # case: its proxy's pid, empty for none
   [ -z "$p" ] || echo "${proxy_pid[$p]:-}"
 }
 
-run_wrk() { # case round; also records the proxy's CPU ticks (1/CLK_TCK s) used during the run
-  local extra=() pid t0 t1
+# per core (0 and 1): ticks stolen by the hypervisor, and ticks spent in interrupts (irq + softirq), from /proc/stat
+core_ticks() { awk '/^cpu[01] /{printf "%s %s ", $9, $7 + $8}' /proc/stat; }
+
+# How fast core 0 runs a fixed piece of work right now, in ms (lower is faster): this VM has no hardware counters,
+# and a busy neighbour on the same physical core (an SMT sibling, invisible in steal time) slows every instruction.
+core_speed() {
+  taskset -c 0 python3 -c 'import statistics, time
+def run():
+    t = time.perf_counter(); x = 0
+    for i in range(100000): x += i * i
+    return (time.perf_counter() - t) * 1000
+print(round(statistics.median(run() for _ in range(7)), 3))'
+}
+
+run_wrk() { # case round; also records the proxy's CPU ticks (1/CLK_TCK s) used during the run, and each core's
+  # stolen and interrupt ticks over it (what makes a round drift: see docs/performance-tuning.md#noise)
+  local extra=() pid t0 t1 k0 k1 s0 s1
   pid=$(case_pid "$1")
+  s0=$(core_speed)
   [ "$1" = sticky_cookie ] && extra=(-H "Cookie: $cookie")
+  [ -n "${WRK_SCRIPT:-}" ] && extra+=(-s "$WRK_SCRIPT")
   t0=$(cpu_ticks "$pid")
+  k0=$(core_ticks)
   taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" "${url[$1]}" >"$work/$1.$2.wrk"
+  k1=$(core_ticks)
   t1=$(cpu_ticks "$pid")
   if [ "$t0" = none ]; then echo none; else echo $((t1 - t0)); fi >"$work/$1.$2.cpu"
+  echo "$k0 $k1" >"$work/$1.$2.cores"
+  s1=$(core_speed)
+  echo "$s0 $s1" >"$work/$1.$2.speed"
 }
 
 bench_rounds() { # case...: a warm-up of each, then ROUNDS interleaved rounds (A, B, C, A, B, C, ...)

@@ -132,8 +132,20 @@ def parse_wrk(text):
     return out
 
 
+def core_ticks(path):
+    """Each core's stolen and interrupt ticks over a round (`<steal0> <irq0> <steal1> <irq1>` before, then after)."""
+    try:
+        v = [int(x) for x in open(path).read().split()]
+    except (OSError, ValueError):
+        return {}
+    if len(v) != 8:
+        return {}
+    return {"steal_ticks": [v[4] - v[0], v[6] - v[2]], "irq_ticks": [v[5] - v[1], v[7] - v[3]]}
+
+
 def wrk_rounds(work, rounds, clk_tck, cases):
-    """Every round of every case: wrk's figures, and the proxy's CPU ticks over the round (`none`: no proxy)."""
+    """Every round of every case: wrk's figures, the proxy's CPU ticks over the round (`none`: no proxy), and each
+    core's stolen and interrupt ticks over it."""
     out = {}
     for c in cases:
         out[c] = []
@@ -145,6 +157,12 @@ def wrk_rounds(work, rounds, clk_tck, cases):
             row["cpu_us_per_request"] = (
                 round(ticks * 1e6 / clk_tck / row["requests"], 3) if ticks is not None and row["requests"] else None
             )
+            row.update(core_ticks(f"{work}/{c}.{r}.cores"))
+            try:
+                before, after = (float(x) for x in open(f"{work}/{c}.{r}.speed").read().split())
+                row["core_speed_ms"] = [before, after]
+            except (OSError, ValueError):
+                pass
             out[c].append(row)
     return out
 
