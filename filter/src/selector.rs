@@ -26,7 +26,15 @@ pub struct Selector {
     swrr: Swrr,
     /// Per endpoint; fed only when the algorithm reads it.
     ewma: Vec<PeakEwma>,
+    /// Bounded load's total in flight and when it was read (see [`TOTAL_LOAD_MAX_AGE_MS`]).
+    total_load: std::cell::Cell<Option<(u64, i64)>>,
 }
+
+/// How long bounded load's total in flight is reused. Reading it takes one shared-data read per endpoint (a host call
+/// each: 1,000 per request with 1,000 endpoints); the cap it sets moves with the whole service's load, so a quarter of
+/// a second old is current enough, while the key's own endpoint's load is always read live (and a total below it is
+/// read again at once).
+const TOTAL_LOAD_MAX_AGE_MS: u64 = 250;
 
 impl Selector {
     /// A selector for `snap` with fresh state.
@@ -37,6 +45,7 @@ impl Selector {
             ring: ring_for(snap),
             swrr: Swrr::new(n),
             ewma: vec![PeakEwma::default(); n],
+            total_load: std::cell::Cell::new(None),
         }
     }
 
@@ -48,6 +57,7 @@ impl Selector {
             ring: ring_for(snap),
             swrr: self.swrr.remap(mapping),
             ewma: remap(&self.ewma, mapping),
+            total_load: std::cell::Cell::new(None),
         }
     }
 
@@ -63,13 +73,18 @@ impl Selector {
         rng: &mut fastrand::Rng,
     ) -> Vec<usize> {
         let weight = |i: usize| snap.endpoint(i).map_or(0, |e| e.weight);
-        let eligible = |i: usize| candidates.contains(&i);
+        // candidate lists are ascending endpoint indices (see `Snapshot::new_session_candidates`)
+        debug_assert!(candidates.is_sorted());
+        let eligible = |i: usize| candidates.binary_search(&i).is_ok();
         let hops = snap.policy.rate_limiting.xff_trusted_hops;
         match self.algorithm {
+            // equal weights (the usual case) cost O(1) whatever the table's size; unequal ones walk the candidates
+            Algorithm::WeightedRoundRobin if snap.uniform_weights => self.swrr.rotate(candidates).into_iter().collect(),
             Algorithm::WeightedRoundRobin => {
                 self.swrr.pick(candidates.iter().map(|&i| (i, weight(i)))).into_iter().collect()
             }
-            Algorithm::RoundRobin => self.swrr.pick(candidates.iter().map(|&i| (i, 1))).into_iter().collect(),
+            Algorithm::RoundRobin => self.swrr.rotate(candidates).into_iter().collect(),
+            Algorithm::Random if snap.uniform_weights => random::pick_uniform(candidates, rng).into_iter().collect(),
             Algorithm::Random => {
                 let weighted: Vec<(usize, u32)> = candidates.iter().map(|&i| (i, weight(i))).collect();
                 random::pick(&weighted, rng).into_iter().collect()
@@ -96,14 +111,24 @@ impl Selector {
             }
             Algorithm::ConsistentHash => match key_of(req, &snap.policy.consistent_hash.key, hops) {
                 Some(key) => {
-                    let loads: Vec<i64> =
-                        (0..snap.endpoints().len()).map(|i| if eligible(i) { inflight(i) } else { 0 }).collect();
-                    let total: i64 = loads.iter().sum();
-                    let load = |i: usize| loads.get(i).copied().unwrap_or(0);
+                    // loads are read as the walk needs them: the total (every candidate's) only when the key's
+                    // endpoint is busy, and then at most every TOTAL_LOAD_MAX_AGE_MS, so a request costs a few reads,
+                    // not one per endpoint of the table
+                    let cached = &self.total_load;
+                    let total = |seen: i64| match cached.get() {
+                        Some((at, total)) if now_ms.saturating_sub(at) < TOTAL_LOAD_MAX_AGE_MS && total >= seen => {
+                            total
+                        }
+                        _ => {
+                            let total = candidates.iter().map(|&i| inflight(i)).sum();
+                            cached.set(Some((now_ms, total)));
+                            total
+                        }
+                    };
                     let bound = LoadBound {
-                        load: &load,
+                        load: &inflight,
                         factor: snap.policy.consistent_hash.load_factor,
-                        total,
+                        total: &total,
                         candidates: candidates.len(),
                     };
                     self.ring.pick(hash_key(snap.seed, key.as_bytes()), MAX_UPSTREAMS, eligible, Some(bound))

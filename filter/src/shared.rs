@@ -144,6 +144,7 @@ pub fn add_i64<S: SharedStore + ?Sized>(store: &S, key: &str, delta: i64) -> Res
 pub struct MemoryStore {
     map: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
     next_cas: std::cell::Cell<u32>,
+    reads: std::cell::Cell<usize>,
 }
 
 impl MemoryStore {
@@ -152,6 +153,10 @@ impl MemoryStore {
     }
     pub fn len(&self) -> usize {
         self.map.borrow().len()
+    }
+    /// How many reads it has answered (what a proxy would count as host calls).
+    pub fn reads(&self) -> usize {
+        self.reads.get()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -163,6 +168,7 @@ impl MemoryStore {
 
 impl SharedStore for MemoryStore {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.reads.set(self.reads.get() + 1);
         self.map.borrow().get(key).cloned()
     }
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {

@@ -27,8 +27,10 @@ pub struct Snapshot {
     /// The endpoints a route may use (its pool, see [`crate::routing`]); `None`: every endpoint.
     pub pool: Option<Vec<bool>>,
     /// The endpoints that take new sessions (healthy, weight above 0, in the pool), in table order: the candidates of
-    /// every request while nothing is ejected.
+    /// every request while nothing is ejected. Every candidate list is a subset of it in the same (ascending) order.
     pub new_session_candidates: Vec<usize>,
+    /// Every new-session candidate has the same weight: weighted choices reduce to plain ones, in O(1) per request.
+    pub uniform_weights: bool,
     /// The proxy's zone (from its configuration), if it has one.
     pub zone: Option<String>,
     /// Zone-aware locality over `new_session_candidates` (see [`crate::locality`]).
@@ -51,6 +53,7 @@ impl Snapshot {
             limits: Limits { requests_per_minute: 1, burst_size: 1, slots: 1 },
             pool: None,
             new_session_candidates: Vec::new(),
+            uniform_weights: true,
             zone: zone.map(str::to_string),
             zone_plan: None,
         };
@@ -75,7 +78,10 @@ impl Snapshot {
             .enumerate()
             .filter(|(i, e)| e.state == EndpointState::Healthy && e.weight > 0 && in_pool(*i))
             .map(|(i, _)| i)
-            .collect();
+            .collect::<Vec<usize>>();
+        let weight = |i: &usize| self.table.endpoints.get(*i).map(|e| e.weight);
+        let first = new_session_candidates.first().and_then(weight);
+        let uniform_weights = new_session_candidates.iter().all(|i| weight(i) == first);
         let mut snap = Snapshot {
             table: self.table.clone(),
             by_id: self.by_id.clone(),
@@ -87,6 +93,7 @@ impl Snapshot {
             limits,
             pool,
             new_session_candidates,
+            uniform_weights,
             zone: self.zone.clone(),
             zone_plan: None,
         };

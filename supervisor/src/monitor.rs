@@ -28,7 +28,9 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap_or_default();
-    let mut next: HashMap<Key, Instant> = HashMap::new();
+    // when each instance is next due, by service then id: looked up by reference on every tick, so scanning 1,000
+    // instances twenty times a second allocates nothing (only a due check makes its key)
+    let mut next: HashMap<String, HashMap<String, Instant>> = HashMap::new();
     let running: Arc<Mutex<HashSet<Key>>> = Arc::default();
     // instances found to be a proxy, logged once each
     let looped: Arc<Mutex<HashSet<Key>>> = Arc::default();
@@ -48,22 +50,35 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
         let mut due = Vec::new();
         {
             let reg = app.registry();
-            let mut present = HashSet::new();
             for (name, svc) in &reg.services {
                 let interval = Duration::from_millis(svc.health_check.interval_ms);
+                let schedule = match next.get_mut(name.as_str()) {
+                    Some(s) => s,
+                    None => next.entry(name.clone()).or_default(),
+                };
                 for (id, inst) in &svc.instances {
+                    let at = match schedule.get(id.as_str()) {
+                        Some(at) => *at,
+                        None => {
+                            // first check soon, spread over a tenth of the interval
+                            let at = now + interval.mul_f64(fastrand::f64() * 0.1);
+                            schedule.insert(id.clone(), at);
+                            at
+                        }
+                    };
+                    if at > now {
+                        continue;
+                    }
                     let key = (name.clone(), id.clone());
-                    present.insert(key.clone());
-                    // first check soon, spread over a tenth of the interval
-                    let at = *next.entry(key.clone()).or_insert_with(|| now + interval.mul_f64(fastrand::f64() * 0.1));
-                    if at <= now && !running.lock().map(|r| r.contains(&key)).unwrap_or(true) {
+                    if !running.lock().map(|r| r.contains(&key)).unwrap_or(true) {
                         let url = format!("http://{}{}", inst.spec.address, svc.health_check.endpoint);
-                        due.push((key.clone(), url, Duration::from_millis(svc.health_check.timeout_ms)));
-                        next.insert(key, now + interval.mul_f64(0.9 + fastrand::f64() * 0.2));
+                        due.push((key, url, Duration::from_millis(svc.health_check.timeout_ms)));
+                        schedule.insert(id.clone(), now + interval.mul_f64(0.9 + fastrand::f64() * 0.2));
                     }
                 }
+                schedule.retain(|id, _| svc.instances.contains_key(id));
             }
-            next.retain(|k, _| present.contains(k));
+            next.retain(|name, _| reg.services.contains_key(name));
         }
         for (key, url, timeout) in due {
             if let Ok(mut r) = running.lock() {

@@ -4,21 +4,46 @@
 //! across the window; in flight is the sum of each proxy's latest value; p95 is the largest recent p95 of any proxy
 //! (a conservative merge: quantiles do not add). Pure: reports and time come in.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 
 pub use equilibrio_contract::report::{EndpointReport, Report};
 
-#[derive(Debug, Clone)]
-struct Sample {
-    at_ms: u64,
-    proxy: String,
+/// Reports are summed into buckets of this length: memory per instance is bounded by the window, not by how many
+/// proxies report (50 proxies reporting 1,000 instances every second were 3 million samples a minute).
+const BUCKET_MS: u64 = 1000;
+
+/// What every proxy reported about one instance within one bucket.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    /// `at_ms / BUCKET_MS` of its reports.
+    slot: u64,
+    first_at_ms: u64,
+    last_at_ms: u64,
     requests: u64,
     errors: u64,
     latency_sum_ms: f64,
+    /// The largest p95 of a report with requests in it.
     p95_ms: f64,
-    in_flight: i64,
+}
+
+/// One instance's window.
+#[derive(Debug, Default)]
+struct Instance {
+    /// Oldest first; at most one per bucket of the window.
+    buckets: VecDeque<Bucket>,
+    /// Each proxy's latest in-flight count and when it reported it, by a hash of the proxy's id: a short contiguous
+    /// list scanned in place (a map keyed by the id's string chased a pointer per report and endpoint).
+    in_flight: Vec<InFlight>,
+    total: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    proxy: u64,
+    at_ms: u64,
+    count: i64,
 }
 
 /// What the API and the metrics show per instance.
@@ -37,15 +62,22 @@ const MAX_PROXIES: usize = 10_000;
 
 pub struct Reports {
     window_ms: u64,
-    samples: BTreeMap<(String, String), VecDeque<Sample>>,
-    totals: BTreeMap<(String, String), u64>,
+    /// By service, then instance id.
+    instances: HashMap<String, HashMap<String, Instance>>,
     /// When each proxy in a zone last reported, by (service, zone, proxy id).
     proxies: BTreeMap<(String, String, String), u64>,
+    /// Hashes proxy ids for [`Instance::in_flight`] (random keys: ids cannot be chosen to collide).
+    proxy_hasher: std::hash::RandomState,
 }
 
 impl Reports {
     pub fn new(window_ms: u64) -> Reports {
-        Reports { window_ms, samples: BTreeMap::new(), totals: BTreeMap::new(), proxies: BTreeMap::new() }
+        Reports {
+            window_ms,
+            instances: HashMap::new(),
+            proxies: BTreeMap::new(),
+            proxy_hasher: std::hash::RandomState::new(),
+        }
     }
 
     /// How many proxies of `service` reported from each zone within the window (zone-aware locality's traffic
@@ -74,38 +106,57 @@ impl Reports {
                 };
             }
         }
+        let horizon = now_ms.saturating_sub(self.window_ms);
+        let slot = now_ms / BUCKET_MS;
+        let proxy = std::hash::BuildHasher::hash_one(&self.proxy_hasher, &r.proxy);
+        let service = match self.instances.get_mut(&r.service) {
+            Some(s) => s,
+            None => self.instances.entry(r.service.clone()).or_default(),
+        };
         for e in &r.endpoints {
-            let key = (r.service.clone(), e.id.clone());
-            let total = self.totals.entry(key.clone()).or_default();
-            *total = total.saturating_add(e.requests);
-            let q = self.samples.entry(key).or_default();
-            q.push_back(Sample {
-                at_ms: now_ms,
-                proxy: r.proxy.clone(),
-                requests: e.requests,
-                errors: e.errors,
-                latency_sum_ms: e.latency_sum_ms,
-                p95_ms: e.latency_p95_ms,
-                in_flight: e.in_flight,
-            });
+            let inst = match service.get_mut(&e.id) {
+                Some(i) => i,
+                None => service.entry(e.id.clone()).or_default(),
+            };
+            inst.total = inst.total.saturating_add(e.requests);
+            if inst.buckets.back().is_none_or(|b| b.slot != slot) {
+                inst.buckets.push_back(Bucket { slot, first_at_ms: now_ms, ..Bucket::default() });
+            }
+            if let Some(b) = inst.buckets.back_mut() {
+                b.last_at_ms = now_ms;
+                b.requests = b.requests.saturating_add(e.requests);
+                b.errors = b.errors.saturating_add(e.errors);
+                b.latency_sum_ms += e.latency_sum_ms;
+                if e.requests > 0 {
+                    b.p95_ms = b.p95_ms.max(e.latency_p95_ms);
+                }
+            }
+            while inst.buckets.front().is_some_and(|b| b.last_at_ms < horizon) {
+                inst.buckets.pop_front();
+            }
+            let latest = InFlight { proxy, at_ms: now_ms, count: e.in_flight };
+            match inst.in_flight.iter_mut().find(|f| f.proxy == proxy) {
+                Some(f) => *f = latest,
+                None => {
+                    inst.in_flight.retain(|f| f.at_ms >= horizon);
+                    if inst.in_flight.len() < MAX_PROXIES {
+                        inst.in_flight.push(latest);
+                    }
+                }
+            }
         }
-        self.expire(now_ms);
     }
 
     /// Forgets what was kept for instances that are gone (`keep` says which still exist).
     pub fn retain(&mut self, keep: impl Fn(&str, &str) -> bool) {
-        self.totals.retain(|(s, id), _| keep(s, id));
-        self.samples.retain(|(s, id), _| keep(s, id));
+        for (s, instances) in self.instances.iter_mut() {
+            instances.retain(|id, _| keep(s, id));
+        }
+        self.instances.retain(|_, instances| !instances.is_empty());
     }
 
-    fn expire(&mut self, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(self.window_ms);
-        for q in self.samples.values_mut() {
-            while q.front().is_some_and(|s| s.at_ms < horizon) {
-                q.pop_front();
-            }
-        }
-        self.samples.retain(|_, q| !q.is_empty());
+    fn instance(&self, service: &str, id: &str) -> Option<&Instance> {
+        self.instances.get(service)?.get(id)
     }
 
     pub fn traffic(&self, service: &str, id: &str, now_ms: u64) -> Traffic {
@@ -115,25 +166,21 @@ impl Reports {
     /// Traffic over the last `window_ms` only (the autoscaler samples a few seconds and averages over its own
     /// measurement windows).
     pub fn traffic_over(&self, service: &str, id: &str, now_ms: u64, window_ms: u64) -> Traffic {
-        let key = (service.to_string(), id.to_string());
-        let total = self.totals.get(&key).copied().unwrap_or(0);
-        let Some(q) = self.samples.get(&key) else { return Traffic { requests_total: total, ..Traffic::default() } };
+        let Some(inst) = self.instance(service, id) else { return Traffic::default() };
+        let total = inst.total;
         let window_ms = window_ms.min(self.window_ms);
         let horizon = now_ms.saturating_sub(window_ms);
-        let recent: Vec<&Sample> = q.iter().filter(|s| s.at_ms >= horizon).collect();
-        let requests: u64 = recent.iter().fold(0u64, |a, s| a.saturating_add(s.requests));
-        let errors: u64 = recent.iter().fold(0u64, |a, s| a.saturating_add(s.errors));
-        let latency: f64 = recent.iter().map(|s| s.latency_sum_ms).sum();
-        let span_ms = recent.first().map_or(window_ms, |s| now_ms.saturating_sub(s.at_ms)).max(1000);
-        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
-        for s in &recent {
-            latest.insert(&s.proxy, s.in_flight);
-        }
+        let recent = || inst.buckets.iter().filter(|b| b.last_at_ms >= horizon);
+        let Some(first) = recent().next() else { return Traffic { requests_total: total, ..Traffic::default() } };
+        let requests: u64 = recent().fold(0u64, |a, b| a.saturating_add(b.requests));
+        let errors: u64 = recent().fold(0u64, |a, b| a.saturating_add(b.errors));
+        let latency: f64 = recent().map(|b| b.latency_sum_ms).sum();
+        let span_ms = now_ms.saturating_sub(first.first_at_ms).max(1000);
         Traffic {
             requests_per_second: requests as f64 * 1000.0 / span_ms as f64,
             error_rate: if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
-            in_flight: latest.values().sum(),
-            latency_p95_ms: recent.iter().filter(|s| s.requests > 0).map(|s| s.p95_ms).fold(0.0, f64::max),
+            in_flight: in_flight_since(inst, horizon).unwrap_or(0),
+            latency_p95_ms: recent().map(|b| b.p95_ms).fold(0.0, f64::max),
             latency_mean_ms: if requests == 0 { 0.0 } else { latency / requests as f64 },
             requests_total: total,
         }
@@ -141,14 +188,15 @@ impl Reports {
 
     /// In flight on an instance as the proxies last reported (`None` if no proxy reported it in the window).
     pub fn in_flight(&self, service: &str, id: &str, now_ms: u64) -> Option<i64> {
-        let q = self.samples.get(&(service.to_string(), id.to_string()))?;
-        let horizon = now_ms.saturating_sub(self.window_ms);
-        let mut latest: BTreeMap<&str, i64> = BTreeMap::new();
-        for s in q.iter().filter(|s| s.at_ms >= horizon) {
-            latest.insert(&s.proxy, s.in_flight);
-        }
-        (!latest.is_empty()).then(|| latest.values().sum())
+        in_flight_since(self.instance(service, id)?, now_ms.saturating_sub(self.window_ms))
     }
+}
+
+/// The sum of the proxies' latest in-flight counts reported at `horizon` or later; `None` if none reported since.
+fn in_flight_since(inst: &Instance, horizon: u64) -> Option<i64> {
+    let mut latest = inst.in_flight.iter().filter(|f| f.at_ms >= horizon).peekable();
+    latest.peek()?;
+    Some(latest.map(|f| f.count).sum())
 }
 
 #[cfg(test)]
@@ -208,6 +256,27 @@ mod tests {
         // the window forgets
         assert_eq!(r.in_flight("av", "a", 200_000), None);
         assert_eq!(r.traffic("av", "zz", 0), Traffic::default());
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_window_not_by_the_reports() {
+        let mut r = Reports::new(10_000);
+        for t in 0..120u64 {
+            for p in 0..50 {
+                r.record(&report(&format!("p{p}"), 10, 1), t * 1000 + p);
+            }
+        }
+        let inst = r.instance("av", "a").unwrap();
+        assert!(inst.buckets.len() <= 11, "{} buckets", inst.buckets.len());
+        assert_eq!(inst.in_flight.len(), 50);
+        // 50 proxies x 10 requests a second over the last 10 s
+        let t = r.traffic("av", "a", 119_049);
+        assert!((t.requests_per_second - 500.0).abs() < 55.0, "{t:?}");
+        assert_eq!(t.in_flight, 50);
+        assert_eq!(t.requests_total, 120 * 50 * 10);
+        // a short window counts only the proxies that reported within it
+        r.record(&report("late", 10, 7), 200_000);
+        assert_eq!(r.traffic_over("av", "a", 200_000, 5_000).in_flight, 7);
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub fn fill_retries(order: &mut Vec<usize>, candidates: &[usize], limit: usize) 
     };
     let n = candidates.len();
     // a primary from elsewhere (another zone) still rotates the start
-    let start = candidates.iter().position(|&c| c == primary).map_or(primary % n.max(1), |p| p + 1);
+    // candidate lists are ascending endpoint indices (see `Snapshot::new_session_candidates`)
+    let start = candidates.binary_search(&primary).map_or(primary % n.max(1), |p| p + 1);
     for k in 0..n {
         if order.len() >= limit {
             break;

@@ -1,5 +1,13 @@
 //! Weighted random choice: each candidate with probability weight / total. Randomness is an argument.
 
+/// A uniform choice among `candidates` (all of the same weight), in O(1).
+pub fn pick_uniform(candidates: &[usize], rng: &mut fastrand::Rng) -> Option<usize> {
+    if candidates.is_empty() {
+        return None;
+    }
+    candidates.get(rng.usize(..candidates.len())).copied()
+}
+
 pub fn pick(candidates: &[(usize, u32)], rng: &mut fastrand::Rng) -> Option<usize> {
     let total: u64 = candidates.iter().map(|(_, w)| u64::from(*w)).sum();
     if total == 0 {

@@ -13,24 +13,31 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 pub use equilibrio_contract::table::PUBLIC_SEED;
 /// Upper bound on ring points, whatever the endpoint count (memory and build time).
 const MAX_POINTS: usize = 1 << 16;
+/// The most endpoints bounded load passes over for one key: each costs a load read (a host call), and with the cap
+/// right one under it comes within a few steps (at least a fifth of the endpoints are under `c x mean` for c = 1.25).
+const MAX_PASSED_OVER: usize = 16;
 
 pub fn hash_key(seed: u64, key: &[u8]) -> u64 {
     xxh3_64_with_seed(key, seed)
 }
 
 /// The bounded-load check: current in-flight per endpoint, the factor c, the total in flight and the candidate count.
+/// The total is asked for only when the key's endpoint is busy (it reads every candidate's load), with that load: a
+/// total below it is out of date.
 #[derive(Clone, Copy)]
 pub struct LoadBound<'a> {
     pub load: &'a dyn Fn(usize) -> i64,
     pub factor: f64,
-    pub total: i64,
+    pub total: &'a dyn Fn(i64) -> i64,
     pub candidates: usize,
 }
 
 impl LoadBound<'_> {
-    /// `ceil(c x (total + 1) / n)`: the most one endpoint may hold, counting the request being placed.
-    pub fn cap(&self) -> i64 {
-        (self.factor * (self.total as f64 + 1.0) / self.candidates.max(1) as f64).ceil() as i64
+    /// `ceil(c x (total + 1) / n)`: the most one endpoint may hold, counting the request being placed; at least 1, so an
+    /// idle endpoint is always under it. `seen` is a load just read.
+    pub fn cap(&self, seen: i64) -> i64 {
+        let total = (self.total)(seen).max(0);
+        ((self.factor * (total as f64 + 1.0) / self.candidates.max(1) as f64).ceil() as i64).max(1)
     }
 }
 
@@ -85,26 +92,37 @@ impl Ring {
         bound: Option<LoadBound<'_>>,
     ) -> Vec<usize> {
         let mut order: Vec<usize> = Vec::with_capacity(want);
-        let mut seen_all = Vec::new();
+        // (endpoint, load) of those passed over
+        let mut passed: Vec<(usize, i64)> = Vec::new();
+        let mut cap = None;
         for i in self.walk(hash) {
             if order.len() >= want {
                 break;
             }
-            if !eligible(i) || order.contains(&i) || seen_all.contains(&i) {
+            if !eligible(i) || order.contains(&i) || passed.iter().any(|(p, _)| *p == i) {
                 continue;
             }
             if order.is_empty()
                 && let Some(bound) = bound
-                && (bound.load)(i) >= bound.cap()
+                && let load = (bound.load)(i)
+                && load > 0
+                && load >= *cap.get_or_insert_with(|| bound.cap(load))
             {
-                // over its bound: keep it as a fallback candidate after the primary
-                seen_all.push(i);
+                passed.push((i, load));
+                if passed.len() < MAX_PASSED_OVER {
+                    // over its bound: keep it as a fallback candidate after the primary
+                    continue;
+                }
+                // walked far enough (a cap from a stale total can be below every load): the least loaded seen
+                if let Some(k) = passed.iter().enumerate().min_by_key(|(_, (_, l))| *l).map(|(k, _)| k) {
+                    order.push(passed.remove(k).0);
+                }
                 continue;
             }
             order.push(i);
         }
         // overloaded endpoints passed over stay usable as retries
-        for i in seen_all {
+        for (i, _) in passed {
             if order.len() >= want {
                 break;
             }
@@ -203,14 +221,15 @@ mod tests {
         let h = hash_key(PUBLIC_SEED, b"hot");
         let o = owner(&r, h);
         let loads = move |i: usize| if i == o { 10 } else { 0 };
-        let picked = r.pick(h, 3, |_| true, Some(LoadBound { load: &loads, factor: 1.25, total: 10, candidates: 3 }));
+        let picked =
+            r.pick(h, 3, |_| true, Some(LoadBound { load: &loads, factor: 1.25, total: &|_| 10, candidates: 3 }));
         assert_ne!(picked[0], o);
         assert_eq!(picked.len(), 3);
         assert!(picked.contains(&o), "the hot endpoint stays as a retry");
         // under its bound it keeps the key
         let calm = |_: usize| 1;
         assert_eq!(
-            r.pick(h, 1, |_| true, Some(LoadBound { load: &calm, factor: 1.25, total: 3, candidates: 3 }))[0],
+            r.pick(h, 1, |_| true, Some(LoadBound { load: &calm, factor: 1.25, total: &|_| 3, candidates: 3 }))[0],
             o
         );
     }

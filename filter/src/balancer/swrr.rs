@@ -10,11 +10,13 @@
 #[derive(Debug, Clone, Default)]
 pub struct Swrr {
     current: Vec<i64>,
+    /// Where the rotation over equal weights stands (see [`Swrr::rotate`]).
+    cursor: usize,
 }
 
 impl Swrr {
     pub fn new(len: usize) -> Self {
-        Swrr { current: vec![0; len] }
+        Swrr { current: vec![0; len], cursor: 0 }
     }
 
     /// Carries running values over to a new table, matching endpoints by position in `mapping` (old index per new
@@ -22,7 +24,20 @@ impl Swrr {
     pub fn remap(&self, mapping: &[Option<usize>]) -> Self {
         Swrr {
             current: mapping.iter().map(|old| old.and_then(|o| self.current.get(o).copied()).unwrap_or(0)).collect(),
+            cursor: self.cursor,
         }
+    }
+
+    /// The pick when every candidate has the same weight, in O(1): smooth weighted round robin over equal weights is a
+    /// rotation in candidate order (from fresh values it picks `0, 1, 2, ...`), so it is done as one. Costs the same
+    /// with 3 endpoints as with 1,000, where [`Swrr::pick`] walks them all.
+    pub fn rotate(&mut self, candidates: &[usize]) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = candidates.get(self.cursor % candidates.len()).copied();
+        self.cursor = self.cursor.wrapping_add(1);
+        i
     }
 
     /// Picks among `(index, weight)` candidates (weights above 0). `None` if there are none.
@@ -58,6 +73,16 @@ mod tests {
         let w = [(0usize, 5u32), (1, 1), (2, 1)];
         let seq: Vec<usize> = (0..7).filter_map(|_| s.pick(w.iter().copied())).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn a_rotation_is_the_same_sequence_as_equal_weights() {
+        let cands = [0usize, 2, 3, 7];
+        let (mut smooth, mut rotating) = (Swrr::new(8), Swrr::new(8));
+        for _ in 0..12 {
+            assert_eq!(rotating.rotate(&cands), smooth.pick(cands.iter().map(|&i| (i, 100))));
+        }
+        assert_eq!(Swrr::new(1).rotate(&[]), None);
     }
 
     #[test]

@@ -391,6 +391,31 @@ fn response_time_prefers_the_fast_endpoint() {
 }
 
 #[test]
+fn bounded_load_reads_a_few_loads_per_request_not_every_endpoints() {
+    let ids: Vec<String> = (0..100).map(|i| format!("e{i}")).collect();
+    let eps: Vec<(&str, u32, &str)> = ids.iter().map(|id| (id.as_str(), 100, "healthy")).collect();
+    let policy = r#"{"algorithm":"consistent_hash","consistent_hash":{"key":"header:x-user"}}"#;
+    let (mut w, _p, s) = setup(CFG, &eps, policy);
+    // a burst: every endpoint busy with requests held in flight, the total read at its start now out of date
+    let held: Vec<Pending> =
+        (0..400).map(|k| forward(&mut w, &s, &Req::new().with("x-user", &format!("held-{k}")), 0)).collect();
+    let reads = |w: &mut Worker, now: u64| {
+        let before = s.reads();
+        for k in 0..100 {
+            forward(w, &s, &Req::new().with("x-user", &format!("u{k}")), now);
+        }
+        s.reads() - before
+    };
+    // the walk passes over a bounded number of endpoints: not one read per endpoint of the table
+    let burst = reads(&mut w, 10);
+    assert!(burst < 2_000, "{burst} shared-data reads for 100 requests over 100 endpoints");
+    // once the total is read again, the key's endpoint is under the cap: a few reads each
+    let settled = reads(&mut w, 300);
+    assert!(settled < 500, "{settled} shared-data reads for 100 requests over 100 endpoints");
+    assert_eq!(held.len(), 400);
+}
+
+#[test]
 fn consistent_hash_keeps_keys_on_their_endpoint() {
     let policy = r#"{"algorithm":"consistent_hash","consistent_hash":{"key":"query:q"}}"#;
     let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy"), ("c", 1, "healthy")], policy);

@@ -38,6 +38,8 @@ fn args() -> anyhow::Result<Args> {
         }
     }
     anyhow::ensure!(!a.endpoints.is_empty(), "no endpoint ids given");
+    // in the table's order (sorted by id), as the filter lists them
+    a.endpoints.sort();
     Ok(a)
 }
 
