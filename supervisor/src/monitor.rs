@@ -73,7 +73,9 @@ pub async fn run(app: Arc<App>, mut shutdown: tokio::sync::watch::Receiver<bool>
                     if !running.lock().map(|r| r.contains(&key)).unwrap_or(true) {
                         let url = format!("http://{}{}", inst.spec.address, svc.health_check.endpoint);
                         due.push((key, url, Duration::from_millis(svc.health_check.timeout_ms)));
-                        schedule.insert(id.clone(), now + interval.mul_f64(0.9 + fastrand::f64() * 0.2));
+                        if let Some(at) = schedule.get_mut(id.as_str()) {
+                            *at = now + interval.mul_f64(0.9 + fastrand::f64() * 0.2);
+                        }
                     }
                 }
                 schedule.retain(|id, _| svc.instances.contains_key(id));
