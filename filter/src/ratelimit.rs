@@ -1,8 +1,15 @@
-//! Rate limiting: a token bucket per client key, exact across all workers, in bounded memory.
+//! Rate limiting: a token bucket per client key, shared by all workers, in bounded memory.
 //!
 //! Each key has a bucket of capacity `burst_size` that refills at `requests_per_minute / 60` tokens per second; a
 //! request takes one token or is refused (429). Buckets live in shared data so every worker draws from the same one,
-//! updated with compare-and-swap. Memory is bounded by a fixed number of slots: a key hashes to a home slot and may use
+//! updated with compare-and-swap.
+//!
+//! A busy key's tokens are taken ahead: a worker takes up to what the key earns in [`LEASE_MS`] (at most an eighth
+//! of its burst) in one shared update and spends them locally for at most [`LEASE_MS`] ([`Leases`]), so a client
+//! sending thousands of requests a second costs a shared read and write per batch instead of per request. Nothing is
+//! admitted that was not taken from the bucket first, so from any start the admitted count never exceeds burst plus
+//! refill; a worker's unspent tokens are dropped when their lease ends (the client may be refused a little early,
+//! never let through late). A limit under 20 requests a second is taken one token at a time, exactly as before. Memory is bounded by a fixed number of slots: a key hashes to a home slot and may use
 //! any of the next [`PROBES`]; a slot is reused when it is empty, when its bucket is full again (a full bucket is the
 //! same as no bucket, so reusing it loses nothing), or, as a last resort, the least recently used one is evicted (its
 //! client then starts with a fresh bucket, as with NGINX's LRU eviction). A flood of distinct keys therefore cannot grow
@@ -10,17 +17,77 @@
 //!
 //! Tokens are kept in millionths so refill is exact in integers. Time is an argument.
 
+use std::collections::HashMap;
+
 use crate::shared::{SharedStore, UpdateError, keys, update_from};
 
 /// Slots examined per key.
 pub const PROBES: u32 = 4;
 const UNIT: u128 = 1_000_000;
+/// How long a worker may spend tokens it took ahead, and how much of a key's rate it takes at once.
+pub const LEASE_MS: u64 = 50;
+/// Keys a worker holds tokens for; beyond this (a flood of busy keys) requests take one token at a time.
+pub const MAX_LEASES: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub requests_per_minute: u64,
     pub burst_size: u64,
     pub slots: u32,
+}
+
+impl Limits {
+    /// Tokens a worker takes at once: what a key earns in [`LEASE_MS`], at most an eighth of the burst, at least one.
+    pub fn batch(&self) -> u64 {
+        (self.requests_per_minute.saturating_mul(LEASE_MS) / 60_000).min(self.burst_size / 8).max(1)
+    }
+}
+
+/// The tokens one worker took ahead, per key hash, each usable until its lease ends.
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: HashMap<u64, Lease>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    tokens: u64,
+    until_ms: u64,
+}
+
+impl Leases {
+    /// Spends a token held for `key`, if its lease is still on.
+    fn spend(&mut self, key: u64, now_ms: u64) -> Option<u64> {
+        let lease = self.held.get_mut(&key)?;
+        if lease.tokens == 0 || now_ms >= lease.until_ms {
+            self.held.remove(&key);
+            return None;
+        }
+        lease.tokens -= 1;
+        Some(lease.tokens)
+    }
+
+    /// Whether a new lease fits (ended ones are dropped first).
+    fn has_room(&mut self, now_ms: u64) -> bool {
+        if self.held.len() >= MAX_LEASES {
+            self.held.retain(|_, l| l.tokens > 0 && now_ms < l.until_ms);
+        }
+        self.held.len() < MAX_LEASES
+    }
+
+    fn keep(&mut self, key: u64, tokens: u64, now_ms: u64) {
+        if tokens > 0 {
+            self.held.insert(key, Lease { tokens, until_ms: now_ms.saturating_add(LEASE_MS) });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
 }
 
 /// One bucket: owner key hash, tokens in millionths, last refill time.
@@ -66,18 +133,20 @@ impl Bucket {
         b.micro_tokens >= capacity(limits)
     }
 
-    /// Takes one token if there is one.
-    pub fn take(&mut self, limits: &Limits, now_ms: u64) -> Decision {
+    /// Takes up to `want` tokens (at least one) if there is one; the decision and how many were taken.
+    pub fn take(&mut self, limits: &Limits, now_ms: u64, want: u64) -> (Decision, u64) {
         self.refill(limits, now_ms);
-        if self.micro_tokens >= UNIT as u64 {
-            self.micro_tokens -= UNIT as u64;
-            Decision::Allowed { remaining: self.micro_tokens / UNIT as u64 }
+        let whole = self.micro_tokens / UNIT as u64;
+        if whole >= 1 {
+            let taken = want.clamp(1, whole);
+            self.micro_tokens -= taken * UNIT as u64;
+            (Decision::Allowed { remaining: self.micro_tokens / UNIT as u64 }, taken)
         } else {
             let missing = UNIT - u128::from(self.micro_tokens);
             let per_minute = (u128::from(limits.requests_per_minute) * UNIT).max(1);
             let retry_after_ms = (missing * 60_000).div_ceil(per_minute);
             let retry_after_s = retry_after_ms.div_ceil(1000).max(1) as u64;
-            Decision::Limited { retry_after_s }
+            (Decision::Limited { retry_after_s }, 0)
         }
     }
 }
@@ -101,8 +170,33 @@ pub struct Outcome {
     pub contended: bool,
 }
 
-/// Takes a token for `key` (a hash of the client key) from the shared buckets.
-pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_ms: u64) -> (Decision, Outcome) {
+/// Takes a token for `key` (a hash of the client key): one this worker holds, or from the shared buckets (a busy
+/// key's next batch, the rest kept in `leases`).
+pub fn check<S: SharedStore + ?Sized>(
+    store: &S,
+    leases: &mut Leases,
+    limits: &Limits,
+    key: u64,
+    now_ms: u64,
+) -> (Decision, Outcome) {
+    if let Some(remaining) = leases.spend(key, now_ms) {
+        return (Decision::Allowed { remaining }, Outcome::default());
+    }
+    let want = if limits.batch() > 1 && leases.has_room(now_ms) { limits.batch() } else { 1 };
+    let (decision, outcome, taken) = take_shared(store, limits, key, now_ms, want);
+    leases.keep(key, taken.saturating_sub(1), now_ms);
+    (decision, outcome)
+}
+
+/// Takes up to `want` tokens for `key` from the shared buckets: the decision, what else happened, how many were
+/// taken.
+fn take_shared<S: SharedStore + ?Sized>(
+    store: &S,
+    limits: &Limits,
+    key: u64,
+    now_ms: u64,
+    want: u64,
+) -> (Decision, Outcome, u64) {
     let slots = limits.slots.max(1);
     let home = (key % u64::from(slots)) as u32;
     let mut mine = None;
@@ -130,7 +224,7 @@ pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_
         (Some(slot), _) => (slot, false),
         (None, Some((slot, (rank, _)))) => (slot, rank == 2),
         (None, None) => {
-            return (Decision::Allowed { remaining: 0 }, Outcome { evicted: false, contended: true });
+            return (Decision::Allowed { remaining: 0 }, Outcome { evicted: false, contended: true }, 0);
         }
     };
     // the common case (the key sits in a probed slot) reuses the read above: one read and one write per request
@@ -139,13 +233,13 @@ pub fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_
             Some(b) if b.key == key => b,
             _ => Bucket::full(key, limits, now_ms),
         };
-        let d = bucket.take(limits, now_ms);
-        (Some(bucket.encode().to_vec()), d)
+        let taken = bucket.take(limits, now_ms, want);
+        (Some(bucket.encode().to_vec()), taken)
     });
     match result {
-        Ok(d) => (d, Outcome { evicted, contended: false }),
+        Ok((d, taken)) => (d, Outcome { evicted, contended: false }, taken),
         Err(UpdateError::Contended | UpdateError::Host | UpdateError::Absent) => {
-            (Decision::Allowed { remaining: 0 }, Outcome { evicted, contended: true })
+            (Decision::Allowed { remaining: 0 }, Outcome { evicted, contended: true }, 0)
         }
     }
 }
@@ -168,6 +262,11 @@ mod tests {
     use proptest::prelude::*;
 
     const L: Limits = Limits { requests_per_minute: 60, burst_size: 5, slots: 64 };
+
+    /// One token from the shared buckets, as a worker without leases takes it.
+    fn check<S: SharedStore + ?Sized>(store: &S, limits: &Limits, key: u64, now_ms: u64) -> (Decision, Outcome) {
+        super::check(store, &mut Leases::default(), limits, key, now_ms)
+    }
 
     #[test]
     fn burst_then_refuse_then_refill() {
@@ -241,6 +340,67 @@ mod tests {
         assert!(h.contains(&("ratelimit".into(), "\"default\";r=0;t=3".into())));
     }
 
+    /// 100,000 a second, burst 100,000: a worker takes 5,000 tokens (50 ms of the rate) at once.
+    const BUSY: Limits = Limits { requests_per_minute: 6_000_000, burst_size: 100_000, slots: 64 };
+
+    #[test]
+    fn a_busy_key_takes_its_tokens_ahead() {
+        assert_eq!(BUSY.batch(), 5_000);
+        let s = MemoryStore::new();
+        let mut leases = Leases::default();
+        super::check(&s, &mut leases, &BUSY, 9, 0);
+        let first = s.reads();
+        for _ in 1..10_000 {
+            assert!(matches!(super::check(&s, &mut leases, &BUSY, 9, 0).0, Decision::Allowed { .. }));
+        }
+        // one more batch: one shared read (and write) for the next 9,999 requests
+        assert_eq!(s.reads() - first, 1);
+        // the shared bucket shows exactly what was taken
+        let (read_back, _, _) = take_shared(&s, &BUSY, 9, 0, 1);
+        assert_eq!(read_back, Decision::Allowed { remaining: 100_000 - 10_000 - 1 });
+    }
+
+    #[test]
+    fn tokens_taken_ahead_end_with_their_lease() {
+        let s = MemoryStore::new();
+        let mut leases = Leases::default();
+        super::check(&s, &mut leases, &BUSY, 9, 0);
+        let first = s.reads();
+        super::check(&s, &mut leases, &BUSY, 9, LEASE_MS - 1);
+        assert_eq!(s.reads(), first);
+        super::check(&s, &mut leases, &BUSY, 9, LEASE_MS);
+        assert_eq!(s.reads(), first + 1, "the first lease ended: a new batch");
+    }
+
+    #[test]
+    fn a_slow_limit_is_taken_one_token_at_a_time() {
+        assert_eq!(L.batch(), 1);
+        let s = MemoryStore::new();
+        let mut leases = Leases::default();
+        super::check(&s, &mut leases, &L, 42, 1000);
+        let first = s.reads();
+        for _ in 0..4 {
+            super::check(&s, &mut leases, &L, 42, 1000);
+        }
+        assert_eq!(s.reads() - first, 4, "a shared read per request");
+        assert!(leases.is_empty());
+    }
+
+    #[test]
+    fn beyond_the_leases_busy_keys_take_one_token_each() {
+        let s = MemoryStore::new();
+        let limits = Limits { slots: 4096, ..BUSY };
+        let mut leases = Leases::default();
+        for key in 0..MAX_LEASES as u64 + 10 {
+            super::check(&s, &mut leases, &limits, key, 0);
+        }
+        assert_eq!(leases.len(), MAX_LEASES);
+        // a key without a lease takes one token, wasting none of its bucket
+        super::check(&s, &mut leases, &limits, 1_000_000, 0);
+        let (read_back, _, _) = take_shared(&s, &limits, 1_000_000, 0, 1);
+        assert_eq!(read_back, Decision::Allowed { remaining: 100_000 - 2 });
+    }
+
     proptest! {
         /// Over any request pattern, allowed requests never exceed burst + refill over the elapsed time.
         #[test]
@@ -252,6 +412,28 @@ mod tests {
             for step in steps {
                 now += step;
                 if let Decision::Allowed { .. } = check(&s, &limits, 5, now).0 {
+                    allowed += 1;
+                }
+            }
+            let bound = burst + now * rpm / 60_000 + 1;
+            prop_assert!(allowed <= bound, "allowed {} > {}", allowed, bound);
+        }
+
+        /// Several workers taking busy keys' tokens ahead never admit more than the bucket gave out.
+        #[test]
+        fn workers_with_leases_never_allow_more_than_the_bucket(
+            steps in prop::collection::vec((0usize..3, prop_oneof![9 => Just(0u64), 1 => Just(1u64)]), 1..3000),
+            rpm in 60_000u64..600_000,
+            burst in 8u64..2_000,
+        ) {
+            let limits = Limits { requests_per_minute: rpm, burst_size: burst, slots: 16 };
+            let s = MemoryStore::new();
+            let mut workers: Vec<Leases> = (0..3).map(|_| Leases::default()).collect();
+            let mut now = 0;
+            let mut allowed = 0u64;
+            for (worker, step) in steps {
+                now += step;
+                if let Decision::Allowed { .. } = super::check(&s, &mut workers[worker], &limits, 5, now).0 {
                     allowed += 1;
                 }
             }

@@ -60,8 +60,9 @@ pub struct Pending {
     inflight: Option<Held>,
     /// The endpoint the client's valid cookie named, and the cookie's expiry.
     pinned: Option<(String, u64)>,
-    /// The response was seen (`on_response` ran).
+    /// The response was seen (`on_response` ran), and when: an observed request's latency is measured to it.
     pub responded: bool,
+    responded_ms: u64,
     status: u32,
     served: Option<usize>,
     /// The weight of this request's observation (see [`crate::sampling`]); 0: its outcome is not read.
@@ -124,6 +125,8 @@ pub struct Worker {
     stats: GlobalStats,
     rng: fastrand::Rng,
     sampler: Sampler,
+    /// Rate-limit tokens taken ahead for busy keys.
+    leases: ratelimit::Leases,
     ejections: Option<(u32, Ejections)>,
     logs: Vec<String>,
 }
@@ -147,6 +150,7 @@ impl Worker {
             stats: GlobalStats::default(),
             rng: fastrand::Rng::with_seed(seed),
             sampler: Sampler::default(),
+            leases: ratelimit::Leases::default(),
             ejections: None,
             logs: Vec::new(),
         };
@@ -414,7 +418,7 @@ impl Worker {
         {
             key = format!("r:{name}:{key}");
         }
-        let (decision, outcome) = ratelimit::check(store, &snap.limits, hash_key(snap.seed, key.as_bytes()), now_ms);
+        let (decision, outcome) = ratelimit::check(store, &mut self.leases, &snap.limits, hash_key(snap.seed, key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }
@@ -446,6 +450,7 @@ impl Worker {
         store: &S,
     ) -> Option<String> {
         p.responded = true;
+        p.responded_ms = now_ms;
         p.status = resp.status;
         let snap = p.snap.clone()?;
         let address_of = |i: usize| snap.endpoint(i).map(|e| e.address.as_str());
@@ -608,7 +613,8 @@ impl Worker {
         }
     }
 
-    /// The request is over (answered, failed or abandoned). `now_ms` only matters for an observed request.
+    /// The request is over (answered, failed or abandoned). `now_ms` only matters for an observed request whose
+    /// response was not recorded: a recorded one is measured to its response (which saves the adapter a clock read).
     pub fn on_done<S: SharedStore + ?Sized>(&mut self, p: &mut Pending, now_ms: u64, store: &S) {
         self.release_inflight(p, store);
         let Some(i) = p.served.or(p.listed.first().copied()).and_then(|i| self.current_index(p, i)) else { return };
@@ -618,6 +624,7 @@ impl Worker {
             }
             return;
         }
+        let now_ms = if p.responded { p.responded_ms } else { now_ms };
         let latency_ms = now_ms.saturating_sub(p.start_ms);
         let error = p.status == 0 || p.status >= 500;
         if let Some(e) = self.endpoints.get_mut(i) {

@@ -94,6 +94,58 @@ async fn a_client_cannot_pick_the_upstream(kind: Kind) {
     }
 }
 
+/// Envoy shares one VM between the filter plugins of one `vm_id`, and the filter makes a request's state at its
+/// headers (it exports no `proxy_on_context_create`): each request must still be served under its own plugin's
+/// configuration. Two listeners, the same root id, two plugin names: one plugin with sticky sessions, one without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_plugins_sharing_a_vm_each_serve_under_their_own_configuration() {
+    let mut backends = Vec::new();
+    for i in 1..=3 {
+        backends.push(Backend::start(&format!("av-{i}")).await.unwrap());
+    }
+    let eps = backends.iter().map(|b| endpoint(&b.id, b.addr, 100, "healthy")).collect();
+    let table = TableServer::start(SERVICE, eps, Value::Null).await.unwrap();
+    let plain = filter_config(&table, "500ms", json!({}));
+    let sticky =
+        filter_config(&table, "500ms", json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}}));
+    let rendered = equilibrio_tests::envoy::render_config(&plain, table.addr()).unwrap();
+    // a second listener: a copy of the first, its plugin named apart and configured with sticky sessions
+    let start = rendered.find("  - name: ingress\n").expect("the ingress listener");
+    let end = rendered.find("\n  clusters:").expect("the clusters");
+    let plain_value = format!("value: '{}'", plain.to_string().replace('\'', "''"));
+    let second = rendered[start..end]
+        .replace("- name: ingress\n", "- name: ingress_sticky\n")
+        .replace("stat_prefix: ingress", "stat_prefix: ingress_sticky")
+        .replace("name: equilibrio\n", "name: equilibrio_sticky\n")
+        .replace(&plain_value, &format!("value: '{}'", sticky.to_string().replace('\'', "''")));
+    assert!(second.contains("equilibrio_sticky") && second.contains("sticky_sessions"), "{second}");
+    let config = format!("{}{}\n{}", &rendered[..end], second.trim_end_matches('\n'), &rendered[end..]);
+    let envoy = equilibrio_tests::envoy::Envoy::start_with(&config).await.unwrap();
+    let listeners: Value = reqwest::get(format!("http://{}/listeners?format=json", envoy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let port_of = |name: &str| {
+        let statuses = listeners["listener_statuses"].as_array().unwrap();
+        let l = statuses.iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {listeners}"));
+        l["local_address"]["socket_address"]["port_value"].as_u64().unwrap()
+    };
+    let (plain_port, sticky_port) = (port_of("ingress"), port_of("ingress_sticky"));
+    let proxy = Proxy::Envoy(envoy);
+    proxy.wait_for_table(3, 1).await.unwrap();
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let r = client.get(format!("http://127.0.0.1:{plain_port}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("set-cookie").is_none(), "the plain plugin's request got a session cookie");
+        let r = client.get(format!("http://127.0.0.1:{sticky_port}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("set-cookie").is_some(), "the sticky plugin's new session got no cookie");
+    }
+}
+
 /// Envoy removes a client's `x-equilibrio-upstream` before any filter runs (early header mutation), so even a request
 /// the filter keeps no state for cannot steer the override-host balancer. Here the HTTP filter runs the poller's root,
 /// which has no per-request state: the header reaches the router untouched unless the connection manager stripped it.

@@ -127,16 +127,12 @@ impl Stream {
         if let Some(mut pending) = self.pending.take()
             && let Ok(mut worker) = self.worker.try_borrow_mut()
         {
-            // a request left out by sampling costs no host call at its end
-            let now = if pending.observed() {
-                if !pending.responded {
-                    record_response(&mut worker, &mut pending);
-                }
-                host::now_ms()
-            } else {
-                0
-            };
-            worker.on_done(&mut pending, now, &HostStore);
+            // a request left out by sampling costs no host call at its end; an observed one is measured to its
+            // response, read here if the response headers did not read it already
+            if pending.observed() && !pending.responded {
+                record_response(&mut worker, &mut pending);
+            }
+            worker.on_done(&mut pending, 0, &HostStore);
             FilterRoot::log_pending(&mut worker);
         }
     }

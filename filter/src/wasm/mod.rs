@@ -4,11 +4,13 @@
 //! One `.wasm`, two roles chosen by the plugin's root id: `equilibrio_poller` is the singleton service (Envoy's
 //! `envoy.bootstrap.wasm`) that fetches the table and reports; any other root id is the HTTP filter on a worker.
 //!
-//! The module exports only the callbacks it uses: a context's creation, the configuration, the tick, the answers to
-//! HTTP calls, and per request its headers, its response headers and its end (`proxy_on_log`). A host skips what is
-//! not exported, and in Envoy every callback entered costs more than the filter's own work (see [`abi`]): a request
-//! enters the VM four times instead of seven. The end of a request is `proxy_on_log`, which both Envoy and
-//! equilibrio-host call once for every request, so there is no `proxy_on_done` or `proxy_on_delete`.
+//! The module exports only the callbacks it uses: the configuration, the tick, the answers to HTTP calls, and per
+//! request its headers, its response headers and its end (`proxy_on_log`). A host skips what is not exported, and in
+//! Envoy every callback entered costs more than the filter's own work (see [`abi`]): a request enters the VM three
+//! times (twice without sticky sessions) instead of seven. The end of a request is `proxy_on_log`, which both Envoy
+//! and equilibrio-host call once for every request, so there is no `proxy_on_done` or `proxy_on_delete`; and there is
+//! no `proxy_on_context_create`: a root is made when it is configured, a request's state at its headers (see
+//! [`Contexts::stream`] for which root it belongs to).
 
 // the exports are `#[unsafe(no_mangle)]` (the ABI names them); there is no `unsafe` block here
 #![allow(unsafe_code)]
@@ -38,17 +40,75 @@ enum Root {
     Poller(Box<PollerRoot>),
 }
 
+/// Which plugin a root serves, as the host names it (`plugin_root_id`, `plugin_name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PluginKey {
+    root_id: String,
+    name: String,
+}
+
+impl PluginKey {
+    fn of_current() -> PluginKey {
+        PluginKey {
+            root_id: host::property_string(&["plugin_root_id"]).unwrap_or_default(),
+            name: host::property_string(&["plugin_name"]).unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Contexts {
-    roots: HashMap<u32, Root>,
+    roots: HashMap<u32, (PluginKey, Root)>,
     streams: HashMap<u32, Stream>,
     dropped_streams: u64,
 }
 
 impl Contexts {
-    fn new_stream(&mut self, context_id: u32, root_id: u32) {
-        let Some(Root::Filter(root)) = self.roots.get(&root_id) else { return };
-        let Some(stream) = root.new_stream() else { return };
+    /// The root being configured: a new one replaces any root of the same plugin (a configuration update makes a new
+    /// root; requests under way keep the old one's state).
+    fn configured_root(&mut self, root_id: u32) -> Option<&mut Root> {
+        let key = PluginKey::of_current();
+        if self.roots.get(&root_id).is_none_or(|(k, _)| *k != key) {
+            self.roots.retain(|_, (k, _)| *k != key);
+            let root = if key.root_id == POLLER_ROOT_ID {
+                Root::Poller(Box::new(PollerRoot::new()))
+            } else {
+                Root::Filter(FilterRoot::new(root_id))
+            };
+            self.roots.insert(root_id, (key, root));
+        }
+        self.roots.get_mut(&root_id).map(|(_, r)| r)
+    }
+
+    /// The state of request `context_id`, made at its first callback. Its root is the VM's filter root; only when a
+    /// VM serves several filter plugins (Envoy shares a VM between plugins of the same `vm_id`) does the request ask
+    /// the host which plugin it runs under: one or two host calls, instead of a `proxy_on_context_create` entry into
+    /// the VM for every request of every configuration.
+    fn stream(&mut self, context_id: u32) -> Option<&mut Stream> {
+        if !self.streams.contains_key(&context_id) {
+            let stream = self.root_for_stream()?.new_stream()?;
+            self.insert_stream(context_id, stream);
+        }
+        self.streams.get_mut(&context_id)
+    }
+
+    fn root_for_stream(&self) -> Option<&FilterRoot> {
+        let mut filters = self.roots.values().filter_map(|(k, r)| match r {
+            Root::Filter(f) => Some((k, f)),
+            Root::Poller(_) => None,
+        });
+        let first = filters.next()?;
+        if filters.next().is_none() {
+            return Some(first.1);
+        }
+        let key = PluginKey::of_current();
+        self.roots.values().find_map(|(k, r)| match r {
+            Root::Filter(f) if *k == key => Some(f),
+            _ => None,
+        })
+    }
+
+    fn insert_stream(&mut self, context_id: u32, stream: Stream) {
         if self.streams.len() >= MAX_STREAMS {
             // context ids grow: keep the newest half
             let floor = context_id.wrapping_sub((MAX_STREAMS / 2) as u32);
@@ -77,29 +137,11 @@ fn with<R>(f: impl FnOnce(&mut Contexts) -> R) -> Option<R> {
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
-/// A root context (`parent` 0: a plugin) or a request's context (`parent`: its plugin's root).
-#[unsafe(no_mangle)]
-pub extern "C" fn proxy_on_context_create(context_id: u32, parent: u32) {
-    with(|c| {
-        if parent != 0 {
-            c.new_stream(context_id, parent);
-            return;
-        }
-        let root_id = host::property_string(&["plugin_root_id"]).unwrap_or_default();
-        let root = if root_id == POLLER_ROOT_ID {
-            Root::Poller(Box::new(PollerRoot::new()))
-        } else {
-            Root::Filter(FilterRoot::new(context_id))
-        };
-        c.roots.insert(context_id, root);
-    });
-}
-
-/// The plugin's configuration; `0` refuses it (the host then refuses the plugin).
+/// The plugin's configuration (its root is made here); `0` refuses it (the host then refuses the plugin).
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
     let bytes = abi::buffer(BufferType::PluginConfiguration, size).unwrap_or_default();
-    let accepted = with(|c| match c.roots.get_mut(&root_id) {
+    let accepted = with(|c| match c.configured_root(root_id) {
         Some(Root::Filter(root)) => root.on_configure(&bytes),
         Some(Root::Poller(root)) => root.on_configure(&bytes),
         None => false,
@@ -110,8 +152,8 @@ pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_tick(root_id: u32) {
     with(|c| match c.roots.get_mut(&root_id) {
-        Some(Root::Filter(root)) => root.on_tick(),
-        Some(Root::Poller(root)) => root.on_tick(),
+        Some((_, Root::Filter(root))) => root.on_tick(),
+        Some((_, Root::Poller(root))) => root.on_tick(),
         None => {}
     });
 }
@@ -119,7 +161,7 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_http_call_response(root_id: u32, token: u32, headers: usize, body_size: usize, _: usize) {
     with(|c| {
-        if let Some(Root::Poller(root)) = c.roots.get_mut(&root_id) {
+        if let Some((_, Root::Poller(root))) = c.roots.get_mut(&root_id) {
             root.on_http_call_response(token, headers, body_size);
         }
     });
@@ -127,7 +169,7 @@ pub extern "C" fn proxy_on_http_call_response(root_id: u32, token: u32, headers:
 
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_request_headers(context_id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
-    let action = with(|c| c.streams.get_mut(&context_id).map(Stream::on_request_headers)).flatten();
+    let action = with(|c| c.stream(context_id).map(Stream::on_request_headers)).flatten();
     action.unwrap_or(Action::Continue) as u32
 }
 

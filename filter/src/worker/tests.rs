@@ -382,10 +382,10 @@ fn response_time_prefers_the_fast_endpoint() {
         w.on_response(
             &mut p,
             ResponseInfo { status: 200, upstream_address: Some(&primary), gateway_failure: false },
-            now,
+            now + latency,
             &s,
         );
-        w.on_done(&mut p, now + latency, &s);
+        w.on_done(&mut p, 0, &s);
     }
     assert!(slow_hits < 60, "slow endpoint got {slow_hits} of 400");
 }
@@ -504,10 +504,10 @@ fn sampled_load(policy: &str, seconds: u64) -> (u64, crate::report::Report) {
         w.on_response(
             &mut p,
             ResponseInfo { status, upstream_address: Some(&primary), gateway_failure: false },
-            now,
+            now + 4,
             &s,
         );
-        w.on_done(&mut p, now + 4, &s);
+        w.on_done(&mut p, 0, &s);
     }
     w.flush(&s);
     (observed, poller.collect(&s, 1_000_000 + n / 20).0)
