@@ -418,7 +418,8 @@ impl Worker {
         {
             key = format!("r:{name}:{key}");
         }
-        let (decision, outcome) = ratelimit::check(store, &mut self.leases, &snap.limits, hash_key(snap.seed, key.as_bytes()), now_ms);
+        let (decision, outcome) =
+            ratelimit::check(store, &mut self.leases, &snap.limits, hash_key(snap.seed, key.as_bytes()), now_ms);
         if outcome.evicted {
             self.stats.rate_limit_evictions += 1;
         }

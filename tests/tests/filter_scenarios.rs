@@ -106,8 +106,11 @@ async fn envoy_plugins_sharing_a_vm_each_serve_under_their_own_configuration() {
     let eps = backends.iter().map(|b| endpoint(&b.id, b.addr, 100, "healthy")).collect();
     let table = TableServer::start(SERVICE, eps, Value::Null).await.unwrap();
     let plain = filter_config(&table, "500ms", json!({}));
-    let sticky =
-        filter_config(&table, "500ms", json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}}));
+    let sticky = filter_config(
+        &table,
+        "500ms",
+        json!({"sticky_sessions": {"enabled": true, "secret": SECRET, "secure": false}}),
+    );
     let rendered = equilibrio_tests::envoy::render_config(&plain, table.addr()).unwrap();
     // a second listener: a copy of the first, its plugin named apart and configured with sticky sessions
     let start = rendered.find("  - name: ingress\n").expect("the ingress listener");
@@ -121,12 +124,8 @@ async fn envoy_plugins_sharing_a_vm_each_serve_under_their_own_configuration() {
     assert!(second.contains("equilibrio_sticky") && second.contains("sticky_sessions"), "{second}");
     let config = format!("{}{}\n{}", &rendered[..end], second.trim_end_matches('\n'), &rendered[end..]);
     let envoy = equilibrio_tests::envoy::Envoy::start_with(&config).await.unwrap();
-    let listeners: Value = reqwest::get(format!("http://{}/listeners?format=json", envoy.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listeners: Value =
+        reqwest::get(format!("http://{}/listeners?format=json", envoy.admin)).await.unwrap().json().await.unwrap();
     let port_of = |name: &str| {
         let statuses = listeners["listener_statuses"].as_array().unwrap();
         let l = statuses.iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {listeners}"));
