@@ -5,6 +5,9 @@
 //! endpoint moving). A value that does not verify (tampered, expired, garbage, another secret) decodes to nothing and
 //! the request is balanced as if it had no cookie: never an error to the client.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::{Hmac, Mac};
@@ -23,9 +26,15 @@ const MAX_VALUE_LEN: usize = 512;
 /// request of 600 forged values cost 20 plain requests' CPU; beyond this many, the rest are not looked at.
 pub const MAX_CHECKED_VALUES: usize = 2;
 
+/// Cookie values verified recently, kept per codec (a new secret starts empty). A returning client sends the same
+/// value on every request; its HMAC is checked once, then looked up. Only values that verified are kept, so a client
+/// cannot fill it with forgeries; it is emptied when full.
+const MAX_VERIFIED: usize = 1024;
+
 #[derive(Clone)]
 pub struct StickyCodec {
     mac: HmacSha256,
+    verified: RefCell<HashMap<String, (String, u64)>>,
 }
 
 impl std::fmt::Debug for StickyCodec {
@@ -36,7 +45,7 @@ impl std::fmt::Debug for StickyCodec {
 
 impl StickyCodec {
     pub fn new(secret: &[u8]) -> Option<StickyCodec> {
-        HmacSha256::new_from_slice(secret).ok().map(|mac| StickyCodec { mac })
+        HmacSha256::new_from_slice(secret).ok().map(|mac| StickyCodec { mac, verified: RefCell::default() })
     }
 
     fn tag(&self, id: &str, expires: u64) -> HmacSha256 {
@@ -55,6 +64,21 @@ impl StickyCodec {
 
     /// The endpoint id and expiry (unix seconds) of a valid, unexpired value.
     pub fn decode(&self, value: &str, now_unix_s: u64) -> Option<(String, u64)> {
+        if let Some((id, expires)) = self.verified.borrow().get(value) {
+            return (*expires > now_unix_s).then(|| (id.clone(), *expires));
+        }
+        let (id, expires) = self.verify(value)?;
+        if let Ok(mut verified) = self.verified.try_borrow_mut() {
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+            verified.insert(value.to_string(), (id.clone(), expires));
+        }
+        (expires > now_unix_s).then_some((id, expires))
+    }
+
+    /// The endpoint id and expiry a value's signature vouches for (expired or not).
+    fn verify(&self, value: &str) -> Option<(String, u64)> {
         if value.len() > MAX_VALUE_LEN {
             return None;
         }
@@ -68,7 +92,13 @@ impl StickyCodec {
         let tag = B64.decode(tag).ok()?;
         // constant-time comparison
         self.tag(&id, expires).verify_slice(&tag).ok()?;
-        (expires > now_unix_s).then_some((id, expires))
+        Some((id, expires))
+    }
+
+    /// How many verified values are kept.
+    #[cfg(test)]
+    fn verified_len(&self) -> usize {
+        self.verified.borrow().len()
     }
 }
 
@@ -152,6 +182,31 @@ mod tests {
         for garbage in ["", ".", "..", "a.b.c", "a.b.c.d", "%%%.1.%%%", &"x".repeat(10_000)] {
             assert_eq!(c.decode(garbage, 0), None);
         }
+    }
+
+    #[test]
+    fn a_verified_value_is_kept_and_still_expires() {
+        let c = codec();
+        let v = c.encode("av-1", 1_000);
+        assert_eq!(c.decode(&v, 10), Some(("av-1".to_string(), 1_000)));
+        assert_eq!(c.verified_len(), 1);
+        // the second time it is looked up (the id changed under it would show), and its expiry still holds
+        c.verified.borrow_mut().insert(v.clone(), ("looked-up".into(), 1_000));
+        assert_eq!(c.decode(&v, 11), Some(("looked-up".to_string(), 1_000)));
+        assert_eq!(c.decode(&v, 1_000), None, "expired");
+        // forgeries are never kept
+        let forged = format!("{}.{}", B64.encode("av-2"), v.split_once('.').unwrap().1);
+        for _ in 0..10 {
+            assert_eq!(c.decode(&forged, 0), None);
+        }
+        assert_eq!(c.verified_len(), 1);
+        // bounded
+        for i in 0..MAX_VERIFIED as u64 + 5 {
+            assert!(c.decode(&c.encode("av-1", 2_000 + i), 0).is_some());
+        }
+        assert!(c.verified_len() <= MAX_VERIFIED);
+        // another secret keeps its own
+        assert_eq!(StickyCodec::new(b"another-secret-of-16+").unwrap().decode(&v, 10), None);
     }
 
     proptest! {

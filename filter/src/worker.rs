@@ -85,6 +85,12 @@ impl Pending {
         self.weight > 0
     }
 
+    /// When the request started: the time an unobserved request's response is handled at (its cookie's renewal,
+    /// its passive-health outcome), which spares the adapter a clock read.
+    pub fn started_ms(&self) -> u64 {
+        self.start_ms
+    }
+
     fn id(&self, i: usize) -> Option<&str> {
         self.snap.as_ref()?.endpoint(i).map(|e| e.id.as_str())
     }
@@ -387,8 +393,9 @@ impl Worker {
         {
             self.acquire_inflight(&mut pending, primary, store);
         }
-        // sticky sessions read every response anyway (for the cookie), and a trial's outcome decides the breaker
-        pending.weight = if snap.codec.is_some() || pending.trial.is_some() {
+        // a trial's outcome decides the breaker. (Sticky sessions read every response's status and host for the
+        // cookie, and passive health sees them all; only the latency, which costs a clock read, is sampled.)
+        pending.weight = if pending.trial.is_some() {
             1
         } else {
             self.sampler.sample(now_ms, snap.policy.observation.max_per_second, &mut self.rng)

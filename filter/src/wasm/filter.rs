@@ -150,5 +150,7 @@ fn record_response(worker: &mut Worker, pending: &mut Pending) -> Option<String>
         upstream_address: upstream.as_deref(),
         gateway_failure: flags & GATEWAY_FAILURE_FLAGS != 0,
     };
-    worker.on_response(pending, info, host::now_ms(), &HostStore)
+    // the clock only for an observed request (its latency)
+    let now = if pending.observed() { host::now_ms() } else { pending.started_ms() };
+    worker.on_response(pending, info, now, &HostStore)
 }

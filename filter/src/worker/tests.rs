@@ -530,10 +530,38 @@ fn under_load_outcomes_are_sampled_and_the_report_stays_unbiased() {
 }
 
 #[test]
-fn sampling_can_be_turned_off_and_sticky_sessions_read_every_outcome() {
+fn sampling_can_be_turned_off() {
     assert_eq!(sampled_load(r#"{"observation":{"max_per_second":0}}"#, 2).0, 40_000);
-    let sticky = format!(r#"{{"sticky_sessions":{{"enabled":true,"secret":"{SECRET}"}}}}"#);
-    assert_eq!(sampled_load(&sticky, 2).0, 40_000);
+}
+
+/// With sticky sessions every response is read (its cookie, its outcome for passive health), but only a sample of
+/// requests is timed (the clock read the adapter saves on the others).
+#[test]
+fn sticky_sessions_read_every_response_and_time_a_sample() {
+    let policy = format!(r#"{{"sticky_sessions":{{"enabled":true,"secret":"{SECRET}"}}}}"#);
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], &policy);
+    let (mut observed, mut cookies) = (0, 0);
+    let n = 40_000u64;
+    for i in 0..n {
+        let now = 1_000_000 + i / 20;
+        let mut p = forward(&mut w, &s, &Req::new(), now);
+        assert!(p.needs_response_headers());
+        let primary = p.upstreams.split(',').next().unwrap().to_string();
+        let at = if p.observed() {
+            observed += 1;
+            now + 4
+        } else {
+            p.started_ms()
+        };
+        let info = ResponseInfo { status: 200, upstream_address: Some(&primary), gateway_failure: false };
+        if w.on_response(&mut p, info, at, &s).is_some() {
+            cookies += 1;
+        }
+        w.on_done(&mut p, 0, &s);
+    }
+    assert_eq!(cookies, n, "every new session gets its cookie");
+    // the first second in full, then about 1,000 a second
+    assert!((20_000..=22_000).contains(&observed), "{observed} requests timed");
 }
 
 /// A worker of a proxy in zone `a`, over endpoints `a1..a3` (ports 8000-8002) and `b1..b3` (8003-8005), of which the
