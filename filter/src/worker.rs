@@ -60,6 +60,9 @@ pub struct Pending {
     inflight: Option<Held>,
     /// The endpoint the client's valid cookie named, and the cookie's expiry.
     pinned: Option<(String, u64)>,
+    /// The client's cookie pins the endpoint the request goes to first and needs no renewal: unless an attempt
+    /// fails over to another host, its response gets no cookie.
+    settled: bool,
     /// The response was seen (`on_response` ran), and when: an observed request's latency is measured to it.
     pub responded: bool,
     responded_ms: u64,
@@ -75,9 +78,12 @@ pub struct Pending {
 
 impl Pending {
     /// Whether the adapter must call [`Worker::on_response`] at the response headers (to add a cookie): the request's
-    /// policy (its route's) has sticky sessions.
+    /// policy (its route's) has sticky sessions, and its session is new or due a renewal, or the request is observed
+    /// (then a fail-over to another host re-pins the client at once). A settled session's unobserved request reads
+    /// nothing of its response: should its endpoint fail, the observed requests eject it, and the client is re-pinned
+    /// then.
     pub fn needs_response_headers(&self) -> bool {
-        self.snap.as_ref().is_some_and(|s| s.codec.is_some())
+        self.snap.as_ref().is_some_and(|s| s.codec.is_some()) && (!self.settled || self.observed())
     }
 
     /// Whether the adapter reads this request's outcome (status, answering host, end time) at its end.
@@ -388,6 +394,12 @@ impl Worker {
             }
         }
         pending.upstreams = header;
+        if let Some((id, _)) = &pending.pinned {
+            let first = pending.listed.first().and_then(|&i| snap.endpoint(i));
+            let ttl_ms = snap.policy.sticky_sessions.ttl.0;
+            pending.settled = first.is_some_and(|e| e.id == *id)
+                && sticky::renewal(pending.pinned.as_ref(), id, now_ms, ttl_ms).is_none();
+        }
         if let Some(&primary) = pending.listed.first()
             && pending.inflight.is_none()
         {

@@ -534,6 +534,42 @@ fn sampling_can_be_turned_off() {
     assert_eq!(sampled_load(r#"{"observation":{"max_per_second":0}}"#, 2).0, 40_000);
 }
 
+/// A client whose cookie pins the endpoint its request goes to, and needs no renewal, gets nothing from the response:
+/// its unobserved requests read nothing at the response headers. A new session, a renewal, or a pin that cannot be
+/// honoured still reads the response (for the cookie).
+#[test]
+fn a_settled_session_reads_its_response_only_when_observed() {
+    let eps = [("a", 100, "healthy"), ("b", 100, "healthy"), ("c", 100, "healthy")];
+    let (mut w, mut poller, s) = setup(CFG, &eps, &sticky_policy());
+    let start = 1_000_000;
+    let (first, cookie) = run(&mut w, &s, &Req::new(), start);
+    let value = cookie.unwrap().split(';').next().unwrap().to_string();
+    let with_cookie = Req::new().with("cookie", &value);
+    let (mut unobserved, mut read) = (0, 0);
+    for i in 0..40_000u64 {
+        let mut p = forward(&mut w, &s, &with_cookie, start + 1 + i / 20);
+        assert_eq!(p.upstreams.split(',').next(), Some(first.as_str()));
+        assert_eq!(p.needs_response_headers(), p.observed(), "request {i}");
+        if p.needs_response_headers() {
+            read += 1;
+        } else {
+            unobserved += 1;
+        }
+        w.on_done(&mut p, 0, &s);
+    }
+    assert!(unobserved > 10_000 && read > 1_000, "{unobserved} unobserved, {read} read");
+    // a new session, and a cookie due a renewal, read it
+    assert!(forward(&mut w, &s, &Req::new(), start + 2_100).needs_response_headers());
+    assert!(forward(&mut w, &s, &with_cookie, start + 40_000).needs_response_headers());
+    // the pinned endpoint cannot take it: the client is re-pinned from this response
+    let idx = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"].iter().position(|a| *a == first).unwrap();
+    let mut eps2 = eps;
+    eps2[idx].2 = "unhealthy";
+    publish(&mut poller, &s, 2, &eps2, &sticky_policy());
+    w.refresh(&s);
+    assert!(forward(&mut w, &s, &with_cookie, start + 2_200).needs_response_headers());
+}
+
 /// With sticky sessions every response is read (its cookie, its outcome for passive health), but only a sample of
 /// requests is timed (the clock read the adapter saves on the others).
 #[test]
