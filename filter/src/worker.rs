@@ -39,6 +39,30 @@ pub struct LocalReply {
     pub body: String,
 }
 
+/// The time of one request's headers, read from the host at most once, and only if something needs it.
+struct LazyNow<'a> {
+    clock: &'a dyn Fn() -> u64,
+    read: std::cell::Cell<Option<u64>>,
+}
+
+impl LazyNow<'_> {
+    fn get(&self) -> u64 {
+        match self.read.get() {
+            Some(t) => t,
+            None => {
+                let t = (self.clock)();
+                self.read.set(Some(t));
+                t
+            }
+        }
+    }
+
+    /// The time if it was read, else `recent` (the last time read).
+    fn recent(&self, recent: u64) -> u64 {
+        self.read.get().unwrap_or(recent)
+    }
+}
+
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Verdict {
@@ -137,6 +161,8 @@ pub struct Worker {
     stats: GlobalStats,
     rng: fastrand::Rng,
     sampler: Sampler,
+    /// The last time read (unix ms): what needs only a recent time uses it instead of reading the clock.
+    last_ms: u64,
     /// Rate-limit tokens taken ahead for busy keys.
     leases: ratelimit::Leases,
     ejections: Option<(u32, Ejections)>,
@@ -162,6 +188,7 @@ impl Worker {
             stats: GlobalStats::default(),
             rng: fastrand::Rng::with_seed(seed),
             sampler: Sampler::default(),
+            last_ms: 0,
             leases: ratelimit::Leases::default(),
             ejections: None,
             logs: Vec::new(),
@@ -262,7 +289,36 @@ impl Worker {
         }
     }
 
+    /// A request's headers at time `now_ms`: where it goes, or the local reply.
     pub fn on_request<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, now_ms: u64, store: &S) -> Verdict {
+        self.on_request_at(req, &|| now_ms, store)
+    }
+
+    /// [`Worker::on_request`] with the time read only if the request needs it (`clock`: the host's clock, read at most
+    /// once): rate limiting, sticky cookies, ejections and an observed request's start do; the rest (the sampler's
+    /// per-second budget, the balancers' decay and cache ages) uses the last time read, which observed requests keep
+    /// within about a millisecond under load (and every request is observed below the sampling rate).
+    pub fn on_request_at<S: SharedStore + ?Sized>(
+        &mut self,
+        req: &dyn RequestView,
+        clock: &dyn Fn() -> u64,
+        store: &S,
+    ) -> Verdict {
+        let now = LazyNow { clock, read: std::cell::Cell::new(None) };
+        let verdict = self.decide(req, &now, store);
+        if let Some(t) = now.read.get() {
+            self.last_ms = self.last_ms.max(t);
+        }
+        verdict
+    }
+
+    /// The last time read: ticks and observed requests keep it fresh.
+    pub fn observe_time(&mut self, now_ms: u64) {
+        self.last_ms = self.last_ms.max(now_ms);
+    }
+
+    fn decide<S: SharedStore + ?Sized>(&mut self, req: &dyn RequestView, now: &LazyNow<'_>, store: &S) -> Verdict {
+        let recent_ms = self.last_ms;
         if self.seq == 0 {
             // no table yet: look on every request until the first one arrives (afterwards the tick refreshes)
             self.refresh(store);
@@ -274,15 +330,16 @@ impl Worker {
             None => self.snap.clone(),
         };
         if snap.policy.rate_limiting.enabled
-            && let Some(reply) = self.rate_limit(&snap, route, req, now_ms, store)
+            && let Some(reply) = self.rate_limit(&snap, route, req, now.get(), store)
         {
             return Verdict::Reply(reply);
         }
 
         // the common case (nothing ejected) borrows the snapshot's candidate list: no work per request
-        let ejections = self.ejections.as_ref().map(|(_, e)| e).filter(|e| e.active(now_ms) > 0);
+        let ejections =
+            self.ejections.as_ref().map(|(_, e)| e).filter(|e| !e.entries.is_empty() && e.active(now.get()) > 0);
         let ejected: Vec<bool> = match ejections {
-            Some(ej) => snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now_ms)).collect(),
+            Some(ej) => snap.endpoints().iter().map(|e| ej.is_ejected(&e.id, now.get())).collect(),
             None => Vec::new(),
         };
         let is_ejected = |i: usize| ejected.get(i).copied().unwrap_or(false);
@@ -296,12 +353,12 @@ impl Worker {
             candidates = std::borrow::Cow::Borrowed(&snap.new_session_candidates);
         }
 
-        let mut pending = Pending { start_ms: now_ms, snap: Some(snap.clone()), route, ..Pending::default() };
+        let mut pending = Pending { start_ms: recent_ms, snap: Some(snap.clone()), route, ..Pending::default() };
         let mut order: Vec<usize> = Vec::with_capacity(MAX_UPSTREAMS);
 
         // a half-open endpoint due a trial gets this request first (the retries still go elsewhere)
         if !ejected.is_empty()
-            && let Some(i) = self.take_trial(&snap, store, now_ms)
+            && let Some(i) = self.take_trial(&snap, store, now.get())
         {
             pending.trial = snap.endpoint(i).map(|e| e.id.clone());
             order.push(i);
@@ -311,7 +368,7 @@ impl Worker {
             && order.is_empty()
         {
             let name = &snap.policy.sticky_sessions.cookie_name;
-            let pin = sticky::resolve(codec, req.header("cookie").as_deref(), name, now_ms / 1000);
+            let pin = sticky::resolve(codec, req.header("cookie").as_deref(), name, now.get() / 1000);
             if pin.invalid {
                 self.stats.sticky_invalid += 1;
             }
@@ -344,7 +401,7 @@ impl Worker {
                 None => &candidates[..],
             };
             let inflight = |i: usize| snap.inflight_keys.get(i).map_or(0, |k| shared::get_i64(store, k));
-            order = selector.pick(&snap, req, in_zone, inflight, now_ms, &mut self.rng);
+            order = selector.pick(&snap, req, in_zone, inflight, now.recent(recent_ms), &mut self.rng);
             // one retry in the same zone, then one outside it: a zone that fails as a whole costs no request
             if plan.is_some() {
                 fill_retries(&mut order, in_zone, MAX_UPSTREAMS - 1);
@@ -398,7 +455,7 @@ impl Worker {
             let first = pending.listed.first().and_then(|&i| snap.endpoint(i));
             let ttl_ms = snap.policy.sticky_sessions.ttl.0;
             pending.settled = first.is_some_and(|e| e.id == *id)
-                && sticky::renewal(pending.pinned.as_ref(), id, now_ms, ttl_ms).is_none();
+                && sticky::renewal(pending.pinned.as_ref(), id, now.get(), ttl_ms).is_none();
         }
         if let Some(&primary) = pending.listed.first()
             && pending.inflight.is_none()
@@ -410,8 +467,12 @@ impl Worker {
         pending.weight = if pending.trial.is_some() {
             1
         } else {
-            self.sampler.sample(now_ms, snap.policy.observation.max_per_second, &mut self.rng)
+            self.sampler.sample(now.recent(recent_ms), snap.policy.observation.max_per_second, &mut self.rng)
         };
+        // an observed request is timed from now; a request that read the clock anyway starts then
+        if pending.observed() || now.read.get().is_some() {
+            pending.start_ms = now.get();
+        }
         Verdict::Forward(pending)
     }
 

@@ -67,6 +67,7 @@ impl FilterRoot {
         if let Some(worker) = &self.worker
             && let Ok(mut w) = worker.try_borrow_mut()
         {
+            w.observe_time(host::now_ms());
             w.refresh(&HostStore);
             w.flush(&HostStore);
             Self::log_pending(&mut w);
@@ -91,7 +92,7 @@ impl Stream {
             abi::set_header(HeaderMap::Request, UPSTREAM_HEADER, None);
             return Action::Continue;
         };
-        let verdict = worker.on_request(&HostRequest, host::now_ms(), &HostStore);
+        let verdict = worker.on_request_at(&HostRequest, &host::now_ms, &HostStore);
         FilterRoot::log_pending(&mut worker);
         match verdict {
             Verdict::Forward(pending) => {

@@ -570,6 +570,42 @@ fn a_settled_session_reads_its_response_only_when_observed() {
     assert!(forward(&mut w, &s, &with_cookie, start + 2_200).needs_response_headers());
 }
 
+/// The clock is read only by what needs it: an observed request (its latency), rate limiting; an unobserved request
+/// of plain balancing reads nothing (the sampler's budget runs on the last time read).
+#[test]
+fn the_clock_is_read_only_when_a_request_needs_it() {
+    let reads = std::cell::Cell::new(0u64);
+    let run = |w: &mut Worker, s: &MemoryStore, now: u64| {
+        let before = reads.get();
+        let clock = || {
+            reads.set(reads.get() + 1);
+            now
+        };
+        let mut p = match w.on_request_at(&Req::new(), &clock, s) {
+            Verdict::Forward(p) => p,
+            Verdict::Reply(r) => panic!("{r:?}"),
+        };
+        w.on_done(&mut p, 0, s);
+        (p.observed(), reads.get() - before)
+    };
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], "{}");
+    let (mut observed, mut unobserved) = (0, 0);
+    for i in 0..40_000u64 {
+        let (seen, read) = run(&mut w, &s, 1_000_000 + i / 20);
+        assert_eq!(read, u64::from(seen), "request {i}: observed {seen}, clock read {read} times");
+        if seen { observed += 1 } else { unobserved += 1 }
+    }
+    // the sampler still keeps to its budget on the time the observed requests read: the first second in full, then
+    // about 1,000 a second
+    assert!((20_000..=22_000).contains(&observed) && unobserved > 18_000, "{observed} observed");
+    // rate limiting needs the time of every request
+    let limited = r#"{"rate_limiting":{"enabled":true,"requests_per_minute":100000000,"burst_size":1000000}}"#;
+    let (mut w, _, s) = setup(CFG, &[("a", 1, "healthy"), ("b", 1, "healthy")], limited);
+    for i in 0..40_000u64 {
+        assert_eq!(run(&mut w, &s, 1_000_000 + i / 20).1, 1, "request {i}");
+    }
+}
+
 /// With sticky sessions every response is read (its cookie, its outcome for passive health), but only a sample of
 /// requests is timed (the clock read the adapter saves on the others).
 #[test]
