@@ -168,6 +168,9 @@ fn stream_timeout() -> Stop {
     })
 }
 
+/// The paths most requests never take (a filter pausing, body callbacks, a new upstream connection, a retry's wait)
+/// await boxed futures: a future's size is that of its largest state, and every request's future is moved whole at
+/// least once, so the common path should not carry the rare ones' state.
 async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Response<ProxyBody>, Reset> {
     w.stats.downstream_rq_total.inc();
     let (mut parts, body) = req.into_parts();
@@ -196,7 +199,7 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
         guard.push(slot.clone(), context, generation);
         let mut stop = stopped(&mut guard);
         if stop.is_none() && action == Action::Pause {
-            stop = paused(&w, &mut guard, slot, context, generation).await;
+            stop = Box::pin(paused(&w, &mut guard, slot, context, generation)).await;
         }
         match stop {
             Some(Stop::Reply(r)) => return local(&w, guard, client_version, r, 0),
@@ -234,9 +237,9 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
         let head = Head::of(s);
         let (tx, filtered) = FilteredBody::new();
         let outcome = {
-            let send = timeout_at(deadline, send(&w, &head, &tried, Either::Right(filtered), false, upstreams));
-            let pump = pump_request(&w, &mut guard, body, tx);
-            tokio::pin!(send, pump);
+            let mut send =
+                Box::pin(timeout_at(deadline, send(&w, &head, &tried, Either::Right(filtered), false, upstreams)));
+            let mut pump = Box::pin(pump_request(&w, &mut guard, body, tx));
             let mut pumping = true;
             loop {
                 tokio::select! {
@@ -318,8 +321,14 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
         // a filter stopped the response head: it goes on once the filter resumes it from another callback; the body
         // goes meanwhile through the filters that saw the head, and waits, buffered up to the limit (beyond it: 500,
         // as Envoy answers)
-        let waited =
-            held_head(&w, &mut guard, (&slot, context, generation, at), filters.as_mut(), &mut rbody, &mut held);
+        let waited = Box::pin(held_head(
+            &w,
+            &mut guard,
+            (&slot, context, generation, at),
+            filters.as_mut(),
+            &mut rbody,
+            &mut held,
+        ));
         match waited.await {
             None => {}
             Some(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
@@ -339,7 +348,7 @@ async fn serve(w: Rc<Worker>, peer: Peer, req: Request<Incoming>) -> Result<Resp
         && let Some(f) = filters.as_mut()
     {
         // what was read while the head waited goes on through the filters after the one that held it
-        match through(&w, &mut guard, f, held.from, usize::MAX, held.data, rbody.is_end_stream()).await {
+        match Box::pin(through(&w, &mut guard, f, held.from, usize::MAX, held.data, rbody.is_end_stream())).await {
             Ok(b) => first = b,
             Err(Stop::Reply(r)) => return local_after_head(&w, guard, client_version, r),
             Err(Stop::Reset) => return Err(Reset),
@@ -740,7 +749,7 @@ async fn send(
             w.stats.upstream_rq_retry.inc();
             let wait = retry_budget::backoff(attempt as u32, fastrand::f64(), &w.route.retry);
             if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+                Box::pin(tokio::time::sleep(wait)).await;
             }
         }
         tried.set(Some(addr));
@@ -751,7 +760,7 @@ async fn send(
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => match w.pool.connect(addr).await {
+                None => match Box::pin(w.pool.connect(addr)).await {
                     Err(e) => {
                         tracing::debug!("{e}");
                         w.stats.upstream_cx_connect_fail.inc();
