@@ -462,8 +462,8 @@ impl Worker {
         {
             self.acquire_inflight(&mut pending, primary, store);
         }
-        // a trial's outcome decides the breaker. (Sticky sessions read every response's status and host for the
-        // cookie, and passive health sees them all; only the latency, which costs a clock read, is sampled.)
+        // a trial's outcome decides the breaker. (With sticky sessions a new or renewing session's response is read
+        // for its cookie whether observed or not: see `Pending::needs_response_headers`.)
         pending.weight = if pending.trial.is_some() {
             1
         } else {
