@@ -64,20 +64,30 @@ struct Contexts {
 }
 
 impl Contexts {
-    /// The root being configured: a new one replaces any root of the same plugin (a configuration update makes a new
-    /// root; requests under way keep the old one's state).
-    fn configured_root(&mut self, root_id: u32) -> Option<&mut Root> {
+    /// Configures root `root_id`, made here for its plugin if new. Accepted, it replaces any other root of the same
+    /// plugin (a configuration update makes a new root; requests under way keep the old one's state); refused, it is
+    /// dropped and the plugin's previous root, if any, serves on (the host keeps the previous configuration).
+    fn configure(&mut self, root_id: u32, bytes: &[u8]) -> bool {
         let key = PluginKey::of_current();
         if self.roots.get(&root_id).is_none_or(|(k, _)| *k != key) {
-            self.roots.retain(|_, (k, _)| *k != key);
             let root = if key.root_id == POLLER_ROOT_ID {
                 Root::Poller(Box::new(PollerRoot::new()))
             } else {
                 Root::Filter(FilterRoot::new(root_id))
             };
-            self.roots.insert(root_id, (key, root));
+            self.roots.insert(root_id, (key.clone(), root));
         }
-        self.roots.get_mut(&root_id).map(|(_, r)| r)
+        let accepted = match self.roots.get_mut(&root_id) {
+            Some((_, Root::Filter(root))) => root.on_configure(bytes),
+            Some((_, Root::Poller(root))) => root.on_configure(bytes),
+            None => false,
+        };
+        if accepted {
+            self.roots.retain(|&id, (k, _)| id == root_id || *k != key);
+        } else {
+            self.roots.remove(&root_id);
+        }
+        accepted
     }
 
     /// The state of request `context_id`, made at its first callback. Its root is the VM's filter root; only when a
@@ -141,11 +151,7 @@ pub extern "C" fn proxy_abi_version_0_2_1() {}
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_configure(root_id: u32, size: usize) -> u32 {
     let bytes = abi::buffer(BufferType::PluginConfiguration, size).unwrap_or_default();
-    let accepted = with(|c| match c.configured_root(root_id) {
-        Some(Root::Filter(root)) => root.on_configure(&bytes),
-        Some(Root::Poller(root)) => root.on_configure(&bytes),
-        None => false,
-    });
+    let accepted = with(|c| c.configure(root_id, &bytes));
     u32::from(accepted.unwrap_or(false))
 }
 
