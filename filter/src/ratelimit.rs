@@ -2,18 +2,18 @@
 //!
 //! Each key has a bucket of capacity `burst_size` that refills at `requests_per_minute / 60` tokens per second; a
 //! request takes one token or is refused (429). Buckets live in shared data so every worker draws from the same one,
-//! updated with compare-and-swap.
+//! updated with compare-and-swap. Memory is bounded by a fixed number of slots: a key hashes to a home slot and may use
+//! any of the next [`PROBES`]; a slot is reused when it is empty, when its bucket is full again (a full bucket is the
+//! same as no bucket, so reusing it loses nothing), or, as a last resort, the least recently used one is evicted (its
+//! client then starts with a fresh bucket, as with NGINX's LRU eviction). A flood of distinct keys therefore cannot grow
+//! memory, and cannot evict an active client unless every probed slot is active.
 //!
 //! A busy key's tokens are taken ahead: a worker takes up to what the key earns in [`LEASE_MS`] (at most an eighth
 //! of its burst) in one shared update and spends them locally for at most [`LEASE_MS`] ([`Leases`]), so a client
 //! sending thousands of requests a second costs a shared read and write per batch instead of per request. Nothing is
 //! admitted that was not taken from the bucket first, so from any start the admitted count never exceeds burst plus
 //! refill; a worker's unspent tokens are dropped when their lease ends (the client may be refused a little early,
-//! never let through late). A limit under 20 requests a second is taken one token at a time, exactly as before. Memory is bounded by a fixed number of slots: a key hashes to a home slot and may use
-//! any of the next [`PROBES`]; a slot is reused when it is empty, when its bucket is full again (a full bucket is the
-//! same as no bucket, so reusing it loses nothing), or, as a last resort, the least recently used one is evicted (its
-//! client then starts with a fresh bucket, as with NGINX's LRU eviction). A flood of distinct keys therefore cannot grow
-//! memory, and cannot evict an active client unless every probed slot is active.
+//! never let through late). A limit under 20 requests a second is taken one token at a time.
 //!
 //! Tokens are kept in millionths so refill is exact in integers. Time is an argument.
 
@@ -47,6 +47,8 @@ impl Limits {
 #[derive(Debug, Default)]
 pub struct Leases {
     held: HashMap<u64, Lease>,
+    /// When the first of the held leases ends: before then a full set has nothing to drop.
+    first_end_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -55,38 +57,51 @@ struct Lease {
     until_ms: u64,
 }
 
+impl Lease {
+    fn is_on(&self, now_ms: u64) -> bool {
+        self.tokens > 0 && now_ms < self.until_ms
+    }
+}
+
 impl Leases {
     /// Spends a token held for `key`, if its lease is still on.
     fn spend(&mut self, key: u64, now_ms: u64) -> Option<u64> {
         let lease = self.held.get_mut(&key)?;
-        if lease.tokens == 0 || now_ms >= lease.until_ms {
+        if !lease.is_on(now_ms) {
             self.held.remove(&key);
             return None;
         }
         lease.tokens -= 1;
-        Some(lease.tokens)
+        let left = lease.tokens;
+        if left == 0 {
+            // spent: no room held for it (a full set then only waits for ends, see `has_room`)
+            self.held.remove(&key);
+        }
+        Some(left)
     }
 
-    /// Whether a new lease fits (ended ones are dropped first).
+    /// Whether a new lease fits (ended ones are dropped first, at most once per lease ending while full).
     fn has_room(&mut self, now_ms: u64) -> bool {
-        if self.held.len() >= MAX_LEASES {
-            self.held.retain(|_, l| l.tokens > 0 && now_ms < l.until_ms);
+        if self.held.len() >= MAX_LEASES && now_ms >= self.first_end_ms {
+            self.held.retain(|_, l| l.is_on(now_ms));
+            self.first_end_ms = self.held.values().map(|l| l.until_ms).min().unwrap_or(0);
         }
         self.held.len() < MAX_LEASES
     }
 
     fn keep(&mut self, key: u64, tokens: u64, now_ms: u64) {
         if tokens > 0 {
-            self.held.insert(key, Lease { tokens, until_ms: now_ms.saturating_add(LEASE_MS) });
+            let until_ms = now_ms.saturating_add(LEASE_MS);
+            if self.held.is_empty() || until_ms < self.first_end_ms {
+                self.first_end_ms = until_ms;
+            }
+            self.held.insert(key, Lease { tokens, until_ms });
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.held.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
     }
 }
 
@@ -182,7 +197,8 @@ pub fn check<S: SharedStore + ?Sized>(
     if let Some(remaining) = leases.spend(key, now_ms) {
         return (Decision::Allowed { remaining }, Outcome::default());
     }
-    let want = if limits.batch() > 1 && leases.has_room(now_ms) { limits.batch() } else { 1 };
+    let batch = limits.batch();
+    let want = if batch > 1 && leases.has_room(now_ms) { batch } else { 1 };
     let (decision, outcome, taken) = take_shared(store, limits, key, now_ms, want);
     leases.keep(key, taken.saturating_sub(1), now_ms);
     (decision, outcome)
@@ -383,7 +399,7 @@ mod tests {
             super::check(&s, &mut leases, &L, 42, 1000);
         }
         assert_eq!(s.reads() - first, 4, "a shared read per request");
-        assert!(leases.is_empty());
+        assert_eq!(leases.len(), 0);
     }
 
     #[test]
@@ -399,6 +415,11 @@ mod tests {
         super::check(&s, &mut leases, &limits, 1_000_000, 0);
         let (read_back, _, _) = take_shared(&s, &limits, 1_000_000, 0, 1);
         assert_eq!(read_back, Decision::Allowed { remaining: 100_000 - 2 });
+        // once the leases end, a busy key takes its batch again
+        super::check(&s, &mut leases, &limits, 2_000_000, LEASE_MS);
+        assert_eq!(leases.len(), 1);
+        let (read_back, _, _) = take_shared(&s, &limits, 2_000_000, LEASE_MS, 1);
+        assert_eq!(read_back, Decision::Allowed { remaining: 100_000 - 5_000 - 1 });
     }
 
     proptest! {

@@ -61,6 +61,10 @@ impl LazyNow<'_> {
     fn recent(&self, recent: u64) -> u64 {
         self.read.get().unwrap_or(recent)
     }
+
+    fn was_read(&self) -> bool {
+        self.read.get().is_some()
+    }
 }
 
 /// What to do with a request.
@@ -307,7 +311,7 @@ impl Worker {
         let now = LazyNow { clock, read: std::cell::Cell::new(None) };
         let verdict = self.decide(req, &now, store);
         if let Some(t) = now.read.get() {
-            self.last_ms = self.last_ms.max(t);
+            self.observe_time(t);
         }
         verdict
     }
@@ -470,7 +474,7 @@ impl Worker {
             self.sampler.sample(now.recent(recent_ms), snap.policy.observation.max_per_second, &mut self.rng)
         };
         // an observed request is timed from now; a request that read the clock anyway starts then
-        if pending.observed() || now.read.get().is_some() {
+        if pending.observed() || now.was_read() {
             pending.start_ms = now.get();
         }
         Verdict::Forward(pending)
