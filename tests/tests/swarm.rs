@@ -41,11 +41,14 @@ struct Load {
     ok: AtomicUsize,
     failed: AtomicUsize,
     served: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// What each failed request got (seconds since the load started, status or error), printed when a test fails.
+    failures: std::sync::Mutex<Vec<String>>,
 }
 
 /// `n` clients, each sending a GET through `proxy` every `pause` until the load is stopped.
 fn clients(proxy: &Host, n: usize, pause: Duration) -> (Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
     let load = Arc::new(Load::default());
+    let started = Instant::now();
     let tasks = (0..n)
         .map(|_| {
             let (load, url) = (load.clone(), format!("http://{}/search?q=zapatos", proxy.listener));
@@ -60,8 +63,14 @@ fn clients(proxy: &Host, n: usize, pause: Duration) -> (Arc<Load>, Vec<tokio::ta
                                 load.served.lock().unwrap().insert(id.to_string());
                             }
                         }
-                        _ => {
+                        other => {
                             load.failed.fetch_add(1, Ordering::SeqCst);
+                            let what = match other {
+                                Ok(r) => format!("status {}: {}", r.status(), r.text().await.unwrap_or_default()),
+                                Err(e) => format!("error {e:?}"),
+                            };
+                            let at = started.elapsed().as_secs_f64();
+                            load.failures.lock().unwrap().push(format!("{at:.2}s {what}"));
                         }
                     }
                     tokio::time::sleep(pause).await;
@@ -70,6 +79,16 @@ fn clients(proxy: &Host, n: usize, pause: Duration) -> (Arc<Load>, Vec<tokio::ta
         })
         .collect();
     (load, tasks)
+}
+
+/// Waits until every one of `instances` has answered one of the load's requests (the proxy has it in its table).
+async fn wait_served(load: &Load, instances: &[String]) {
+    let start = Instant::now();
+    while !instances.iter().all(|id| load.served.lock().unwrap().contains(id)) {
+        let served = load.served.lock().unwrap().clone();
+        assert!(start.elapsed() < Duration::from_secs(15), "not every task served: {instances:?} {served:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The supervisor on the lab's manager, logging (at debug) each task whose CPU and memory it could not read.
@@ -150,13 +169,7 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     // Swarm placed them on more than one node, and each one serves once healthy
     let nodes: std::collections::BTreeSet<String> = swarm.running().into_iter().map(|(_, node, _)| node).collect();
     assert!(nodes.len() >= 2, "3 tasks on one node: {nodes:?}");
-    let registered = ids(&instances(&s, &service).await);
-    let start = Instant::now();
-    while !registered.iter().all(|id| load.served.lock().unwrap().contains(id)) {
-        let served = load.served.lock().unwrap().clone();
-        assert!(start.elapsed() < Duration::from_secs(15), "not every task served: {registered:?} {served:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_served(&load, &ids(&instances(&s, &service).await)).await;
     // a few rounds with the three serving: every task's CPU and memory were read, on its own node
     tokio::time::sleep(Duration::from_secs(3)).await;
     let unread = s.log().lines().filter(|l| l.contains("no CPU and memory figure")).count();
@@ -176,7 +189,8 @@ async fn a_swarm_service_scales_with_load_through_the_bundled_proxy_without_a_fa
     let kinds: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
     assert!(kinds.contains(&"scale_up") && kinds.contains(&"scale_down"), "{events}");
     assert!(ok > 100);
-    assert_eq!(failed, 0, "no failed request while Swarm scaled");
+    let failures = load.failures.lock().unwrap().clone();
+    assert_eq!(failed, 0, "no failed request while Swarm scaled: {failures:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,10 +207,12 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
     tokio::time::sleep(Duration::from_secs(2)).await;
     // steady traffic through the failures below: the retry policy must save every request
     let (load, clients) = clients(&proxy, 4, Duration::from_millis(20));
+    let load_started = Instant::now();
 
     // a task killed on its node: Swarm replaces it; the table drops the dead one and takes in the new one
     let (dead_task, node, container) = swarm.running()[0].clone();
     let socket = format!("unix:///run/eqlab/{}.sock", node.trim_start_matches("eqlab-"));
+    eprintln!("{:.2}s: killing task {dead_task} on {node}", load_started.elapsed().as_secs_f64());
     Command::new("docker").args(["-H", &socket, "kill", &container]).output().unwrap();
     let followed = wait_until("the table follows the replacement", Duration::from_secs(40), async || {
         let list = instances(&s, &service).await;
@@ -205,12 +221,15 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
     })
     .await;
     eprintln!("killed task replaced and in the table within {followed:?}");
+    // the proxy polls the table: until it has the replacement, the task on the node stopped below is its only one
+    wait_served(&load, &ids(&instances(&s, &service).await)).await;
 
     // a node's daemon stops (its task with it): its endpoint leaves the table (health checks), and Swarm runs the
     // task elsewhere once it has declared the node down
     let on: Vec<String> = swarm.running().into_iter().map(|(_, node, _)| node).collect();
     let victim = on.iter().find(|n| *n != "eqlab-n1").cloned().unwrap_or_else(|| "eqlab-n2".into());
     let index: u32 = victim.trim_start_matches("eqlab-n").parse().unwrap();
+    eprintln!("{:.2}s: stopping {victim}; tasks on {on:?}", load_started.elapsed().as_secs_f64());
     stop_node(index);
     let moved = wait_until("tasks moved off the stopped node, in the table", Duration::from_secs(90), async || {
         let list = instances(&s, &service).await;
@@ -227,7 +246,8 @@ async fn swarm_changes_are_followed_a_killed_task_a_stopped_node_a_hand_scale_an
     let (ok, failed) = (load.ok.load(Ordering::SeqCst), load.failed.load(Ordering::SeqCst));
     eprintln!("through both failures: {ok} requests answered, {failed} failed");
     assert!(ok > 100, "{ok} requests");
-    assert_eq!(failed, 0, "the retry policy saves every request of a killed task or a stopped node");
+    let failures = load.failures.lock().unwrap().clone();
+    assert_eq!(failed, 0, "the retry policy saves every request of a killed task or a stopped node: {failures:#?}");
     swarm_ready(); // the node comes back
 
     // scaled by hand above the maximum: set back to it, with an event (the steady traffic may have scaled it up)
