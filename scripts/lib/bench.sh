@@ -8,7 +8,7 @@
 #   bench_init NAME [host]        # setup, release builds (the bundled proxy only with `host`), an empty target/NAME
 #   bench_start_backends          # 3 nginx backends on core 1
 #   bench_start_table_stub        # the endpoint table (and EDS) for the filter's proxies, on core 1
-#   bench_start_proxy PROXY       # nginx_rr native minimal filter sticky host host_routes (see case_proxy)
+#   bench_start_proxy PROXY       # nginx_rr native minimal filter sticky host host_routes floor_proxy (see case_proxy)
 #   bench_rounds CASE...          # a warm-up of each, then ROUNDS interleaved rounds: target/NAME/<case>.<round>.wrk|cpu
 #   bench_rounds_json CASE...     # those rounds as JSON (scripts/lib/results.py wrk)
 #   bench_save NAME RESULTS.json [name=value...]   # bench/results/NAME-<UTC timestamp>.json (or $BENCH_RESULTS_DIR)
@@ -32,7 +32,7 @@ declare -A proxy_pid=()
 # the proxy each case measures (direct has none)
 declare -A case_proxy=(
   [nginx_rr]=nginx_rr [native]=native [minimal]=minimal [filter]=filter [sticky_new]=sticky [sticky_cookie]=sticky
-  [host_filter]=host [host_base]=host_base [host_routes]=host_routes
+  [host_filter]=host [host_base]=host_base [host_routes]=host_routes [floor_proxy]=floor_proxy
 )
 declare -A url=(
   [direct]=http://127.0.0.1:18081/
@@ -40,6 +40,7 @@ declare -A url=(
   [host_filter]=http://127.0.0.1:18160/
   [host_base]=http://127.0.0.1:18162/
   [host_routes]=http://127.0.0.1:18164/
+  [floor_proxy]=http://127.0.0.1:18190/
   [native]=http://127.0.0.1:18100/
   [minimal]=http://127.0.0.1:18140/
   [filter]=http://127.0.0.1:18110/
@@ -52,6 +53,7 @@ declare -A label=(
   [host_filter]="equilibrio-host + filter, weighted round robin"
   [host_base]="equilibrio-host + filter, weighted round robin: the BENCH_HOST_BASE build"
   [host_routes]="equilibrio-host + filter, weighted round robin, 3 routes checked (none matches)"
+  [floor_proxy]="floor proxy (reference: tokio + httparse, round robin, no filter)"
   [native]="Envoy native round robin (STATIC)"
   [minimal]="Envoy + floor wasm filter (reference: one callback per request, round robin into the header)"
   [filter]="Envoy + filter, weighted round robin"
@@ -287,6 +289,16 @@ NGINX
       pids+=($!)
       proxy_pid[host_base]=$!
       wait_http http://127.0.0.1:18163/ready
+      ;;
+    floor_proxy)
+      # the floor of an HTTP/1 proxy on tokio and httparse (bench/floor-proxy): what the bundled proxy's machinery
+      # costs above it
+      cargo build --quiet --release -p equilibrio-bench-floor-proxy
+      taskset -c 0 "$repo/target/release/floor-proxy" 127.0.0.1:18190 127.0.0.1:18081 127.0.0.1:18082 127.0.0.1:18083 \
+        >"$work/floor-proxy.log" 2>&1 &
+      pids+=($!)
+      proxy_pid[floor_proxy]=$!
+      wait_http http://127.0.0.1:18190/
       ;;
     *)
       echo "$bench_name: unknown proxy $1" >&2
