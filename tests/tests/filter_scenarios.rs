@@ -70,17 +70,7 @@ async fn equal_weights_spread_within_two_percent(kind: Kind) {
         assert!((got - 1.0 / 3.0).abs() <= 0.02, "{} got {got:.3}: {counts:?}", b.id);
     }
     // both workers served (the spread is the sum of two exact per-worker sequences)
-    // the kernel may hand 20 connections to one worker: more connections until both have served, each refused (the
-    // bucket is shared)
-    let mut per_worker = s.proxy.worker_connections().await;
-    for _ in 0..40 {
-        if per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0) {
-            break;
-        }
-        let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        assert_eq!(fresh.get(s.proxy.url("/")).send().await.unwrap().status(), 429, "past the burst, on any worker");
-        per_worker = s.proxy.worker_connections().await;
-    }
+    let per_worker = s.proxy.worker_connections().await;
     assert!(per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0), "both workers serve: {per_worker:?}");
 }
 
