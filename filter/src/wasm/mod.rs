@@ -65,11 +65,13 @@ struct Contexts {
 
 impl Contexts {
     /// Configures root `root_id`, made here for its plugin if new. Accepted, it replaces any other root of the same
-    /// plugin (a configuration update makes a new root; requests under way keep the old one's state); refused, it is
-    /// dropped and the plugin's previous root, if any, serves on (the host keeps the previous configuration).
+    /// plugin (a configuration update makes a new root; requests under way keep the old one's state); refused, a root
+    /// made here is dropped and the plugin's previous root, if any, serves on (the host keeps the previous
+    /// configuration), and a root configured again keeps its previous configuration.
     fn configure(&mut self, root_id: u32, bytes: &[u8]) -> bool {
         let key = PluginKey::of_current();
-        if self.roots.get(&root_id).is_none_or(|(k, _)| *k != key) {
+        let made = self.roots.get(&root_id).is_none_or(|(k, _)| *k != key);
+        if made {
             let root = if key.root_id == POLLER_ROOT_ID {
                 Root::Poller(Box::new(PollerRoot::new()))
             } else {
@@ -84,7 +86,7 @@ impl Contexts {
         };
         if accepted {
             self.roots.retain(|&id, (k, _)| id == root_id || *k != key);
-        } else {
+        } else if made {
             self.roots.remove(&root_id);
         }
         accepted
