@@ -68,11 +68,21 @@ fn closed() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed")
 }
 
+/// A head this proxy does not take: malformed, or asking for what it does not do (a request body, a response
+/// without a `content-length` or with a larger one than [`MAX_BODY`]).
+struct Refused;
+
+impl From<httparse::Error> for Refused {
+    fn from(_: httparse::Error) -> Refused {
+        Refused
+    }
+}
+
 /// Reads into `buf` until `parse` finds a complete head in it; the head's length and what `parse` made of it.
 async fn read_head<T>(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-    mut parse: impl FnMut(&[u8]) -> Result<Option<(usize, T)>, httparse::Error>,
+    mut parse: impl FnMut(&[u8]) -> Result<Option<(usize, T)>, Refused>,
 ) -> std::io::Result<(usize, T)> {
     loop {
         match parse(buf) {
@@ -83,7 +93,7 @@ async fn read_head<T>(
                     return Err(closed());
                 }
             }
-            _ => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad or oversized head")),
+            _ => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "refused or oversized head")),
         }
     }
 }
@@ -113,7 +123,7 @@ async fn serve(mut client: TcpStream, backends: &Backends) -> std::io::Result<()
                     || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
             });
             if has_body {
-                return Err(httparse::Error::Version); // not served here
+                return Err(Refused);
             }
             out.clear();
             out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -153,9 +163,13 @@ async fn serve(mut client: TcpStream, backends: &Backends) -> std::io::Result<()
                 .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                 .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
                 .filter(|&length| length <= MAX_BODY)
-                .ok_or(httparse::Error::Version)?;
+                .ok_or(Refused)?;
+            // httparse reads exactly three digits
+            let code = resp.code.unwrap_or(502);
             out.clear();
-            out.extend_from_slice(format!("HTTP/1.1 {} ", resp.code.unwrap_or(502)).as_bytes());
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend([code / 100, code / 10 % 10, code % 10].map(|d| b'0' + d as u8));
+            out.push(b' ');
             out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
             out.extend_from_slice(b"\r\n");
             copy_headers(&mut out, resp.headers);
